@@ -1,0 +1,85 @@
+"""``conceptprune <command>``: one CLI over every stage.
+
+Each stage package registers its subcommands in a light ``cli`` module (argument parsing
+only; heavy imports happen when a command runs). Errors in the user's input end with a
+one-line reason and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from . import __version__
+from .errors import ConceptPruneError
+from .progress import set_enabled
+
+# Modules whose ``register(subparsers)`` adds commands, in help order.
+COMMAND_MODULES = (
+    "conceptprune.data.cli",           # download, embed, reshard
+    "conceptprune.filters.cli",        # filter <method>
+    "conceptprune.cli_core",           # make-pool, pool, keep-list
+    "conceptprune.training.cli",       # train
+    "conceptprune.evaluation.cli",     # evaluate, compare
+    "conceptprune.slurm.cli",          # cluster
+    "conceptprune.scaling_cli",        # scaling
+    "conceptprune.demo_cli",           # demo
+)
+
+log = logging.getLogger("conceptprune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conceptprune",
+        description="Concept-based data pruning for the DataComp CLIP benchmark: "
+                    "download -> embed -> filter -> reshard -> train -> evaluate -> compare.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'conceptprune <command> --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"conceptprune {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity (default: info); debug also prints tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # stage not part of this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.quiet:
+        set_enabled(False)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except ConceptPruneError as e:
+        if args.log_level == "debug":
+            traceback.print_exc()
+        print(f"conceptprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"conceptprune {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line, traceback on request
+        if args.log_level == "debug":
+            traceback.print_exc()
+        print(f"conceptprune {args.command}: error: {type(e).__name__}: {e} "
+              "(--log-level debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

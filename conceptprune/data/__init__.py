@@ -1,0 +1,1 @@
+"""Data stages around filtering: download (img2dataset), embed, reshard."""

@@ -1,0 +1,224 @@
+"""Row-range access to arrays inside ``.npz`` files, and a streaming ``.npz`` writer.
+
+DataComp ships one npz per parquet (keys ``b32_img``, ``l14_img``, ...). A 128M-row pool
+has ~750 GB of them, so nothing here loads a whole array: stored (uncompressed) members are
+read with positioned reads at their byte offset; compressed members are decompressed as a
+forward stream. Plain reads (not mmap) keep the process RSS bounded by the chunk, because
+page-cache pages of a mapping would count towards it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from .atomic import atomic_open
+from .errors import PoolError
+
+
+def npz_keys(path: str | os.PathLike) -> list[str]:
+    with _open_zip(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def _open_zip(path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise PoolError(f"{path}: not a readable .npz file ({e}); re-download or re-embed it") from None
+
+
+class NpzArray:
+    """One 2-D array inside an npz, read by row ranges."""
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path = Path(path)
+        self.key = key
+        with _open_zip(self.path) as zf:
+            member = f"{key}.npy"
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                raise PoolError(f"{self.path}: no array {key!r} (it has: {', '.join(keys) or 'none'})") from None
+            try:
+                with zf.open(info) as f:
+                    shape, fortran, dtype = _read_header(f)
+                    header_len = f.tell()
+            except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
+                raise PoolError(f"{self.path}[{key}]: corrupt array header ({e})") from None
+        if fortran or len(shape) != 2:
+            raise PoolError(f"{self.path}[{key}]: expected a C-ordered 2-D array, got shape "
+                            f"{shape}{' (Fortran order)' if fortran else ''}")
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self._info = info
+        self._stored = info.compress_type == zipfile.ZIP_STORED
+        self._fd: int | None = None
+        self._stream = None
+        self._stream_row = 0
+        if self._stored:
+            self._data_offset = _member_data_offset(self.path, info) + header_len
+            expected = header_len + self.shape[0] * self.row_bytes
+            if info.file_size < expected:
+                raise PoolError(f"{self.path}[{key}]: truncated ({info.file_size} bytes, "
+                                f"header says {expected})")
+        self._header_len = header_len
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.shape[1]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new array of the stored dtype."""
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside {self.rows}")
+        n = stop - start
+        nbytes = n * self.row_bytes
+        if self._stored:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            buf = bytearray(nbytes)
+            view = memoryview(buf)
+            got, pos = 0, self._data_offset + start * self.row_bytes
+            while got < nbytes:
+                k = os.preadv(self._fd, [view[got:]], pos + got)
+                if k == 0:
+                    raise PoolError(f"{self.path}[{self.key}]: file ends before row {stop}")
+                got += k
+        else:
+            buf = self._read_stream(start, nbytes)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(n, self.dim)
+
+    def _read_stream(self, start: int, nbytes: int) -> bytes:
+        if self._stream is None or start < self._stream_row:
+            self._close_stream()
+            self._zip = _open_zip(self.path)
+            self._stream = self._zip.open(self._info)
+            self._stream.read(self._header_len)
+            self._stream_row = 0
+        try:
+            skip = (start - self._stream_row) * self.row_bytes
+            while skip > 0:
+                skip -= len(self._stream.read(min(skip, 1 << 24)))
+            data = self._stream.read(nbytes)
+        except Exception as e:  # zlib.error, BadZipFile, EOFError, OSError
+            raise PoolError(f"{self.path}[{self.key}]: corrupt compressed data ({e})") from None
+        if len(data) != nbytes:
+            raise PoolError(f"{self.path}[{self.key}]: data ends early (truncated npz)")
+        self._stream_row = start + nbytes // self.row_bytes
+        return data
+
+    def _close_stream(self):
+        if self._stream is not None:
+            self._stream.close()
+            self._zip.close()
+            self._stream = None
+
+    def close(self):
+        self._close_stream()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _read_header(f):
+    version = npformat.read_magic(f)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npformat.read_array_header_2_0(f)
+    return npformat._read_array_header(f, version)  # 3.0: no public reader
+
+
+def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Byte offset of a stored member's data: local header (30 bytes) + name + extra."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise PoolError(f"{path}: corrupt zip local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class NpzWriter:
+    """Write an npz whose arrays are filled row block by row block.
+
+    Each array goes to a temporary ``.npy`` first; ``close()`` stores them (uncompressed,
+    so readers can seek) into the npz atomically. Memory stays at one block.
+    """
+
+    def __init__(self, path: str | os.PathLike, arrays: dict[str, tuple[int, int, str]]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self._files = {}
+        self._meta = {}
+        for key, (rows, dim, dtype) in arrays.items():
+            dtype = np.dtype(dtype)
+            p = self._tmpdir / f"{key}.npy"
+            f = open(p, "wb")
+            npformat.write_array_header_2_0(
+                f, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, dim)})
+            self._meta[key] = (rows, dim, dtype, f.tell())
+            f.truncate(f.tell() + rows * dim * dtype.itemsize)
+            self._files[key] = f
+
+    def write(self, key: str, start: int, block: np.ndarray) -> None:
+        rows, dim, dtype, off = self._meta[key]
+        block = np.ascontiguousarray(block, dtype=dtype)
+        if block.ndim != 2 or block.shape[1] != dim or start + len(block) > rows:
+            raise ValueError(f"{key}: block {block.shape} at {start} does not fit ({rows}, {dim})")
+        f = self._files[key]
+        f.seek(off + start * dim * dtype.itemsize)
+        f.write(block.tobytes())
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        try:
+            with atomic_open(self.path, "wb") as out:
+                with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                    for key in self._meta:
+                        zf.write(self._tmpdir / f"{key}.npy", arcname=f"{key}.npy")
+        finally:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

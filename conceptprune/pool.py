@@ -1,0 +1,310 @@
+"""Reading a DataComp pool: ``<name>.parquet`` + ``<name>.npz`` pairs, streamed in chunks.
+
+Row i of the npz is row i of the parquet. Files are taken in sorted name order and rows get
+global indices in that order, so every stage (and every rank of a stage) agrees on what
+"row 1234567" is. Memory is bounded by the chunk, never by the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import uids as U
+from .errors import PoolError
+from .npz import NpzArray, npz_keys
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+DATACOMP_COLUMNS = ("uid", "url", "text", "original_width", "original_height", "sha256",
+                    "clip_b32_similarity_score", "clip_l14_similarity_score", "face_bboxes")
+DEFAULT_CHUNK_ROWS = 65_536
+BAD_EMBEDDING_POLICIES = ("error", "drop")
+
+
+@dataclass(frozen=True)
+class PoolFile:
+    stem: str
+    parquet: Path
+    npz: Path | None
+    rows: int
+    offset: int  # global index of this file's first row
+
+
+@dataclass
+class Chunk:
+    """Rows [start, start + len) of the pool, all from one file."""
+
+    file: PoolFile
+    start: int
+    local_start: int
+    length: int
+    uids: np.ndarray | None = None
+    table: pa.Table | None = None
+    embeddings: np.ndarray | None = None  # float32, L2-normalised; zero rows where invalid
+    valid: np.ndarray | None = None  # False for rows dropped under bad_embeddings="drop"
+
+    def __len__(self) -> int:
+        return self.length
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy(zero_copy_only=False)
+
+    def pylist(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+    def where(self, local_row: int) -> str:
+        return f"{self.file.parquet.name}: row {self.local_start + local_row}"
+
+
+@dataclass
+class EmbeddingReport:
+    """What was wrong with the embeddings read so far and what was done about it."""
+
+    policy: str = "error"
+    nan_or_inf: int = 0
+    zero: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def bad(self) -> int:
+        return self.nan_or_inf + self.zero
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "nan_or_inf": self.nan_or_inf, "zero": self.zero,
+                "action": "rows dropped (never kept)" if self.bad else "none needed",
+                "examples": self.examples[:5]}
+
+
+class Pool:
+    """A DataComp pool directory (or a list of parquet files).
+
+    ``embedding_key`` names the npz array to use (``l14_img``, ``b32_img`` or a key written
+    by ``conceptprune embed``); ``embedding_dir`` holds the npz files if they are not next
+    to the parquet files.
+    """
+
+    def __init__(self, root: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 embedding_key: str | None = None, embedding_dir: str | os.PathLike | None = None,
+                 bad_embeddings: str = "error"):
+        if bad_embeddings not in BAD_EMBEDDING_POLICIES:
+            raise PoolError(f"bad_embeddings must be one of {BAD_EMBEDDING_POLICIES}")
+        self.root = Path(root) if isinstance(root, (str, os.PathLike)) else None
+        self.embedding_key = embedding_key
+        self.bad_embeddings = bad_embeddings
+        self.report = EmbeddingReport(policy=bad_embeddings)
+        parquets = self._discover(root)
+        emb_dir = Path(embedding_dir) if embedding_dir else None
+        files, offset = [], 0
+        for p in parquets:
+            npz = (emb_dir or p.parent) / f"{p.stem}.npz"
+            rows = _parquet_rows(p)
+            files.append(PoolFile(p.stem, p, npz if npz.exists() else None, rows, offset))
+            offset += rows
+        self.files: list[PoolFile] = files
+        self.rows = offset
+        self.dim: int | None = None
+        self.embedding_dtype: np.dtype | None = None
+        if embedding_key:
+            self._check_embeddings(embedding_key)
+
+    @staticmethod
+    def _discover(root) -> list[Path]:
+        if isinstance(root, (str, os.PathLike)):
+            root = Path(root)
+            if root.is_file():
+                return [root]
+            if not root.is_dir():
+                raise PoolError(f"{root}: pool directory not found")
+            found = sorted(root.glob("*.parquet"))
+            if not found:
+                raise PoolError(f"{root}: no .parquet files (expected DataComp metadata: "
+                                "<hash>.parquet with a same-named .npz)")
+            return found
+        paths = sorted(Path(p) for p in root)
+        for p in paths:
+            if not p.is_file():
+                raise PoolError(f"{p}: parquet file not found")
+        if not paths:
+            raise PoolError("no pool files given")
+        return paths
+
+    def _check_embeddings(self, key: str) -> None:
+        dims = set()
+        for f in self.files:
+            if f.npz is None:
+                raise PoolError(f"{f.parquet}: no embeddings file {f.stem}.npz beside it "
+                                f"(needed for --embedding-key {key})")
+            arr = NpzArray(f.npz, key)
+            arr.close()
+            if arr.rows != f.rows:
+                raise PoolError(f"{f.npz}[{key}] has {arr.rows} rows but {f.parquet.name} has "
+                                f"{f.rows}: row i of the npz must be row i of the parquet")
+            dims.add((arr.dim, arr.dtype))
+        if len(dims) > 1:
+            raise PoolError(f"embedding {key!r} differs between files: {sorted(map(str, dims))}")
+        if dims:
+            self.dim, self.embedding_dtype = next(iter(dims))
+
+    # -- description ----------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        d = {"path": str(self.root) if self.root else [str(f.parquet) for f in self.files],
+             "files": len(self.files), "rows": self.rows}
+        if self.embedding_key:
+            d.update(embedding_key=self.embedding_key, dim=self.dim)
+        return d
+
+    def schema(self) -> pa.Schema:
+        return pq.read_schema(self.files[0].parquet)
+
+    def embedding_keys(self) -> list[str]:
+        return npz_keys(self.files[0].npz) if self.files and self.files[0].npz else []
+
+    def split(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Contiguous row range of part ``rank`` of ``world_size``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        return self.rows * rank // world_size, self.rows * (rank + 1) // world_size
+
+    # -- streaming ------------------------------------------------------------------------
+
+    def iter_chunks(self, columns: Sequence[str] = (), *, uids: bool = True,
+                    embeddings: bool = False, start: int = 0, stop: int | None = None,
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: str | bool | None = None
+                    ) -> Iterator[Chunk]:
+        """Chunks of rows [start, stop): uids, the named parquet columns and (optionally)
+        the float32 L2-normalised embeddings, validated as they are read."""
+        stop = self.rows if stop is None else stop
+        if embeddings and not self.embedding_key:
+            raise PoolError("embeddings requested but no embedding key chosen")
+        cols = list(dict.fromkeys((["uid"] if uids else []) + list(columns)))
+        bar = progress_bar(total=stop - start, desc=progress if isinstance(progress, str) else "reading pool",
+                           unit="rows", disable=not progress)
+        try:
+            for f in self.files:
+                lo, hi = max(start, f.offset), min(stop, f.offset + f.rows)
+                if lo >= hi:
+                    continue
+                emb = NpzArray(f.npz, self.embedding_key) if embeddings else None
+                try:
+                    for local, table in _iter_parquet(f.parquet, cols, lo - f.offset, hi - f.offset, chunk_rows):
+                        chunk = Chunk(file=f, start=f.offset + local, local_start=local, length=table.num_rows)
+                        if uids:
+                            chunk.uids = U.arrow_uids_to_array(table.column("uid"), source=str(f.parquet),
+                                                               row_offset=local)
+                        chunk.table = table
+                        if emb is not None:
+                            chunk.embeddings, chunk.valid = self._embeddings(emb, chunk)
+                        yield chunk
+                        bar.update(chunk.length)
+                finally:
+                    if emb is not None:
+                        emb.close()
+        finally:
+            bar.close()
+
+    def _embeddings(self, arr: NpzArray, chunk: Chunk) -> tuple[np.ndarray, np.ndarray | None]:
+        x = arr.read(chunk.local_start, chunk.local_start + chunk.length).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        finite = np.isfinite(norms)
+        zero = finite & (norms < 1e-6)
+        bad = ~finite | zero
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            kind = "NaN or infinite" if not finite[i] else "all zeros"
+            uid = U.pair_to_uid(*chunk.uids[i]) if chunk.uids is not None else "?"
+            where = f"{arr.path.name}[{arr.key}] row {chunk.local_start + i} (uid {uid})"
+            if self.bad_embeddings == "error":
+                raise PoolError(f"{where}: embedding is {kind}; {int(bad.sum())} such rows in this chunk. "
+                                "Re-embed, or pass --bad-embeddings drop to leave them out (never kept)")
+            self.report.nan_or_inf += int((~finite).sum())
+            self.report.zero += int(zero.sum())
+            if len(self.report.examples) < 5:
+                self.report.examples.append(f"{where}: {kind}")
+            log.warning("%s: embedding is %s; dropping %d bad rows of this chunk", where, kind, int(bad.sum()))
+            x[bad] = 0.0
+            norms[bad] = 1.0
+        x /= norms[:, None]
+        return x, (~bad if bad.any() else None)
+
+    def read_uids(self, *, start: int = 0, stop: int | None = None, progress: str | bool | None = None) -> np.ndarray:
+        """All uids of rows [start, stop) in row order (16 bytes a row)."""
+        stop = self.rows if stop is None else stop
+        out = np.empty(stop - start, dtype=U.UID_DTYPE)
+        for c in self.iter_chunks(start=start, stop=stop, progress=progress):
+            out[c.start - start: c.start - start + len(c)] = c.uids
+        return out
+
+    def check_unique_uids(self, progress: str | bool | None = "checking uids") -> int:
+        """Raise PoolError naming a duplicated uid and where it occurs; returns the row count."""
+        from .keeplist import duplicate_mask
+
+        all_uids = self.read_uids(progress=progress)
+        hi, lo = U.split(all_uids)
+        order = np.lexsort((lo, hi))
+        dup = duplicate_mask(all_uids[order])
+        if dup.any():
+            k = int(np.flatnonzero(dup)[0])
+            rows = [int(order[k - 1]), int(order[k])]
+            places = ", ".join(self.locate(r) for r in sorted(rows))
+            raise PoolError(f"uid {U.pair_to_uid(*all_uids[rows[0]])} occurs more than once ({places}); "
+                            f"{int(dup.sum())} duplicate rows in all")
+        return len(all_uids)
+
+    def locate(self, row: int) -> str:
+        """'file.parquet: row i' for a global row index."""
+        for f in self.files:
+            if f.offset <= row < f.offset + f.rows:
+                return f"{f.parquet.name}: row {row - f.offset}"
+        raise IndexError(row)
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise PoolError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _iter_parquet(path: Path, columns: list[str], start: int, stop: int, chunk_rows: int):
+    """(local_start, table) pieces of rows [start, stop) of one parquet file."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PoolError(f"{path}: not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise PoolError(f"{path}: no column {missing[0]!r} (it has: {', '.join(names)})")
+    md = pf.metadata
+    groups, pos, first = [], 0, None
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if pos + n > start and pos < stop:
+            groups.append(g)
+            first = pos if first is None else first
+        pos += n
+    if not groups:
+        return
+    pos = first
+    try:
+        for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=groups, columns=columns, use_threads=False):
+            b0, b1 = pos, pos + batch.num_rows
+            pos = b1
+            lo, hi = max(b0, start), min(b1, stop)
+            if lo < hi:
+                yield lo, pa.Table.from_batches([batch.slice(lo - b0, hi - lo)])
+            if pos >= stop:
+                break
+    except pa.ArrowException as e:
+        raise PoolError(f"{path}: corrupt parquet data near row {pos} ({e})") from None

@@ -1,0 +1,242 @@
+"""Generate a pool in DataComp's exact format with planted, known structure.
+
+Used by tests, benchmarks and the docs. Each file pair is ``<32-hex>.parquet`` +
+``<32-hex>.npz`` with DataComp's columns and keys; fp16 L2-normalised embeddings.
+
+Planted structure (written to ``_planted/<name>.parquet``, ignored by pool readers):
+
+- ``concept``: which of ``concepts`` clusters a row was drawn from. Clusters differ in
+  size (Zipf-like), spread (angle to their centre) and isolation (concepts come in
+  families whose centres are close to each other).
+- ``dup_of``: global row of which this row is a near-duplicate (cosine ~0.9999), else -1.
+- ``quality``: caption quality in [0, 1]; CLIP scores rise with it, non-English and
+  empty captions have low quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import uids as U
+from .atomic import atomic_open
+from .npz import NpzWriter
+from .progress import progress_bar
+
+EMBEDDING_DIMS = {"l14_img": 768, "l14_txt": 768, "b32_img": 512, "b32_txt": 512}
+_NOUNS = ("dog cat car house tree flower bird boat chair table lamp guitar bicycle mountain "
+          "beach river bridge castle train airplane horse cow sheep pizza cake apple banana "
+          "shoe dress watch phone laptop book clock cup bottle ship tower garden street "
+          "kitchen bedroom forest desert island lake snow sunset robot toy painting statue").split()
+_GOOD = ["a photo of a {n}", "a {n} in the {p}", "close-up photograph of a {a} {n}",
+         "the {a} {n} next to the {p}", "{a} {n} for sale, free shipping",
+         "my {a} {n} on a sunny day", "vintage {n} illustration", "an old {n} near the {p}"]
+_PLACES = ["park", "city", "garden", "studio", "beach", "market", "museum", "yard"]
+_ADJ = ["red", "small", "large", "blue", "wooden", "modern", "antique", "green", "white"]
+_FOREIGN = ["ein schöner Hund im Garten bei Sonnenuntergang", "une belle maison près de la plage",
+            "un coche rojo aparcado en la calle", "una bella casa vicino al mare",
+            "красивый дом у озера летом", "海边的一座美丽房子", "美しい庭の花と木",
+            "ein altes Fahrrad vor dem Haus", "la tour du château au coucher du soleil"]
+_JUNK = ["", "IMG_0123.JPG", "image", "click here", "DSC0001", "photo", "untitled", "1234"]
+
+
+@dataclass
+class SyntheticPoolConfig:
+    rows: int = 10_000
+    files: int = 2
+    seed: int = 0
+    concepts: int = 20
+    families: int = 5  # concepts in a family have nearby centres (low isolation)
+    duplicate_fraction: float = 0.05
+    embedding_keys: tuple[str, ...] = tuple(EMBEDDING_DIMS)
+    row_group_size: int = 65_536
+    short_uid_fraction: float = 0.0  # uids written with fewer than 32 hex digits
+    block_rows: int = 65_536
+    spread: tuple[float, float] = (0.4, 1.6)  # noise scale range: cos to centre ~0.93..0.53
+    dims: dict = field(default_factory=lambda: dict(EMBEDDING_DIMS))
+
+
+def make_pool(out: str | Path, config: SyntheticPoolConfig | None = None, *, progress: bool = True) -> list[Path]:
+    """Write the pool into ``out`` (created); returns the parquet paths."""
+    cfg = config or SyntheticPoolConfig()
+    if cfg.rows < 1 or cfg.files < 1 or cfg.files > cfg.rows:
+        raise ValueError("need rows >= files >= 1")
+    out = Path(out)
+    (out / "_planted").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    world = _World(cfg, rng)
+    bounds = np.linspace(0, cfg.rows, cfg.files + 1).astype(np.int64)
+    paths = []
+    bar = progress_bar(total=cfg.rows, desc="generating pool", unit="rows", disable=not progress)
+    for i in range(cfg.files):
+        name = hashlib.sha256(f"{cfg.seed}-{i}".encode()).hexdigest()[:32]
+        n = int(bounds[i + 1] - bounds[i])
+        _write_file(out, name, int(bounds[i]), n, world, cfg, np.random.default_rng([cfg.seed, i]), bar)
+        paths.append(out / f"{name}.parquet")
+    bar.close()
+    return paths
+
+
+class _World:
+    """Concept centres shared by all files."""
+
+    def __init__(self, cfg: SyntheticPoolConfig, rng: np.random.Generator):
+        k = cfg.concepts
+        self.weights = 1.0 / np.arange(1, k + 1) ** 0.8  # Zipf-like densities
+        rng.shuffle(self.weights)
+        self.weights /= self.weights.sum()
+        self.spread = rng.uniform(*cfg.spread, size=k)
+        self.family = rng.integers(0, max(cfg.families, 1), size=k)
+        self.centres = {}
+        for key in ("l14", "b32"):
+            d = cfg.dims[f"{key}_img"] if f"{key}_img" in cfg.dims else EMBEDDING_DIMS[f"{key}_img"]
+            fam = _unit(rng.standard_normal((max(cfg.families, 1), d)))
+            own = _unit(rng.standard_normal((k, d)))
+            # Half of the families are tight (isolated concepts stay far from all others).
+            tight = rng.random(max(cfg.families, 1)) < 0.5
+            mix = np.where(tight[self.family], 0.8, 0.0)[:, None]
+            self.centres[key] = _unit(mix * fam[self.family] + np.sqrt(1 - mix ** 2) * own)
+        self.captions = _caption_bank(rng)
+
+
+def _caption_bank(rng):
+    good = []
+    for n in _NOUNS:
+        for t in _GOOD:
+            good.append(t.format(n=n, a=_ADJ[rng.integers(len(_ADJ))], p=_PLACES[rng.integers(len(_PLACES))]))
+    return {"good": good, "foreign": _FOREIGN, "junk": _JUNK}
+
+
+def _write_file(out: Path, name: str, offset: int, n: int, world: _World, cfg, rng, bar) -> None:
+    k = cfg.concepts
+    concept = rng.choice(k, size=n, p=world.weights)
+    # A near-duplicate copies an earlier row of the same generation block, so the original
+    # vector is at hand when the copy is made.
+    dup_of = np.full(n, -1, dtype=np.int64)
+    ndup = int(round(cfg.duplicate_fraction * n))
+    if ndup and n > 1:
+        targets = np.sort(rng.choice(np.arange(1, n), size=min(ndup, n - 1), replace=False))
+        block_start = (targets // cfg.block_rows) * cfg.block_rows
+        targets, block_start = targets[targets > block_start], block_start[targets > block_start]
+        dup_of[targets] = rng.integers(block_start, targets)
+        for t in targets:  # a copy of a copy points at the original
+            if dup_of[dup_of[t]] >= 0:
+                dup_of[t] = dup_of[dup_of[t]]
+    has_dup = dup_of >= 0
+    concept[has_dup] = concept[dup_of[has_dup]]
+    dup_global = np.where(has_dup, dup_of + offset, -1)
+
+    kind = rng.choice(3, size=n, p=[0.8, 0.1, 0.1])  # good, foreign, junk caption
+    quality = np.where(kind == 0, rng.uniform(0.4, 1.0, n), rng.uniform(0.0, 0.3, n))
+    kind[has_dup] = kind[dup_of[has_dup]]
+    quality[has_dup] = quality[dup_of[has_dup]]
+    bank = world.captions
+    all_captions = bank["good"] + bank["foreign"] + bank["junk"]
+    base = np.cumsum([0, len(bank["good"]), len(bank["foreign"])])
+    sizes = np.array([len(bank["good"]), len(bank["foreign"]), len(bank["junk"])])
+    cap_idx = base[kind] + (rng.random(n) * sizes[kind]).astype(np.int64)
+    cap_idx[has_dup] = cap_idx[dup_of[has_dup]]
+    text = pa.array(all_captions, pa.string()).take(pa.array(cap_idx))
+
+    scores = {m: np.clip(0.12 + 0.22 * quality + rng.normal(0, 0.02, n), -1, 1).astype(np.float32)
+              for m in ("l14", "b32")}
+
+    uid_arr = U.make_array(rng.integers(0, 2 ** 64, n, dtype=np.uint64, endpoint=False),
+                           rng.integers(0, 2 ** 64, n, dtype=np.uint64, endpoint=False))
+    lead = rng.random(n) < 0.01  # some uids start with zeros
+    uid_arr["f0"][lead] >>= np.uint64(20)
+    uid_chars = U.hex_array(uid_arr)
+    uid_col = _fixed_strings(uid_chars)
+    if cfg.short_uid_fraction > 0:  # same values, written without their leading zeros
+        short = rng.random(n) < cfg.short_uid_fraction
+        py = uid_col.to_pylist()
+        for i in np.flatnonzero(short):
+            py[i] = py[i].lstrip("0") or "0"
+        uid_col = pa.array(py, pa.string())
+    prefix = np.frombuffer(b"http://images.invalid/", np.uint8)
+    suffix = np.frombuffer(b".jpg", np.uint8)
+    url_chars = np.hstack([np.broadcast_to(prefix, (n, len(prefix))), uid_chars,
+                           np.broadcast_to(suffix, (n, len(suffix)))])
+    sha_chars = np.hstack([U.hex_array(U.make_array(rng.integers(0, 2 ** 64, n, dtype=np.uint64),
+                                                    rng.integers(0, 2 ** 64, n, dtype=np.uint64)))
+                           for _ in range(2)])
+
+    width = np.clip(rng.lognormal(6.4, 0.5, n), 32, 8000).astype(np.int64)
+    aspect = np.exp(rng.normal(0, 0.35, n))
+    aspect[rng.random(n) < 0.04] *= 5.0  # panoramas
+    height = np.clip(width / aspect, 32, 8000).astype(np.int64)
+    has_face = rng.random(n) < 0.1
+    box = np.sort(rng.random((int(has_face.sum()), 2, 2)), axis=2).transpose(0, 2, 1).reshape(-1, 4)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(box.ravel()), 4).cast(pa.list_(pa.float64()))
+    face_offsets = np.concatenate([[0], np.cumsum(has_face)]).astype(np.int32)
+    faces = pa.ListArray.from_arrays(pa.array(face_offsets), inner)
+
+    table = pa.table({
+        "uid": uid_col,
+        "url": _fixed_strings(url_chars),
+        "text": text,
+        "original_width": pa.array(width, pa.int64()),
+        "original_height": pa.array(height, pa.int64()),
+        "sha256": _fixed_strings(sha_chars),
+        "clip_b32_similarity_score": pa.array(scores["b32"], pa.float32()),
+        "clip_l14_similarity_score": pa.array(scores["l14"], pa.float32()),
+        "face_bboxes": faces,
+    })
+    keys = list(cfg.embedding_keys)
+    if keys:
+        arrays = {key: (n, cfg.dims.get(key, EMBEDDING_DIMS[key]), "float16") for key in keys}
+        with NpzWriter(out / f"{name}.npz", arrays) as w:
+            for a in range(0, n, cfg.block_rows):
+                b = min(n, a + cfg.block_rows)
+                for key, arr in _embeddings(world, concept[a:b], dup_of[a:b] - a, scores, a, keys, rng).items():
+                    w.write(key, a, arr)
+                bar.update(b - a)
+    else:
+        bar.update(n)
+    with atomic_open(out / f"{name}.parquet", "wb") as f:
+        pq.write_table(table, f, row_group_size=cfg.row_group_size)
+    truth = pa.table({"concept": pa.array(concept.astype(np.int32)), "dup_of": pa.array(dup_global),
+                      "quality": pa.array(quality.astype(np.float32))})
+    pq.write_table(truth, out / "_planted" / f"{name}.parquet")
+
+
+def _embeddings(world, concept, dup_local, scores, a, keys, rng):
+    """Image and text embeddings of one block; ``dup_local`` indexes the block (<0: none)."""
+    out = {}
+    n = len(concept)
+    dups = np.flatnonzero(dup_local >= 0)
+    for m in ("l14", "b32"):
+        if f"{m}_img" not in keys and f"{m}_txt" not in keys:
+            continue
+        c = world.centres[m]
+        d = c.shape[1]
+        noise = rng.standard_normal((n, d), dtype=np.float32) / np.float32(np.sqrt(d))
+        img = _unit(c[concept] + world.spread[concept, None].astype(np.float32) * noise)
+        if len(dups):  # sources precede copies and are never copies themselves
+            tiny = rng.standard_normal((len(dups), d), dtype=np.float32) * np.float32(0.01 / np.sqrt(d))
+            img[dups] = _unit(img[dup_local[dups]] + tiny)
+        if f"{m}_img" in keys:
+            out[f"{m}_img"] = img.astype(np.float16)
+        if f"{m}_txt" in keys:  # cos(img, txt) equals the row's CLIP score
+            s = scores[m][a:a + n, None]
+            u = rng.standard_normal((n, d), dtype=np.float32)
+            u -= np.einsum("ij,ij->i", u, img)[:, None] * img
+            out[f"{m}_txt"] = _unit(s * img + np.sqrt(np.maximum(0, 1 - s ** 2)) * _unit(u)).astype(np.float16)
+    return out
+
+
+def _fixed_strings(chars: np.ndarray) -> pa.Array:
+    n, w = chars.shape
+    offsets = np.arange(0, w * n + 1, w, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets),
+                                            pa.py_buffer(np.ascontiguousarray(chars).tobytes())).cast(pa.string())
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)

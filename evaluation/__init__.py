@@ -1,0 +1,1 @@
+"""Evaluation: DataComp's 38-task zero-shot suite, results files and comparison with the baselines."""

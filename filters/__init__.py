@@ -1,0 +1,13 @@
+"""Filtering modules: each reads a pool and returns the uids to keep.
+
+Every filter is a plain function ``f(pool, *, ..., within=None) -> FilterResult``; the CLI
+(``conceptprune filter <method>``) and :func:`run_filter` write its keep-list + manifest.
+"""
+
+from .base import FilterResult, Within, run_filter, target_count
+from .simple import keep_all, random_subset
+from .clip_score import clip_score
+from .basic import basic, laion2b
+
+__all__ = ["FilterResult", "Within", "run_filter", "target_count", "keep_all", "random_subset",
+           "clip_score", "basic", "laion2b"]

@@ -1,0 +1,1 @@
+"""The job layer: cluster options, submitit executors (slurm, local, debug), stages with completion markers."""

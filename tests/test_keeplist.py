@@ -1,0 +1,130 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conceptprune import keeplist as K
+from conceptprune import uids as U
+from conceptprune.errors import KeepListError
+
+
+def _random_uids(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return U.make_array(rng.integers(0, 2**64, n, dtype=np.uint64), rng.integers(0, 2**64, n, dtype=np.uint64))
+
+
+def test_round_trip_sorted_unique_and_manifest(tmp_path):
+    arr = _random_uids(1000)
+    p = K.write_keep_list(tmp_path / "keep.npy", arr, {"method": "test"})
+    back = K.read_keep_list(p)
+    assert back.dtype == np.dtype("u8,u8")
+    raw = np.load(p)
+    assert raw.dtype == np.dtype("u8,u8")
+    # sorted the way DataComp's resharder expects: arr.sort() on the structured array
+    ref = arr.copy()
+    ref.sort()
+    assert raw.tolist() == ref.tolist()
+    assert K.read_manifest(p)["counts"]["out"] == 1000
+
+
+def test_datacomp_searchsorted_finds_every_uid(tmp_path):
+    arr = _random_uids(2000, seed=3)
+    arr["f0"][:50] = 0  # many entries sharing the high word (leading-zero uids)
+    p = K.write_keep_list(tmp_path / "k.npy", arr)
+    subset = np.load(p)
+    query = arr[::7]
+    idx = np.searchsorted(subset, query)  # exactly what DataComp's resharder does
+    assert (subset[idx] == query).all()
+
+
+def test_write_rejects_duplicates_and_wrong_suffix(tmp_path):
+    arr = _random_uids(10)
+    with pytest.raises(KeepListError, match="more than once"):
+        K.write_keep_list(tmp_path / "k.npy", np.concatenate([arr, arr[:1]]))
+    with pytest.raises(KeepListError, match=".npy"):
+        K.write_keep_list(tmp_path / "k.bin", arr)
+    assert not (tmp_path / "k.npy").exists()
+
+
+def test_read_validation(tmp_path):
+    arr = _random_uids(100)
+    arr.sort()
+    np.save(tmp_path / "unsorted.npy", arr[::-1])
+    with pytest.raises(KeepListError, match="not sorted"):
+        K.read_keep_list(tmp_path / "unsorted.npy")
+    np.save(tmp_path / "dup.npy", np.sort(np.concatenate([arr, arr[5:6]])))
+    with pytest.raises(KeepListError, match="more than once"):
+        K.read_keep_list(tmp_path / "dup.npy")
+    np.save(tmp_path / "dtype.npy", np.arange(10, dtype=np.uint64))
+    with pytest.raises(KeepListError, match="dtype"):
+        K.read_keep_list(tmp_path / "dtype.npy")
+    np.save(tmp_path / "i8.npy", arr.astype("i8,i8"))
+    with pytest.raises(KeepListError, match="dtype"):
+        K.read_keep_list(tmp_path / "i8.npy")
+    (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(KeepListError, match="not a readable"):
+        K.read_keep_list(tmp_path / "garbage.npy")
+    with pytest.raises(KeepListError, match="not found"):
+        K.read_keep_list(tmp_path / "missing.npy")
+
+
+def test_member_with_shared_high_words():
+    keep = _random_uids(300, seed=1)
+    keep["f0"][:200] = 7
+    keep = K.sort_uids(keep)
+    query = np.concatenate([keep[::3], _random_uids(50, seed=2)])
+    found, idx = K.member(keep, query)
+    keep_set = set(map(tuple, keep.tolist()))
+    assert found.tolist() == [tuple(q) in keep_set for q in query.tolist()]
+    assert (keep[idx[found]] == query[found]).all()
+
+
+def test_set_operations():
+    a, b = _random_uids(100, 1), _random_uids(100, 2)
+    ab = K.union(a, b[:50])
+    assert len(ab) == 150
+    assert len(K.intersect(ab, b)) == 50
+    assert len(K.difference(ab, a)) == 50
+    sa = set(map(tuple, a.tolist()))
+    assert set(map(tuple, K.difference(ab, b).tolist())) == sa
+
+
+def test_interrupted_write_leaves_no_keep_list(tmp_path, monkeypatch):
+    arr = _random_uids(1000)
+
+    def broken_save(f, a, allow_pickle=False):
+        f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(K.np, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        K.write_keep_list(tmp_path / "k.npy", arr)
+    assert os.listdir(tmp_path) == [] or all(not n.endswith(".npy") for n in os.listdir(tmp_path))
+    assert not any(n.startswith(".k.npy.tmp") for n in os.listdir(tmp_path))
+
+
+def test_killed_writer_leaves_no_keep_list(tmp_path):
+    """A writer killed (SIGKILL) after writing its data, before the rename."""
+    code = textwrap.dedent(f"""
+        import os, sys, time, numpy as np
+        from conceptprune import keeplist as K, uids as U
+        real_fsync, calls = os.fsync, []
+        def stuck(fd):  # the manifest goes through; the keep-list's data is written, then we hang
+            calls.append(fd)
+            if len(calls) == 1:
+                return real_fsync(fd)
+            print("written", flush=True); time.sleep(60)
+        os.fsync = stuck
+        rng = np.random.default_rng(0)
+        arr = U.make_array(rng.integers(0, 2**64, 100000, dtype=np.uint64), rng.integers(0, 2**64, 100000, dtype=np.uint64))
+        K.write_keep_list(r"{tmp_path / 'k.npy'}", arr, {{"method": "t"}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "k.npy").exists()
+    assert any(n.startswith(".k.npy.tmp") for n in os.listdir(tmp_path))  # only the temporary file

@@ -1,0 +1,1 @@
+"""Training: OpenCLIP on resharded keep-lists, DataComp recipe, launched through the slurm/ job layer."""
