@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +150,98 @@ def difference(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
     for o in others:
         out = out[~member(sort_uids(o), out)[0]]
     return out
+
+
+class UidCollector:
+    """Collects selected uids chunk by chunk and writes them as a sorted keep-list with
+    bounded memory.
+
+    Up to ``spill_rows`` uids stay in memory. Beyond that they are spilled to 256 temporary
+    files by the top byte of the uid (a range partition), so sorting each bucket in turn
+    yields the global order, and a duplicate can only sit inside one bucket.
+    """
+
+    BUCKET_SHIFT = np.uint64(56)
+
+    def __init__(self, spill_rows: int = 1 << 18, spill_dir: str | os.PathLike | None = None):
+        self.spill_rows = spill_rows
+        self.spill_parent = Path(spill_dir) if spill_dir else None
+        self._buf: list[np.ndarray] = []
+        self._buf_rows = 0
+        self._count = 0
+        self._dir: Path | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, arr: np.ndarray) -> None:
+        if len(arr) == 0:
+            return
+        self._buf.append(U.make_array(*U.split(arr)))
+        self._buf_rows += len(arr)
+        self._count += len(arr)
+        if self._buf_rows >= self.spill_rows:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self._buf:
+            return
+        data = np.concatenate(self._buf)
+        self._buf, self._buf_rows = [], 0
+        if self._dir is None:
+            parent = self.spill_parent or Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=".uid-spill-", dir=parent))
+        bucket = (data["f0"] >> self.BUCKET_SHIFT).astype(np.intp)
+        order = np.argsort(bucket, kind="stable")
+        data, counts = data[order], np.bincount(bucket, minlength=256)
+        ends = np.cumsum(counts)
+        for b in np.flatnonzero(counts):
+            with open(self._dir / f"{b:03d}.bin", "ab") as f:
+                f.write(data[ends[b] - counts[b]: ends[b]].tobytes())
+
+    def sorted_blocks(self, what: str = "keep-list"):
+        """Sorted, duplicate-checked blocks in global order."""
+        if self._dir is None:
+            yield normalise(np.concatenate(self._buf) if self._buf else np.empty(0, U.UID_DTYPE), what=what)
+            return
+        self._spill()
+        for b in range(256):
+            p = self._dir / f"{b:03d}.bin"
+            if p.exists():
+                yield normalise(np.fromfile(p, dtype=U.UID_DTYPE), what=what)
+
+    def to_array(self) -> np.ndarray:
+        """All uids, sorted (materialised in memory)."""
+        blocks = list(self.sorted_blocks())
+        return np.concatenate(blocks) if blocks else np.empty(0, U.UID_DTYPE)
+
+    def write(self, path: str | os.PathLike, manifest: dict | None = None) -> Path:
+        """Write the sorted keep-list atomically, streaming bucket by bucket."""
+        from numpy.lib import format as npformat
+
+        path = Path(path)
+        if path.suffix != ".npy":
+            raise KeepListError(f"{path}: a keep-list file must end in .npy")
+        if self._dir is None:  # small: the plain path
+            return write_keep_list(path, np.concatenate(self._buf) if self._buf else
+                                   np.empty(0, U.UID_DTYPE), manifest)
+        if manifest is not None:
+            manifest = dict(manifest)
+            manifest.setdefault("counts", {})["out"] = int(self._count)
+        with atomic_open(path, "wb") as f:
+            npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(U.UID_DTYPE),
+                                                "fortran_order": False, "shape": (self._count,)})
+            for block in self.sorted_blocks(what=str(path)):
+                f.write(block.tobytes())
+            if manifest is not None:  # the manifest lands before the keep-list it describes
+                write_json(manifest_path(path), manifest)
+        return path
+
+    def cleanup(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self):
+        self.cleanup()

@@ -23,12 +23,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class FilterResult:
     method: str
-    uids: np.ndarray  # the uids to keep (any order; written sorted)
+    kept: np.ndarray | K.UidCollector  # the uids to keep (any order; written sorted)
     params: dict
     counts: dict  # "pool": rows read, "candidates": rows eligible (after --within), "out"
     stats: dict = field(default_factory=dict)
     # extra outputs written next to the keep-list: suffix -> writer(path)
     extras: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+
+    @property
+    def uids(self) -> np.ndarray:
+        """The kept uids as an array (sorted when they were collected in a UidCollector)."""
+        if isinstance(self.kept, K.UidCollector):
+            self.kept = self.kept.to_array()
+        return self.kept
+
+    def __len__(self) -> int:
+        return len(self.kept)
 
 
 def check_fraction(fraction: float, name: str = "fraction") -> float:
@@ -111,7 +121,7 @@ def write_result(result: FilterResult, out: str | os.PathLike, pool: Pool, withi
                  wall_time: float) -> Path:
     out = Path(out)
     counts = dict(result.counts)
-    counts["out"] = int(len(result.uids))
+    counts["out"] = int(len(result.kept))
     manifest = base_manifest(
         "keep-list", method=result.method, params=result.params,
         seed=result.params.get("seed"), pool=pool.describe(), within=within.describe(),
@@ -119,7 +129,10 @@ def write_result(result: FilterResult, out: str | os.PathLike, pool: Pool, withi
         embeddings=pool.report.as_dict() if pool.embedding_key else None)
     for suffix, writer in result.extras.items():
         writer(out.with_suffix(suffix))
-    K.write_keep_list(out, result.uids, manifest)
+    if isinstance(result.kept, K.UidCollector):
+        result.kept.write(out, manifest)
+    else:
+        K.write_keep_list(out, result.kept, manifest)
     log.info("kept %d of %d candidates (%d pool rows) -> %s", counts["out"], counts.get("candidates", -1),
              counts.get("pool", -1), out)
     return out

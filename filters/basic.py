@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within
@@ -35,7 +36,7 @@ def image_mask(width: np.ndarray, height: np.ndarray) -> np.ndarray:
 def basic(pool: Pool, *, within=None, lid_model=None) -> FilterResult:
     within = as_within(within)
     lid = LanguageId(lid_model)
-    kept, n = [], 0
+    kept, n = UidCollector(), 0
     reasons = {"not_english": 0, "caption_too_short": 0, "image_too_small_or_thin": 0}
     for chunk in pool.iter_chunks(["text", "original_width", "original_height"], progress="basic filter"):
         cand = within.mask(chunk.uids)
@@ -45,22 +46,22 @@ def basic(pool: Pool, *, within=None, lid_model=None) -> FilterResult:
         reasons["not_english"] += int((cand & ~english).sum())
         reasons["caption_too_short"] += int((cand & ~long_enough).sum())
         reasons["image_too_small_or_thin"] += int((cand & ~size_ok).sum())
-        kept.append(chunk.uids[cand & english & long_enough & size_ok])
+        kept.add(chunk.uids[cand & english & long_enough & size_ok])
     within.check()
-    return FilterResult("basic", np.concatenate(kept), {"lid_model": str(lid.path)},
+    return FilterResult("basic", kept, {"lid_model": str(lid.path)},
                         {"pool": pool.rows, "candidates": n}, stats={"rejected_by": reasons})
 
 
 def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28) -> FilterResult:
     within = as_within(within)
     lid = LanguageId(lid_model)
-    kept, n = [], 0
+    kept, n = UidCollector(), 0
     for chunk in pool.iter_chunks(["text", "clip_b32_similarity_score"], progress="laion2b filter"):
         cand = within.mask(chunk.uids)
         n += int(cand.sum())
         english = np.array([lang == "en" for lang in lid.predict(chunk.pylist("text"))], dtype=bool)
         score_ok = chunk.column("clip_b32_similarity_score") >= np.float32(threshold)
-        kept.append(chunk.uids[cand & english & score_ok])
+        kept.add(chunk.uids[cand & english & score_ok])
     within.check()
-    return FilterResult("laion2b", np.concatenate(kept), {"lid_model": str(lid.path), "threshold": threshold},
+    return FilterResult("laion2b", kept, {"lid_model": str(lid.path), "threshold": threshold},
                         {"pool": pool.rows, "candidates": n})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from conceptprune.errors import ConfigError, PoolError
+from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within, check_fraction
@@ -85,13 +86,12 @@ def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | 
     if fraction is not None:
         fraction = check_fraction(fraction)
         threshold, n_cand = score_threshold(pool, column, fraction, within)
-    kept, n = [], 0
+    kept, n = UidCollector(), 0
     for chunk in pool.iter_chunks([column], progress="selecting"):
         s = chunk.column(column).astype(np.float32, copy=False)
         cand = within.mask(chunk.uids) if within else np.ones(len(chunk), bool)
         n += int(cand.sum())
-        kept.append(chunk.uids[cand & (s >= np.float32(threshold))])
+        kept.add(chunk.uids[cand & (s >= np.float32(threshold))])
     within.check()
-    uids = np.concatenate(kept)
     params = {"model": model, "fraction": fraction, "threshold": float(threshold), "column": column}
-    return FilterResult("clip-score", uids, params, {"pool": pool.rows, "candidates": n_cand or n})
+    return FilterResult("clip-score", kept, params, {"pool": pool.rows, "candidates": n_cand or n})

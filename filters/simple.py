@@ -5,23 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from conceptprune import uids as U
+from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, Within, as_within, target_count
 
 
-def candidates(pool: Pool, within: Within, progress: str = "reading uids") -> np.ndarray:
-    """All candidate uids (pool rows that pass --within), in row order."""
-    parts = []
-    for chunk in pool.iter_chunks(progress=progress):
-        parts.append(chunk.uids[within.mask(chunk.uids)])
-    within.check()
-    return np.concatenate(parts) if parts else np.empty(0, U.UID_DTYPE)
-
-
 def keep_all(pool: Pool, *, within=None) -> FilterResult:
     within = as_within(within)
-    kept = candidates(pool, within)
+    kept = UidCollector()
+    for chunk in pool.iter_chunks(progress="reading uids"):
+        kept.add(chunk.uids[within.mask(chunk.uids)])
+    within.check()
     return FilterResult("none", kept, {}, {"pool": pool.rows, "candidates": len(kept)})
 
 
@@ -29,22 +24,31 @@ def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None) ->
     """Keep exactly ``round(fraction * N)`` of the N candidates.
 
     Each uid gets a seeded 64-bit hash key and the smallest keys are kept, so the choice
-    depends only on the uids and the seed: not on file order, chunking or workers.
+    depends only on the uids and the seed: not on file order, chunking or workers. Two
+    streaming passes (a histogram of the keys' top 16 bits, then the boundary bin) find
+    the cut without holding a key per row.
     """
     within = as_within(within)
-    cand = candidates(pool, within)
-    k = target_count(fraction, len(cand))
-    keys = U.hash_uids(cand, seed)
-    if k < len(cand):
-        kth = np.partition(keys, k - 1)[k - 1]
-        below = keys < kth
-        tied = np.flatnonzero(keys == kth)
-        if len(tied) > k - below.sum():  # a 64-bit tie: break it by uid order
-            hi, lo = U.split(cand[tied])
-            tied = tied[np.lexsort((lo, hi))][: k - below.sum()]
-        sel = np.concatenate([np.flatnonzero(below), tied])
-        kept = cand[sel]
-    else:
-        kept = cand
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for chunk in pool.iter_chunks(progress="random (pass 1/2)"):
+        keys = U.hash_uids(chunk.uids[within.mask(chunk.uids)], seed)
+        hist += np.bincount((keys >> np.uint64(48)).astype(np.intp), minlength=1 << 16)
+    within.check()
+    n = int(hist.sum())
+    k = target_count(fraction, n)
+    cum = np.cumsum(hist)
+    boundary = int(np.searchsorted(cum, k, side="left"))  # first bin reaching k
+    need = k - (int(cum[boundary - 1]) if boundary else 0)
+    kept, edge_uids, edge_keys = UidCollector(), [], []
+    for chunk in pool.iter_chunks(progress="random (pass 2/2)"):
+        cand = chunk.uids[within.mask(chunk.uids)]
+        keys = U.hash_uids(cand, seed)
+        top = (keys >> np.uint64(48)).astype(np.int64)
+        kept.add(cand[top < boundary])
+        edge_uids.append(cand[top == boundary])
+        edge_keys.append(keys[top == boundary])
+    edge, ekeys = np.concatenate(edge_uids), np.concatenate(edge_keys)
+    hi, lo = U.split(edge)
+    kept.add(edge[np.lexsort((lo, hi, ekeys))[:need]])  # smallest keys; a tie goes by uid
     return FilterResult("random", kept, {"fraction": fraction, "seed": seed},
-                        {"pool": pool.rows, "candidates": len(cand)})
+                        {"pool": pool.rows, "candidates": n})

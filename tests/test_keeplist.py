@@ -128,3 +128,38 @@ def test_killed_writer_leaves_no_keep_list(tmp_path):
     proc.wait()
     assert not (tmp_path / "k.npy").exists()
     assert any(n.startswith(".k.npy.tmp") for n in os.listdir(tmp_path))  # only the temporary file
+
+
+def test_written_files_follow_umask(tmp_path):
+    K.write_keep_list(tmp_path / "k.npy", _random_uids(5), {"method": "t"})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "k.npy").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "k.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("spill_rows", [10**9, 1000, 1])
+def test_collector_spills_and_writes_same_file_as_np_save(tmp_path, spill_rows):
+    arr = _random_uids(20000, seed=5)
+    arr["f0"][:300] = 0  # a crowded bucket
+    col = K.UidCollector(spill_rows=spill_rows, spill_dir=tmp_path / "spill")
+    for part in np.array_split(arr, 17):
+        col.add(part)
+    assert len(col) == 20000
+    col.write(tmp_path / "a.npy", {"method": "t"})
+    K.write_keep_list(tmp_path / "b.npy", arr)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert col.to_array().tolist() == K.read_keep_list(tmp_path / "b.npy").tolist()
+    assert K.read_manifest(tmp_path / "a.npy")["counts"]["out"] == 20000
+    col.cleanup()
+    assert not (tmp_path / "spill").exists() or not any((tmp_path / "spill").iterdir())
+
+
+def test_collector_rejects_duplicates_across_chunks(tmp_path):
+    arr = _random_uids(5000, seed=6)
+    col = K.UidCollector(spill_rows=100, spill_dir=tmp_path)
+    col.add(arr)
+    col.add(arr[1234:1235])
+    with pytest.raises(KeepListError, match="more than once"):
+        col.write(tmp_path / "k.npy")
+    assert not (tmp_path / "k.npy").exists()

@@ -1,0 +1,118 @@
+"""Submitting, waiting for and explaining jobs, whatever the executor."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from conceptprune.errors import ConceptPruneError
+from conceptprune.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class JobFailedError(ConceptPruneError):
+    def __init__(self, message: str, job_id: str | None = None, state: str | None = None,
+                 log_tail: str = "", log_path: str | None = None):
+        super().__init__(message)
+        self.job_id, self.state, self.log_tail, self.log_path = job_id, state, log_tail, log_path
+
+
+class JobCancelledError(JobFailedError):
+    pass
+
+
+def tail(path: Path | None, lines: int = 30) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def log_paths(job: submitit.Job) -> tuple[Path | None, Path | None]:
+    try:
+        return job.paths.stdout, job.paths.stderr
+    except Exception:  # the debug executor has no files
+        return None, None
+
+
+def describe(jobs: Sequence[submitit.Job]) -> str:
+    if not jobs:
+        return "no jobs"
+    out, err = log_paths(jobs[0])
+    ids = jobs[0].job_id.split("_")[0]
+    where = f"logs: {Path(err).parent}" if err else "in this process"
+    return f"job {ids} ({len(jobs)} task{'s' if len(jobs) > 1 else ''}), {where}"
+
+
+def _state(job) -> str:
+    try:
+        return str(job.state)
+    except Exception:
+        return "UNKNOWN"
+
+
+def explain_failure(job: submitit.Job, exc: BaseException) -> JobFailedError:
+    """A JobFailedError carrying the job's state and the tail of its log."""
+    state = _state(job)
+    out, err = log_paths(job)
+    log_tail = tail(err) or tail(out)
+    if isinstance(exc, FailedJobError):
+        # submitit's message holds the remote traceback; its last line is the error itself
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "failed"
+    else:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"; log: {err}" if err else ""
+    if state.upper().startswith("CANCELLED"):
+        return JobCancelledError(f"job {job.job_id} was cancelled ({state}){where}", job.job_id, state, log_tail, str(err))
+    body = f"job {job.job_id} failed ({state}): {reason}{where}"
+    if log_tail:
+        body += "\n--- log tail ---\n" + log_tail
+    return JobFailedError(body, job.job_id, state, log_tail, str(err) if err else None)
+
+
+def wait(jobs: Sequence[submitit.Job], *, desc: str = "jobs", poll_s: float = 1.0,
+         on_done: Callable[[int, Any], None] | None = None, units: Sequence[int] | None = None,
+         all_tasks: bool = False) -> list:
+    """Wait for all jobs; return their results in order (``all_tasks``: a list per job, one
+    entry per task). The first failure raises JobFailedError; the other jobs keep running
+    and a rerun picks up their parts."""
+    results: list = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    units = list(units) if units else [1] * len(jobs)
+    bar = progress_bar(total=sum(units), desc=desc, unit="parts")
+    try:
+        while pending:
+            if pending and hasattr(jobs[pending[0]], "watcher"):
+                jobs[pending[0]].done(force_check=True)  # one sacct call refreshes every job
+            still = []
+            for i in pending:
+                job = jobs[i]
+                if not job.done():
+                    still.append(i)
+                    continue
+                try:
+                    results[i] = job.results() if all_tasks else job.result()
+                except (FailedJobError, UncompletedJobError) as e:
+                    raise explain_failure(job, e) from None
+                except Exception as e:  # the debug executor raises the job's own exception
+                    if isinstance(job, submitit.DebugJob):
+                        raise
+                    raise explain_failure(job, e) from None
+                bar.update(units[i])
+                if on_done:
+                    on_done(i, results[i])
+            pending = still
+            if pending:
+                time.sleep(poll_s)
+    finally:
+        bar.close()
+    return results
