@@ -99,6 +99,8 @@ def wait(jobs: Sequence[submitit.Job], *, desc: str = "jobs", poll_s: float = 1.
                 if not job.done():
                     still.append(i)
                     continue
+                if _state(job).upper().startswith("CANCELLED"):  # no result file will come
+                    raise explain_failure(job, UncompletedJobError("cancelled"))
                 try:
                     results[i] = job.results() if all_tasks else job.result()
                 except (FailedJobError, UncompletedJobError) as e:

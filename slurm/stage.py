@@ -93,9 +93,33 @@ class StageResult:
     executor: str
 
 
-def run_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto", options: ClusterOptions | None = None,
-              log_folder: str | os.PathLike | None = None) -> StageResult:
-    """Run every unfinished part of ``stage`` and wait; returns the summaries of all parts."""
+@dataclass
+class StageSubmission:
+    """Submitted parts of a stage; ``wait()`` blocks until they finish."""
+
+    stage: Stage
+    world_size: int
+    executor: str
+    jobs: list
+    groups: list[list[int]]
+    done: dict
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [j.job_id for j in self.jobs]
+
+    def wait(self, poll_s: float = 1.0) -> StageResult:
+        if self.jobs:
+            results = J.wait(self.jobs, desc=self.stage.name, units=[len(g) for g in self.groups], poll_s=poll_s)
+            for res in results:
+                self.done.update(res)
+        ran = [r for g in self.groups for r in g]
+        return StageResult([self.done[r] for r in range(self.world_size)], ran, self.executor)
+
+
+def submit_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto",
+                 options: ClusterOptions | None = None, log_folder: str | os.PathLike | None = None) -> StageSubmission:
+    """Submit every unfinished part of ``stage`` (returns at once, except under debug)."""
     if world_size < 1:
         raise ConfigError("world size must be >= 1")
     options = options or ClusterOptions()
@@ -105,11 +129,11 @@ def run_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto", opti
     kind = resolve_executor(executor)
     if not pending:
         log.info("%s: all %d parts already done; nothing to run", stage.name, world_size)
-        return StageResult([done[r] for r in range(world_size)], [], kind)
-    folder = Path(log_folder or Path(stage.work_dir) / options.log_folder) / stage.name
+        return StageSubmission(stage, world_size, kind, [], [], done)
     if done:
-        log.info("%s: %d of %d parts already done; running the other %d", stage.name, len(done), world_size, len(pending))
-    # group parts into jobs: one per part on SLURM, a few workers locally, one in-process for debug
+        log.info("%s: %d of %d parts already done; running the other %d", stage.name, len(done), world_size,
+                 len(pending))
+    # one job per part on SLURM (an array), a few worker processes locally, one call in-process for debug
     if kind == "slurm":
         groups = [[r] for r in pending]
     elif kind == "local":
@@ -117,19 +141,21 @@ def run_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto", opti
         groups = [pending[i::workers] for i in range(workers)]
     else:
         groups = [pending]
-    job_opts = options.replace(nodes=1, tasks_per_node=1)
-    ex = make_executor(kind, job_opts, folder, name=f"cp-{stage.name}")
+    folder = Path(log_folder or Path(stage.work_dir) / options.log_folder) / stage.name
+    ex = make_executor(kind, options.replace(nodes=1, tasks_per_node=1), folder, name=f"cp-{stage.name}")
     runner = PartRunner()
     if kind == "debug":
-        submitted = [ex.submit(runner, stage, g, world_size) for g in groups]
+        jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
     else:
         with ex.batch():
-            submitted = [ex.submit(runner, stage, g, world_size) for g in groups]
-    log.info("%s: %d parts on %s: %s", stage.name, len(pending), kind, J.describe(submitted))
-    results = J.wait(submitted, desc=stage.name, units=[len(g) for g in groups])
-    for res in results:
-        done.update(res)
-    return StageResult([done[r] for r in range(world_size)], pending, kind)
+            jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
+    log.info("%s: %d parts on %s: %s", stage.name, len(pending), kind, J.describe(jobs))
+    return StageSubmission(stage, world_size, kind, jobs, groups, done)
+
+
+def run_stage(stage: Stage, world_size: int = 1, **kwargs) -> StageResult:
+    """Run every unfinished part of ``stage`` and wait; returns the summaries of all parts."""
+    return submit_stage(stage, world_size, **kwargs).wait()
 
 
 def run_job(fn, *args, executor: str = "auto", options: ClusterOptions | None = None,

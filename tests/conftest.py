@@ -41,3 +41,47 @@ def read_embeddings(pool_dir, key="l14_img") -> np.ndarray:
 def uid_set(arr) -> set:
     from conceptprune.uids import array_to_uids
     return set(array_to_uids(arr))
+
+
+# -- the localhost SLURM cluster (tests/slurm_cluster.sh) -----------------------------------
+
+SLURM_TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "mariadbd")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real SLURM cluster (2 nodes, accounting) for the session; SLURM_CONF points at it."""
+    import shutil
+    import subprocess
+    import time
+
+    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"SLURM packages not installed (missing {', '.join(missing)}); "
+                    "install them with `make slurm-deps` (Debian, root)")
+    if os.geteuid() != 0:
+        pytest.skip("the localhost SLURM cluster runs its daemons as root")
+    from conceptprune.slurm import executor
+
+    base = tmp_path_factory.mktemp("slurm")
+    script = Path(__file__).parent / "slurm_cluster.sh"
+    env = {**os.environ, "CP_SLURM_PORT_BASE": str(17000 + (os.getpid() % 40) * 200)}
+    t0 = time.time()
+    out = subprocess.run(["bash", str(script), "up", str(base)], capture_output=True, text=True, env=env, timeout=180)
+    if out.returncode != 0:
+        subprocess.run(["bash", str(script), "down", str(base)], env=env, capture_output=True)
+        pytest.fail(f"the SLURM test cluster did not start:\n{out.stderr[-3000:]}")
+    startup = time.time() - t0
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+    executor._slurm_answers.cache_clear()
+    print(f"\nSLURM test cluster up in {startup:.1f} s at {base}")
+    try:
+        yield {"base": base, "startup_s": startup}
+    finally:
+        subprocess.run(["bash", str(script), "down", str(base)], env=env, capture_output=True, timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        executor._slurm_answers.cache_clear()

@@ -1,0 +1,42 @@
+"""Inside a job: the torch.distributed rendezvous from the job environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    node: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_torch_env() -> DistEnv:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for ``env://`` init.
+
+    Under a submitit job (SLURM or local) submitit's TorchDistributedEnvironment derives
+    them from the job; outside one (the debug executor, a plain call) it is a world of one.
+    """
+    import submitit
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    try:
+        env = submitit.helpers.TorchDistributedEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        return DistEnv(0, 1, 0, "127.0.0.1", int(os.environ["MASTER_PORT"]), node)
+    env.export(set_cuda_visible_devices=False)  # open_clip picks cuda:<local_rank> itself
+    return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, node)

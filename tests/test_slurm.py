@@ -1,0 +1,99 @@
+"""The job layer on a real SLURM cluster (tests/slurm_cluster.sh): arrays, multi-node jobs,
+requeue after preemption, failures and cancellation."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conceptprune.slurm.diagnostics import CountingStage, allreduce_check
+from conceptprune.slurm.jobs import JobCancelledError, JobFailedError
+from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.stage import run_job, run_stage, submit_stage
+
+pytestmark = pytest.mark.slurm
+
+
+def _scontrol(*args) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def _wait_until(cond, timeout=90, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _count(stage, rank=0):
+    p = stage.state_path(rank)
+    return json.loads(p.read_text())["count"] if p.exists() else -1
+
+
+def _release_when_requeued(job_id):
+    """Slurm holds a requeued job ~120 s (BeginTime); let it start now."""
+    def held():
+        info = _scontrol("show", "job", job_id)
+        return "JobState=PENDING" in info and "BeginTime" in info
+    _wait_until(held, 60, f"job {job_id} to be requeued")
+    _scontrol("update", f"JobId={job_id}", "StartTime=now")
+
+
+def test_job_array_of_four_parts_and_rerun_does_nothing(slurm_cluster, tmp_path):
+    stage = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0.1)
+    sub = submit_stage(stage, 4, executor="slurm", options=ClusterOptions(time=5))
+    assert len(sub.jobs) == 4 and all("_" in j for j in sub.job_ids)  # one SLURM array
+    res = sub.wait(poll_s=0.3)
+    assert [s["rank"] for s in res.summaries] == [0, 1, 2, 3]
+    assert len(list(stage.marker_dir().glob("*.json"))) == 4
+    again = submit_stage(stage, 4, executor="slurm")
+    assert again.jobs == [] and again.wait().summaries == res.summaries
+
+
+def test_two_nodes_allreduce(slurm_cluster, tmp_path):
+    results = run_job(allreduce_check, "gloo", executor="slurm", folder=tmp_path, name="allreduce",
+                      options=ClusterOptions(nodes=2, tasks_per_node=1, time=5))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {r["node"] for r in results} == {"node1", "node2"}
+    assert all(r["ok"] and r["sum"] == 3.0 for r in results)
+
+
+@pytest.mark.parametrize("how", ["preemption-signal", "scontrol-requeue"])
+def test_preempted_job_resumes_from_saved_state(slurm_cluster, tmp_path, how):
+    # long enough that the killed first run cannot finish within SLURM's KillWait (5 s):
+    # submitit ignores the SIGTERM that comes first, so only SIGKILL stops it
+    stage = CountingStage(work_dir=str(tmp_path), steps=30, step_seconds=0.4)
+    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=10))
+    job_id = sub.job_ids[0].split("_")[0]
+    _wait_until(lambda: _count(stage) >= 2, what="the job to count")
+    if how == "preemption-signal":  # what SLURM sends before preempting: submitit checkpoints + requeues
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    else:  # an operator's requeue: the job is killed and started again
+        _scontrol("requeue", job_id)
+    _release_when_requeued(job_id)
+    res = sub.wait(poll_s=0.3)
+    assert res.summaries[0]["count"] == 30
+    starts = json.loads(stage.state_path(0).read_text())["starts"]
+    assert len(starts) == 2
+    assert starts[1]["count"] >= 2 and starts[1]["restart"] == 1  # resumed, not restarted from zero
+
+
+def test_failing_job_error_carries_log_tail(slurm_cluster, tmp_path):
+    stage = CountingStage(work_dir=str(tmp_path), steps=3, step_seconds=0.1, fail_at=1)
+    with pytest.raises(JobFailedError) as err:
+        run_stage(stage, 1, executor="slurm", options=ClusterOptions(time=5))
+    assert "failed at step 1, as asked" in str(err.value)
+    assert "RuntimeError" in err.value.log_tail
+    assert err.value.log_path and err.value.log_path.endswith(".err")
+
+
+def test_cancelled_job_is_reported_as_cancelled(slurm_cluster, tmp_path):
+    stage = CountingStage(work_dir=str(tmp_path), steps=100, step_seconds=0.5)
+    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=10))
+    _wait_until(lambda: _count(stage) >= 1, what="the job to start")
+    subprocess.run(["scancel", sub.job_ids[0].split("_")[0]], check=True)
+    with pytest.raises(JobCancelledError, match="cancelled"):
+        sub.wait(poll_s=0.3)
