@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,6 +62,24 @@ def _state(job) -> str:
         return "UNKNOWN"
 
 
+def _requeued(job) -> bool:
+    """A SLURM job that 'finished' without a result file but is queued or running again.
+
+    During a requeue sacct can briefly report the old run's end (FAILED), and submitit's
+    watcher caches finished states for good; the controller knows better.
+    """
+    if not hasattr(job, "watcher") or job.paths.result_pickle.exists():
+        return False
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job.job_id], capture_output=True, text=True,
+                             timeout=15).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    m = re.search(r"JobState=(\S+)", out)
+    return bool(m) and m.group(1) in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                                      "CONFIGURING", "RESIZING", "SUSPENDED")
+
+
 def explain_failure(job: submitit.Job, exc: BaseException) -> JobFailedError:
     """A JobFailedError carrying the job's state and the tail of its log."""
     state = _state(job)
@@ -101,6 +121,10 @@ def wait(jobs: Sequence[submitit.Job], *, desc: str = "jobs", poll_s: float = 1.
                     continue
                 if _state(job).upper().startswith("CANCELLED"):  # no result file will come
                     raise explain_failure(job, UncompletedJobError("cancelled"))
+                if _requeued(job):  # accounting showed the end of the run before the requeue
+                    job.watcher.clear()
+                    still.append(i)
+                    continue
                 try:
                     results[i] = job.results() if all_tasks else job.result()
                 except (FailedJobError, UncompletedJobError) as e:

@@ -66,7 +66,8 @@ def test_preempted_job_resumes_from_saved_state(slurm_cluster, tmp_path, how):
     # long enough that the killed first run cannot finish within SLURM's KillWait (5 s):
     # submitit ignores the SIGTERM that comes first, so only SIGKILL stops it
     stage = CountingStage(work_dir=str(tmp_path), steps=30, step_seconds=0.4)
-    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=10))
+    # 15 min: submitit calls any signal a time-out when the limit is 10 min or less
+    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=15))
     job_id = sub.job_ids[0].split("_")[0]
     _wait_until(lambda: _count(stage) >= 2, what="the job to count")
     if how == "preemption-signal":  # what SLURM sends before preempting: submitit checkpoints + requeues
