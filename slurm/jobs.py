@@ -62,6 +62,19 @@ def _state(job) -> str:
         return "UNKNOWN"
 
 
+def _controller_view(job) -> str:
+    """'JobState=... Reason=... Restarts=...' from scontrol, or '' when unavailable."""
+    if not hasattr(job, "watcher"):
+        return ""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job.job_id], capture_output=True, text=True,
+                             timeout=15).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    fields = dict(re.findall(r"(JobState|Reason|Restarts|ExitCode)=(\S+)", out))
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
 def _requeued(job) -> bool:
     """A SLURM job that 'finished' without a result file but is queued or running again.
 
@@ -70,13 +83,9 @@ def _requeued(job) -> bool:
     """
     if not hasattr(job, "watcher") or job.paths.result_pickle.exists():
         return False
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job.job_id], capture_output=True, text=True,
-                             timeout=15).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    m = re.search(r"JobState=(\S+)", out)
-    return bool(m) and m.group(1) in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+    m = re.search(r"JobState=(\S+)", _controller_view(job))
+    # COMPLETING comes first in a requeue; a job that really ended shows FAILED on the next poll
+    return bool(m) and m.group(1) in ("COMPLETING", "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                                       "CONFIGURING", "RESIZING", "SUSPENDED")
 
 
@@ -93,7 +102,8 @@ def explain_failure(job: submitit.Job, exc: BaseException) -> JobFailedError:
     where = f"; log: {err}" if err else ""
     if state.upper().startswith("CANCELLED"):
         return JobCancelledError(f"job {job.job_id} was cancelled ({state}){where}", job.job_id, state, log_tail, str(err))
-    body = f"job {job.job_id} failed ({state}): {reason}{where}"
+    view = _controller_view(job)
+    body = f"job {job.job_id} failed ({state}{'; ' + view if view else ''}): {reason}{where}"
     if log_tail:
         body += "\n--- log tail ---\n" + log_tail
     return JobFailedError(body, job.job_id, state, log_tail, str(err) if err else None)

@@ -39,6 +39,9 @@ def _release_when_requeued(job_id):
         info = _scontrol("show", "job", job_id)
         return "JobState=PENDING" in info and "BeginTime" in info
     _wait_until(held, 60, f"job {job_id} to be requeued")
+    # slurmd refuses a relaunch in the same second the old run's credential was revoked
+    # ("Job credential revoked"); the ~120 s hold exists for that. Two seconds suffice.
+    time.sleep(2)
     _scontrol("update", f"JobId={job_id}", "StartTime=now")
 
 
