@@ -102,6 +102,19 @@ class NpzArray:
             buf = self._read_stream(start, nbytes)
         return np.frombuffer(buf, dtype=self.dtype).reshape(n, self.dim)
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at the given sorted local indices (contiguous runs are read together)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.empty((0, self.dim), dtype=self.dtype)
+        if not self._stored:  # compressed: stream over the span once
+            block = self.read(int(rows[0]), int(rows[-1]) + 1)
+            return block[rows - rows[0]]
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(rows)]])
+        return np.concatenate([self.read(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends)])
+
     def _read_stream(self, start: int, nbytes: int) -> bytes:
         if self._stream is None or start < self._stream_row:
             self._close_stream()
@@ -222,3 +235,75 @@ class NpzWriter:
             self.close()
         else:
             self.abort()
+
+
+class NpyColumn:
+    """A ``.npy`` file (1-D, or 2-D rows) read and written by row ranges with positioned I/O.
+
+    ``create`` preallocates the file, so parts of it can be filled in any order and a
+    resumed writer continues where it stopped.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            try:
+                shape, fortran, dtype = _read_header(f)
+            except ValueError as e:
+                raise PoolError(f"{self.path}: corrupt .npy header ({e})") from None
+            self.offset = f.tell()
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, rows: int, dtype, dim: int | None = None) -> "NpyColumn":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (rows,) if dim is None else (rows, dim)
+        dtype = np.dtype(dtype)
+        with open(path, "wb") as f:
+            npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
+                                                "shape": shape})
+            f.truncate(f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        return cls(path, "r+")
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.rows if stop is None else stop
+        n = stop - start
+        buf = bytearray(n * self.row_bytes)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            k = os.preadv(self._fd, [view[got:]], self.offset + start * self.row_bytes + got)
+            if k == 0:
+                raise PoolError(f"{self.path}: file ends before row {stop}")
+            got += k
+        return np.frombuffer(buf, dtype=self.dtype).reshape((n,) + self.shape[1:])
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
+        os.pwrite(self._fd, data, self.offset + start * self.row_bytes)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -212,8 +212,37 @@ class Pool:
         finally:
             bar.close()
 
+    def read_embedding_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of the given sorted global rows: (float32 normalised, valid mask)."""
+        if not self.embedding_key:
+            raise PoolError("no embedding key chosen")
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        valid = np.ones(len(rows), dtype=bool)
+        for f in self.files:
+            a, b = np.searchsorted(rows, [f.offset, f.offset + f.rows])
+            if a == b:
+                continue
+            with NpzArray(f.npz, self.embedding_key) as arr:
+                raw = arr.read_rows(rows[a:b] - f.offset)
+            local = rows[a:b] - f.offset
+            x, ok = self._normalise(raw.astype(np.float32),
+                                    lambda i: f"{f.npz.name}[{self.embedding_key}] row {int(local[i])}")
+            out[a:b] = x
+            if ok is not None:
+                valid[a:b] = ok
+        return out, valid
+
     def _embeddings(self, arr: NpzArray, chunk: Chunk) -> tuple[np.ndarray, np.ndarray | None]:
         x = arr.read(chunk.local_start, chunk.local_start + chunk.length).astype(np.float32)
+
+        def where(i):
+            uid = U.pair_to_uid(*chunk.uids[i]) if chunk.uids is not None else "?"
+            return f"{arr.path.name}[{arr.key}] row {chunk.local_start + i} (uid {uid})"
+        return self._normalise(x, where)
+
+    def _normalise(self, x: np.ndarray, where) -> tuple[np.ndarray, np.ndarray | None]:
+        """L2-normalise rows in place; bad rows raise (policy error) or are zeroed and masked."""
         with np.errstate(over="ignore", invalid="ignore"):
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         finite = np.isfinite(norms)
@@ -222,16 +251,15 @@ class Pool:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             kind = "NaN or infinite" if not finite[i] else "all zeros"
-            uid = U.pair_to_uid(*chunk.uids[i]) if chunk.uids is not None else "?"
-            where = f"{arr.path.name}[{arr.key}] row {chunk.local_start + i} (uid {uid})"
+            place = where(i)
             if self.bad_embeddings == "error":
-                raise PoolError(f"{where}: embedding is {kind}; {int(bad.sum())} such rows in this chunk. "
+                raise PoolError(f"{place}: embedding is {kind}; {int(bad.sum())} such rows in this chunk. "
                                 "Re-embed, or pass --bad-embeddings drop to leave them out (never kept)")
             self.report.nan_or_inf += int((~finite).sum())
             self.report.zero += int(zero.sum())
             if len(self.report.examples) < 5:
-                self.report.examples.append(f"{where}: {kind}")
-            log.warning("%s: embedding is %s; dropping %d bad rows of this chunk", where, kind, int(bad.sum()))
+                self.report.examples.append(f"{place}: {kind}")
+            log.warning("%s: embedding is %s; dropping %d bad rows of this chunk", place, kind, int(bad.sum()))
             x[bad] = 0.0
             norms[bad] = 1.0
         x /= norms[:, None]

@@ -8,6 +8,9 @@ from .base import FilterResult, Within, run_filter, target_count
 from .simple import keep_all, random_subset
 from .clip_score import clip_score
 from .basic import basic, laion2b
+from .dbp import dbp
+from .semdedup import semdedup
+from .ssl_prototypes import ssl_prototypes
 
 __all__ = ["FilterResult", "Within", "run_filter", "target_count", "keep_all", "random_subset",
-           "clip_score", "basic", "laion2b"]
+           "clip_score", "basic", "laion2b", "dbp", "semdedup", "ssl_prototypes"]

@@ -111,6 +111,8 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
     t0 = time.time()
     pool = as_pool(pool, **{k: params.pop(k) for k in ("embedding_key", "bad_embeddings") if k in params})
     within = as_within(within)
+    if getattr(fn, "uses_clustering", False) and out is not None:
+        params.setdefault("out", out)  # the clustering goes next to the keep-list by default
     result = fn(pool, within=within, **params)
     if out is not None:
         write_result(result, out, pool, within, time.time() - t0)

@@ -98,3 +98,94 @@ def _laion(p):
         from . import laion2b, run_filter
         run_filter(laion2b, a.pool, a.out, within=a.within, lid_model=a.lid_model, threshold=a.threshold)
     return run
+
+
+def _clustering_args(p, default_k=None):
+    g = p.add_argument_group("clustering (shared by semdedup, ssl-prototypes and dbp)")
+    g.add_argument("--clusters", type=int, default=None,
+                   help=f"k for spherical k-means (default {default_k if default_k else 'candidates / 10000'}; "
+                        "with --clustering DIR: the k stored there)")
+    g.add_argument("--clustering", default=None, metavar="DIR",
+                   help="folder holding (or to hold) the clustering, reusable by the other filters "
+                        "(default: next to --out, KEEP.clustering/)")
+    g.add_argument("--seed", type=int, default=None, help="k-means and sampling seed (default 1234, the reference's)")
+    g.add_argument("--niter", type=int, default=None, help="k-means iterations (default 100)")
+    g.add_argument("--train-sample", type=int, default=None,
+                   help="k-means training sample size (default min(candidates, 1000 k, 500000)); faiss is "
+                        "made to use all of it")
+    g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when available)")
+
+
+def _clustering_kwargs(a):
+    from conceptprune.slurm.options import options_from_args
+
+    executor, options = options_from_args(a)
+    return {"clustering_dir": a.clustering, "niter": a.niter, "train_sample": a.train_sample, "gpu": a.gpu,
+            "workers": a.workers or 1, "executor": executor, "options": options}
+
+
+def _job_args(p):
+    from conceptprune.slurm.options import add_cluster_args
+    add_cluster_args(p)
+
+
+@method("dbp", "Density-Based Pruning: cluster budgets from softmax(d_inter * d_intra / T), keep the hardest")
+def _dbp(p):
+    _common(p, embeddings=True)
+    p.add_argument("--fraction", type=float, required=True, help="fraction of the candidates to keep, in (0, 1]")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature (default 0.1, the paper's)")
+    p.add_argument("--neighbors", type=int, default=20, help="nearest other centroids for d_inter (default 20)")
+    p.add_argument("--balance", type=float, default=0.0,
+                   help="per-cluster floor r: at least min(r*N/k, n_j) kept (default 0, the paper's best)")
+    p.add_argument("--keep", choices=["hard", "easy", "random"], default="hard",
+                   help="which members of a cluster to keep (default hard: furthest from the centroid)")
+    _clustering_args(p, default_k=100)
+    _job_args(p)
+
+    def run(a):
+        from . import dbp, run_filter
+        run_filter(dbp, a.pool, a.out, within=a.within, embedding_key=a.embedding_key, bad_embeddings=a.bad_embeddings,
+                   fraction=a.fraction, clusters=a.clusters, temperature=a.temperature, neighbors=a.neighbors,
+                   balance=a.balance, keep=a.keep, seed=a.seed, **_clustering_kwargs(a))
+    return run
+
+
+@method("semdedup", "SemDeDup: remove near-duplicates inside each k-means cluster (eps or a target size)")
+def _semdedup(p):
+    _common(p, embeddings=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--eps", type=float, help="remove j when max similarity to an earlier member > 1 - eps")
+    g.add_argument("--target-fraction", type=float,
+                   help="keep this fraction: the eps that hits it is read off the stored similarities")
+    p.add_argument("--rule", choices=["paper", "greedy", "components"], default="paper",
+                   help="paper (default): compare with every earlier member; greedy: only with kept ones; "
+                        "components: one per connected component")
+    _clustering_args(p)
+    _job_args(p)
+
+    def run(a):
+        from . import run_filter, semdedup
+        run_filter(semdedup, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+                   bad_embeddings=a.bad_embeddings, eps=a.eps, target_fraction=a.target_fraction,
+                   clusters=a.clusters, rule=a.rule, seed=a.seed, **_clustering_kwargs(a))
+    return run
+
+
+@method("ssl-prototypes", "SSL prototypes (Sorscher et al.): keep the hardest/easiest by distance to the centroid")
+def _ssl(p):
+    _common(p, embeddings=True)
+    p.add_argument("--fraction", type=float, required=True, help="fraction of the candidates to keep, in (0, 1]")
+    p.add_argument("--keep", choices=["hard", "easy"], default="hard",
+                   help="hard (abundant data, default) or easy (scarce data)")
+    p.add_argument("--balance", type=float, default=None,
+                   help="per-cluster floor R: each cluster keeps at least min(R*N/k, n_j) (the DBP paper's "
+                        "SSP baseline uses 0.5)")
+    _clustering_args(p, default_k=100)
+    _job_args(p)
+
+    def run(a):
+        from . import run_filter, ssl_prototypes
+        run_filter(ssl_prototypes, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+                   bad_embeddings=a.bad_embeddings, fraction=a.fraction, clusters=a.clusters, keep=a.keep,
+                   balance=a.balance, seed=a.seed, **_clustering_kwargs(a))
+    return run

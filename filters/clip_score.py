@@ -17,21 +17,9 @@ from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within, check_fraction
+from .select import from_sortable_f32, sortable_f32
 
 SCORE_COLUMNS = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
-
-
-def _sortable(scores: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 whose unsigned order is the float order."""
-    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
-    neg = (bits >> np.uint32(31)).astype(bool)
-    return np.where(neg, ~bits, bits | np.uint32(0x80000000))
-
-
-def _from_sortable(key: int) -> float:
-    key = np.uint32(key)
-    bits = key & np.uint32(0x7FFFFFFF) if key & np.uint32(0x80000000) else ~key
-    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
 def _scores(chunk, column, within):
@@ -51,7 +39,7 @@ def score_threshold(pool: Pool, column: str, fraction: float, within) -> tuple[f
     hist = np.zeros(1 << 16, dtype=np.int64)
     n = 0
     for chunk in pool.iter_chunks([column], uids=uids_needed, progress="scores (pass 1/2)"):
-        key = _sortable(_scores(chunk, column, within))
+        key = sortable_f32(_scores(chunk, column, within))
         hist += np.bincount((key >> np.uint32(16)).astype(np.intp), minlength=1 << 16)
         n += len(key)
     within.check()
@@ -66,12 +54,12 @@ def score_threshold(pool: Pool, column: str, fraction: float, within) -> tuple[f
     r_in_bin = r - (int(desc[top_bin - 1]) if top_bin else 0)
     low_hist = np.zeros(1 << 16, dtype=np.int64)
     for chunk in pool.iter_chunks([column], uids=uids_needed, progress="scores (pass 2/2)"):
-        key = _sortable(_scores(chunk, column, within))
+        key = sortable_f32(_scores(chunk, column, within))
         sel = key[(key >> np.uint32(16)) == high]
         low_hist += np.bincount((sel & np.uint32(0xFFFF)).astype(np.intp), minlength=1 << 16)
     low_desc = np.cumsum(low_hist[::-1])
     low = (1 << 16) - 1 - int(np.searchsorted(low_desc, r_in_bin, side="right"))
-    return _from_sortable((high << 16) | low), n
+    return from_sortable_f32((high << 16) | low), n
 
 
 def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | None = None,

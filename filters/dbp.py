@@ -1,0 +1,101 @@
+"""Density-Based Pruning (Abbas, Rusak et al., ICLR 2024), exactly as the paper defines it.
+
+Per cluster j (over the candidates): d_intra_j = mean cosine distance of members to c_j;
+d_inter_j = mean cosine distance from c_j to its ``neighbors`` nearest other (non-empty)
+centroids; complexity C_j = d_inter_j * d_intra_j; P = softmax(C / temperature).
+Budgets N_j: the integer optimum of sum (N_j - P_j N)^2 with sum N_j = N = round(F * M)
+and min(floor(balance * N / k), n_j) <= N_j <= n_j (see budget.py). Inside each cluster the
+N_j hardest (largest distance), easiest or random members are kept; ties go to the smaller
+uid. Defaults are the paper's: temperature 0.1 (the reference code's 0.5 makes P nearly
+uniform), 20 neighbours, balance 0, keep hard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from conceptprune import uids as U
+from conceptprune.errors import ConfigError
+
+from .base import FilterResult, as_within, check_fraction, target_count
+from .budget import allocate
+from .select import grouped_select
+from .common import cluster_table, clustering_for, table_writer
+
+log = logging.getLogger(__name__)
+
+KEEP_ORDERS = {"hard": "largest", "easy": "smallest", "random": "hash"}
+
+
+def complexity(clustering, size: np.ndarray, d_intra: np.ndarray, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d_inter, complexity) per cluster; NaN for empty clusters, which are left out of
+    everyone's neighbourhood (an empty centroid is no concept of this data)."""
+    live = np.flatnonzero(size > 0)
+    d = clustering.centroid_distances()[np.ix_(live, live)]
+    np.fill_diagonal(d, np.inf)
+    l_eff = min(neighbors, len(live) - 1)
+    if l_eff < neighbors:
+        log.warning("only %d other non-empty clusters: d_inter uses %d neighbours, not %d",
+                    len(live) - 1, l_eff, neighbors)
+    d_inter = np.full(len(size), np.nan)
+    if l_eff > 0:
+        d_inter[live] = np.sort(d, axis=1)[:, :l_eff].mean(axis=1)
+    else:
+        d_inter[live] = 1.0  # a single cluster: nothing to be isolated from
+    return d_inter, d_inter * d_intra
+
+
+def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.where(np.isfinite(x), x / temperature, -np.inf)
+    z = z - np.max(z[np.isfinite(z)])
+    e = np.where(np.isfinite(z), np.exp(z), 0.0)
+    return e / e.sum()
+
+
+def dbp(pool, *, fraction: float, clusters: int | None = None, temperature: float = 0.1, neighbors: int = 20,
+        balance: float = 0.0, keep: str = "hard", seed: int | None = None, within=None, **clustering_args) -> FilterResult:
+    fraction = check_fraction(fraction)
+    if keep not in KEEP_ORDERS:
+        raise ConfigError(f"--keep must be one of {sorted(KEEP_ORDERS)}")
+    if temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    if not 0 <= balance <= 1:
+        raise ConfigError("--balance must be in [0, 1]")
+    if neighbors < 1:
+        raise ConfigError("--neighbors must be >= 1")
+    within = as_within(within)
+    clustering = clustering_for(pool, clusters, seed, within, default_k=100, **clustering_args)
+    seed = clustering.meta["seed"]
+    size, d_intra = clustering.cluster_stats(within)
+    empty = int((size == 0).sum())
+    if empty:
+        log.warning("%d of %d clusters have no candidates; they get no budget", empty, clustering.k)
+    m = int(size.sum())
+    n_keep = target_count(fraction, m)
+    d_inter, cx = complexity(clustering, size, d_intra, neighbors)
+    p = softmax(cx, temperature)
+    lower = np.minimum(np.floor(balance * n_keep / clustering.k), size).astype(np.int64)
+    budgets = allocate(p, n_keep, size, lower)
+
+    def batches():
+        for _, uids, cluster, dist in clustering.candidates(within):
+            key = U.hash_uids(uids, seed) if keep == "random" else dist
+            yield cluster.astype(np.int64), key, uids
+
+    kept, counts = grouped_select(batches, budgets, KEEP_ORDERS[keep])
+    assert int(counts.sum()) == n_keep and (counts == budgets).all()
+    table = cluster_table(size, d_intra, d_inter, cx, p, counts, budget_target=p * n_keep)
+    params = {"fraction": fraction, "clusters": clustering.k, "temperature": temperature, "neighbors": neighbors,
+              "balance": balance, "keep": keep, "seed": seed, "clustering": str(clustering.dir),
+              "train_sample": clustering.meta["train_sample"], "niter": clustering.meta["niter"]}
+    stats = {"empty_clusters": empty, "target": n_keep,
+             "effective_clusters": float(1.0 / np.sum(p ** 2)),  # how spread P is
+             "budget_objective": float(((budgets - p * n_keep) ** 2).sum())}
+    return FilterResult("dbp", kept, params, {"pool": clustering.rows, "candidates": m}, stats,
+                        extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={fraction}, "
+                                                   f"k={clustering.k}, tau={temperature}, keep {keep})"))
+
+
+dbp.uses_clustering = True
