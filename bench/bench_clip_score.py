@@ -42,7 +42,7 @@ def main():
     results = []
     for rows in rows_list:
         pool = work / f"pool_{rows}"
-        if not (pool / "_planted").exists():
+        if not (pool / "_planted" / "COMPLETE").exists():
             files = args.files or max(1, rows // 1_000_000)
             measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "make-pool", "--out", str(pool),
                      "--rows", str(rows), "--files", str(files), "--embedding-keys", ""])

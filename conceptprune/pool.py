@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from . import uids as U
 from .errors import PoolError
-from .npz import NpzArray, npz_keys
+from .npz import NpzArray, npz_keys, to_float32
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ class Chunk:
     length: int
     uids: np.ndarray | None = None
     table: pa.Table | None = None
-    embeddings: np.ndarray | None = None  # float32, L2-normalised; zero rows where invalid
+    embeddings: np.ndarray | None = None  # float32, L2-normalised (unless normalize=False); 0 where invalid
     valid: np.ndarray | None = None  # False for rows dropped under bad_embeddings="drop"
+    norms: np.ndarray | None = None  # row norms before normalising (1 for invalid rows)
 
     def __len__(self) -> int:
         return self.length
@@ -179,10 +180,11 @@ class Pool:
 
     def iter_chunks(self, columns: Sequence[str] = (), *, uids: bool = True,
                     embeddings: bool = False, start: int = 0, stop: int | None = None,
-                    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: str | bool | None = None
-                    ) -> Iterator[Chunk]:
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: str | bool | None = None,
+                    normalize: bool = True) -> Iterator[Chunk]:
         """Chunks of rows [start, stop): uids, the named parquet columns and (optionally)
-        the float32 L2-normalised embeddings, validated as they are read."""
+        the float32 embeddings, validated as they are read and L2-normalised (or, with
+        ``normalize=False``, left as stored with their norms in ``chunk.norms``)."""
         stop = self.rows if stop is None else stop
         if embeddings and not self.embedding_key:
             raise PoolError("embeddings requested but no embedding key chosen")
@@ -203,7 +205,7 @@ class Pool:
                                                                row_offset=local)
                         chunk.table = table
                         if emb is not None:
-                            chunk.embeddings, chunk.valid = self._embeddings(emb, chunk)
+                            chunk.embeddings, chunk.valid, chunk.norms = self._embeddings(emb, chunk, normalize)
                         yield chunk
                         bar.update(chunk.length)
                 finally:
@@ -226,23 +228,24 @@ class Pool:
             with NpzArray(f.npz, self.embedding_key) as arr:
                 raw = arr.read_rows(rows[a:b] - f.offset)
             local = rows[a:b] - f.offset
-            x, ok = self._normalise(raw.astype(np.float32),
+            x, ok, _ = self._normalise(to_float32(raw),
                                     lambda i: f"{f.npz.name}[{self.embedding_key}] row {int(local[i])}")
             out[a:b] = x
             if ok is not None:
                 valid[a:b] = ok
         return out, valid
 
-    def _embeddings(self, arr: NpzArray, chunk: Chunk) -> tuple[np.ndarray, np.ndarray | None]:
-        x = arr.read(chunk.local_start, chunk.local_start + chunk.length).astype(np.float32)
+    def _embeddings(self, arr: NpzArray, chunk: Chunk, normalize: bool = True):
+        x = to_float32(arr.read(chunk.local_start, chunk.local_start + chunk.length))
 
         def where(i):
             uid = U.pair_to_uid(*chunk.uids[i]) if chunk.uids is not None else "?"
             return f"{arr.path.name}[{arr.key}] row {chunk.local_start + i} (uid {uid})"
-        return self._normalise(x, where)
+        return self._normalise(x, where, normalize)
 
-    def _normalise(self, x: np.ndarray, where) -> tuple[np.ndarray, np.ndarray | None]:
-        """L2-normalise rows in place; bad rows raise (policy error) or are zeroed and masked."""
+    def _normalise(self, x: np.ndarray, where, normalize: bool = True):
+        """Check rows, L2-normalise them in place; bad rows raise (policy error) or are zeroed
+        and masked. Returns (x, valid or None, norms)."""
         with np.errstate(over="ignore", invalid="ignore"):
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         finite = np.isfinite(norms)
@@ -262,8 +265,9 @@ class Pool:
             log.warning("%s: embedding is %s; dropping %d bad rows of this chunk", place, kind, int(bad.sum()))
             x[bad] = 0.0
             norms[bad] = 1.0
-        x /= norms[:, None]
-        return x, (~bad if bad.any() else None)
+        if normalize:
+            np.divide(x, norms[:, None], out=x)
+        return x, (~bad if bad.any() else None), norms
 
     def read_uids(self, *, start: int = 0, stop: int | None = None, progress: str | bool | None = None) -> np.ndarray:
         """All uids of rows [start, stop) in row order (16 bytes a row)."""

@@ -79,6 +79,7 @@ def make_pool(out: str | Path, config: SyntheticPoolConfig | None = None, *, pro
         _write_file(out, name, int(bounds[i]), n, world, cfg, np.random.default_rng([cfg.seed, i]), bar)
         paths.append(out / f"{name}.parquet")
     bar.close()
+    (out / "_planted" / "COMPLETE").write_text(f"{cfg.rows} rows in {cfg.files} files\n")
     return paths
 
 

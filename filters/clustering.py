@@ -157,10 +157,13 @@ class AssignStage(Stage):
         invalid = 0
         try:
             for chunk in pool.iter_chunks(embeddings=True, start=a + done, stop=b, chunk_rows=BLOCK_ROWS,
-                                          progress=f"assign {rank + 1}/{world_size}"):
+                                          progress=f"assign {rank + 1}/{world_size}", normalize=False):
+                # the nearest centroid by inner product does not change with a row's norm, so the
+                # rows are searched as stored and only the one distance per row is scaled
                 _, nearest = index.search(chunk.embeddings, 1)
                 cluster = nearest[:, 0].astype(np.int32)
-                dist = (1.0 - np.einsum("ij,ij->i", chunk.embeddings, centroids[cluster])).astype(np.float32)
+                sim = np.einsum("ij,ij->i", chunk.embeddings, centroids[cluster]) / chunk.norms
+                dist = (1.0 - sim).astype(np.float32)
                 if chunk.valid is not None:
                     cluster[~chunk.valid] = -1
                     dist[~chunk.valid] = np.nan
@@ -302,6 +305,8 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, fi
 
     with atomic_open(directory / "centroids.npy", "wb") as f:
         np.save(f, centroids)
+    with atomic_open(directory / "train_rows.npy", "wb") as f:  # provenance: which rows trained it
+        np.save(f, rows)
     meta = {"format": FORMAT_VERSION, "k": spec.k, "seed": spec.seed, "niter": spec.niter,
             "train_sample": int(len(rows)), "trained_on": int(len(x)), "dim": int(x.shape[1]),
             "objective": float(km.obj[-1]) if len(km.obj) else None, "faiss": faiss.__version__,
@@ -312,18 +317,32 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, fi
 
 
 def sample_rows(pool: Pool, within: Within, spec: ClusteringSpec) -> np.ndarray:
-    """Sorted global rows of the training sample: the candidates with the smallest seeded
-    uid hashes (ties by row)."""
+    """Sorted global rows of the training sample: the candidate rows with the smallest
+    seeded hashes of their row index (no reading without --within; one uid pass with it)."""
+    mask = None
+    if within:
+        mask = np.zeros(pool.rows, dtype=bool)
+        for chunk in pool.iter_chunks(progress="candidates"):
+            mask[chunk.start:chunk.start + len(chunk)] = within.mask(chunk.uids)
+        within.check()
+        mask = np.packbits(mask)  # 1 bit a row
+    step = 1 << 22
+
     def batches():
-        for chunk in pool.iter_chunks(progress="sampling"):
-            keep = within.mask(chunk.uids) if within else np.ones(len(chunk), bool)
-            rows = np.flatnonzero(keep).astype(np.uint64) + np.uint64(chunk.start)
-            keys = U.hash_uids(chunk.uids[keep], spec.seed)
+        for a in range(0, pool.rows, step):
+            rows = np.arange(a, min(pool.rows, a + step), dtype=np.uint64)
+            if mask is not None:
+                rows = rows[_bits(mask, a, len(rows))]
+            keys = U.hash_uids(U.make_array(rows, rows), spec.seed)
             yield np.zeros(len(rows), np.int64), keys, U.make_array(np.zeros(len(rows), np.uint64), rows)
 
-    n = len(within.uids) if within else pool.rows  # a list with foreign uids fails check() below
+    n = len(within.uids) if within else pool.rows
     if n == 0:
         raise ConfigError("no candidate rows to cluster")
     kept, _ = grouped_select(batches, np.array([spec.resolved_sample(n)]), "hash", clamp=True)
-    within.check()
     return kept.to_array()["f1"].astype(np.int64)
+
+
+def _bits(packed: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Bits [start, start + n) of a packbits array as bools (start a multiple of 8)."""
+    return np.unpackbits(packed[start // 8:(start + n + 7) // 8], count=n).astype(bool)

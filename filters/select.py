@@ -61,9 +61,15 @@ def grouped_select(batches: Callable[[], Iterable[Batch]], budgets: np.ndarray, 
     nbins = 1 << bits
     shift = np.uint64(64 - bits)
     hist = np.zeros(G * nbins, dtype=np.int64)
-    for g, key, _ in batches():
-        top = (rank_key(key, order) >> shift).astype(np.int64)
-        hist += np.bincount(g.astype(np.int64) * nbins + top, minlength=G * nbins)
+    pending, pending_rows = [], 0
+    for g, key, _ in batches():  # bincount over G * nbins cells is costly: batch ~4M rows at a time
+        pending.append(g.astype(np.int64) * nbins + (rank_key(key, order) >> shift).astype(np.int64))
+        pending_rows += len(g)
+        if pending_rows >= 1 << 22:
+            hist += np.bincount(np.concatenate(pending), minlength=G * nbins)
+            pending, pending_rows = [], 0
+    if pending:
+        hist += np.bincount(np.concatenate(pending), minlength=G * nbins)
     hist = hist.reshape(G, nbins)
     sizes = hist.sum(axis=1)
     if clamp:
@@ -85,7 +91,7 @@ def grouped_select(batches: Callable[[], Iterable[Batch]], budgets: np.ndarray, 
         b = boundary[g]
         take = top < b
         kept.add(uids[take])
-        counts += np.bincount(g[take], minlength=G)
+        counts += np.bincount(g[take], minlength=G) if G > 1 else take.sum()
         at = top == b
         edge_g.append(g[at])
         edge_k.append(rk[at])

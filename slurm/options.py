@@ -47,6 +47,7 @@ class ClusterOptions:
     log_folder: str = "slurm_logs"
     array_parallelism: int = 256  # parts of a stage running at once on SLURM
     local_workers: int | None = None  # parts at once on the local executor (default: CPU count)
+    local_isolated: bool = False  # run even a single local part in its own process
     signal_delay_s: int = 120  # USR2 this long before the time limit, to checkpoint + requeue
     max_requeues: int = 3  # time-limit requeues; preemptions do not count
 

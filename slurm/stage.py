@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,16 +142,34 @@ def submit_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto",
         groups = [pending[i::workers] for i in range(workers)]
     else:
         groups = [pending]
+    runner = PartRunner()
+    if kind == "debug" or (kind == "local" and len(groups) == 1 and not options.local_isolated):
+        # in this process (datatrove runs a single local worker the same way): no interpreter
+        # to start, and a failure raises right here
+        log.info("%s: %d parts in this process", stage.name, len(pending))
+        done.update(run_inline(runner, stage, pending, world_size))
+        return StageSubmission(stage, world_size, kind, [], [pending], done)
     folder = Path(log_folder or Path(stage.work_dir) / options.log_folder) / stage.name
     ex = make_executor(kind, options.replace(nodes=1, tasks_per_node=1), folder, name=f"cp-{stage.name}")
-    runner = PartRunner()
-    if kind == "debug":
+    with ex.batch():
         jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
-    else:
-        with ex.batch():
-            jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
     log.info("%s: %d parts on %s: %s", stage.name, len(pending), kind, J.describe(jobs))
     return StageSubmission(stage, world_size, kind, jobs, groups, done)
+
+
+def run_inline(fn, *args, **kwargs):
+    """Call a job function here. The stage's own clear errors pass through; anything else
+    becomes a JobFailedError with the traceback's tail (the original is its __cause__)."""
+    from conceptprune.errors import ConceptPruneError
+
+    try:
+        return fn(*args, **kwargs)
+    except ConceptPruneError:
+        raise
+    except Exception as e:
+        tb = traceback.format_exc()
+        raise J.JobFailedError(f"{getattr(fn, '__name__', type(fn).__name__)} failed: {type(e).__name__}: {e}",
+                               state="FAILED", log_tail="\n".join(tb.splitlines()[-30:])) from e
 
 
 def run_stage(stage: Stage, world_size: int = 1, **kwargs) -> StageResult:
@@ -164,8 +183,8 @@ def run_job(fn, *args, executor: str = "auto", options: ClusterOptions | None = 
     options = options or ClusterOptions()
     kind = resolve_executor(executor)
     ex = make_executor(kind, options, folder, name=name)
+    if kind == "debug":
+        return [run_inline(fn, *args, **kwargs)]
     job = ex.submit(fn, *args, **kwargs)
     log.info("%s on %s: %s", name, kind, J.describe([job]))
-    if kind == "debug":
-        return [job.result()]
     return J.wait([job], desc=name, units=[options.nodes * options.tasks_per_node], all_tasks=True)[0]

@@ -1,0 +1,102 @@
+"""filter dbp / semdedup end to end vs. the floor: bare faiss k-means on the same sample plus
+one bare faiss search pass over all embeddings (the work no implementation can skip).
+
+The floor process times only its training and search (not imports, not reading the
+sample); ours is the CLI's whole wall time. Peak RSS is the whole process tree's.
+Usage: python bench/bench_concept_filters.py --method dbp --rows 1000000,4000000 --clusters 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import measure, python, save, table  # noqa: E402
+
+FLOOR = r"""
+import glob, json, sys, time, numpy as np, faiss
+pool, clus, key = sys.argv[1], sys.argv[2], sys.argv[3]
+meta = json.load(open(clus + "/clustering.json"))
+rows = np.load(clus + "/train_rows.npy")
+files = sorted(glob.glob(pool + "/*.npz"))
+parts, offset = [], 0
+for f in files:
+    arr = np.load(f, mmap_mode="r")[key]
+    local = rows[(rows >= offset) & (rows < offset + len(arr))] - offset
+    parts.append(np.asarray(arr[local], dtype=np.float32))
+    offset += len(arr)
+x = np.ascontiguousarray(np.concatenate(parts))
+k = meta["k"]
+t0 = time.perf_counter()
+km = faiss.Kmeans(x.shape[1], k, niter=meta["niter"], seed=meta["seed"], spherical=True,
+                  max_points_per_centroid=-(-len(x) // k) + 1, min_points_per_centroid=1)
+km.train(x)
+t1 = time.perf_counter()
+index = faiss.IndexFlatIP(x.shape[1]); index.add(km.centroids)
+n = 0
+for f in files:
+    arr = np.load(f, mmap_mode="r")[key]
+    for a in range(0, len(arr), 16384):
+        index.search(np.asarray(arr[a:a + 16384], dtype=np.float32), 1)
+        n += min(16384, len(arr) - a)
+t2 = time.perf_counter()
+print(json.dumps({"train_s": t1 - t0, "search_s": t2 - t1, "rows": n}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--method", choices=["dbp", "semdedup"], default="dbp")
+    ap.add_argument("--rows", default="1000000,4000000")
+    ap.add_argument("--clusters", type=int, default=100)
+    ap.add_argument("--train-sample", type=int, default=None)
+    ap.add_argument("--niter", type=int, default=None)
+    ap.add_argument("--rows-per-file", type=int, default=250_000)
+    ap.add_argument("--workdir", default="/tmp/cp-bench-concepts")
+    ap.add_argument("--keep-pools", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    results = []
+    for rows in [int(r) for r in args.rows.split(",")]:
+        pool = work / f"pool_{rows}"
+        if not (pool / "_planted" / "COMPLETE").exists():
+            measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "make-pool", "--out", str(pool), "--rows",
+                     str(rows), "--files", str(max(1, rows // args.rows_per_file)), "--concepts", "200",
+                     "--embedding-keys", "l14_img"])
+        out = work / f"{args.method}_{rows}" / "keep.npy"
+        shutil.rmtree(out.parent, ignore_errors=True)
+        cmd = [sys.executable, "-m", "conceptprune.cli", "--quiet", "filter", args.method, "--pool", str(pool),
+               "--out", str(out), "--clusters", str(args.clusters), "--executor", "local", "--workers", "1"]
+        cmd += ["--fraction", "0.3"] if args.method == "dbp" else ["--eps", "0.05"]
+        if args.train_sample:
+            cmd += ["--train-sample", str(args.train_sample)]
+        if args.niter:
+            cmd += ["--niter", str(args.niter)]
+        ours = measure(cmd)
+        clus = out.with_suffix(".clustering")
+        floor = measure(python(FLOOR) + [str(pool), str(clus), "l14_img"])
+        f = json.loads(floor["stdout"].strip().splitlines()[-1])
+        floor_s = f["train_s"] + f["search_s"]
+        meta = json.loads((clus / "clustering.json").read_text())
+        results.append({"rows": rows, "k": args.clusters, "train_sample": meta["train_sample"], "niter": meta["niter"],
+                        "ours_wall_s": ours["wall_s"], "ours_peak_rss_mib": ours["peak_rss_mib"],
+                        "floor_train_s": round(f["train_s"], 2), "floor_search_s": round(f["search_s"], 2),
+                        "floor_peak_rss_mib": floor["peak_rss_mib"],
+                        "ratio_ours_over_floor": round(ours["wall_s"] / floor_s, 3),
+                        "samples_per_s": round(rows / ours["wall_s"])})
+        print(json.dumps(results[-1]), flush=True)
+        if not args.keep_pools and rows != int(args.rows.split(",")[-1]):
+            pass
+    if len(results) > 1:
+        growth = results[-1]["ours_peak_rss_mib"] / results[0]["ours_peak_rss_mib"]
+        print(f"our peak RSS: x{growth:.3f} from {results[0]['rows']:,} to {results[-1]['rows']:,} rows")
+    print(table(results, list(results[0])))
+    print("saved", save(f"{args.method}_k{args.clusters}", {"benchmark": f"filter {args.method}", "results": results}))
+
+
+if __name__ == "__main__":
+    main()

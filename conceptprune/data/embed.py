@@ -1,0 +1,189 @@
+"""``conceptprune embed``: image (and text) embeddings for every sample of webdataset shards.
+
+Output per input shard: ``<shard>.parquet`` (uid, key, url, text, sizes) and ``<shard>.npz``
+with L2-normalised fp16 arrays ``<prefix>img`` (and ``<prefix>txt``), so the output folder is
+a pool that every filter reads exactly like DataComp's (``--embedding-key img``). Models:
+any open_clip name (``ViT-B-32``, ``cp-tiny-vit``, ``local-dir:PATH``) with an optional
+``--pretrained`` tag or checkpoint path, or a timm name prefixed ``timm:`` (e.g.
+``timm:vit_large_patch14_dinov2.lvd142m``, the DBP paper's encoder family). GPU when
+present. Parts are shard lists; a shard whose parquet exists is done and is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conceptprune.atomic import atomic_open
+from conceptprune.errors import ConfigError, PoolError
+from conceptprune.npz import NpzWriter
+from conceptprune.progress import progress_bar
+from conceptprune.slurm.stage import Stage
+
+from .tars import iter_samples
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class Encoder:
+    def __init__(self, model: str, pretrained: str | None = None, device: str = "auto"):
+        import torch
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.kind = "timm" if model.startswith("timm:") else "open_clip"
+        if self.kind == "timm":
+            import timm
+
+            name = model[len("timm:"):]
+            self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0)
+            cfg = timm.data.resolve_data_config({}, model=self.model)
+            self.preprocess = timm.data.create_transform(**cfg)
+            self.tokenizer = None
+        else:
+            import open_clip
+
+            from conceptprune.training.models import register
+
+            register()
+            if model not in open_clip.list_models() and not model.startswith(("local-dir:", "hf-hub:")):
+                raise ConfigError(f"--model {model!r}: not an open_clip model (prefix timm models with 'timm:')")
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(model)
+        self.model.eval().to(self.device)
+
+    def _normed(self, x):
+        import torch
+
+        x = torch.nn.functional.normalize(x.float(), dim=-1)
+        return x.cpu().numpy().astype(np.float16)
+
+    def images(self, tensors) -> np.ndarray:
+        import torch
+
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            x = torch.stack(tensors).to(self.device)
+            out = self.model(x) if self.kind == "timm" else self.model.encode_image(x)
+        return self._normed(out)
+
+    def texts(self, captions: list[str]) -> np.ndarray:
+        import torch
+
+        if self.tokenizer is None:
+            raise ConfigError("--text needs an open_clip model (timm models have no text tower)")
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            out = self.model.encode_text(self.tokenizer(captions).to(self.device))
+        return self._normed(out)
+
+
+def _decode(sample, preprocess):
+    from PIL import Image
+
+    for ext in IMAGE_EXTS:
+        if ext in sample.parts:
+            try:
+                with Image.open(io.BytesIO(sample.parts[ext])) as im:
+                    return preprocess(im.convert("RGB"))
+            except Exception:  # a broken image: the sample is left out and counted
+                return None
+    return None
+
+
+@dataclass
+class EmbedStage(Stage):
+    work_dir: str  # output folder
+    shards_dir: str
+    model: str
+    pretrained: str | None = None
+    batch_size: int = 256
+    text: bool = False
+    key_prefix: str = ""
+    device: str = "auto"
+    threads: int = 4
+    name: str = "embed"
+
+    def shards(self) -> list[Path]:
+        shards = sorted(Path(self.shards_dir).glob("*.tar"))
+        if not shards:
+            raise ConfigError(f"--shards {self.shards_dir}: no .tar shards")
+        return shards
+
+    def run(self, rank: int, world_size: int) -> dict:
+        mine = self.shards()[rank::world_size]
+        out = Path(self.work_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        encoder = None
+        totals = {"shards": 0, "embedded": 0, "undecodable": 0, "skipped_done": 0}
+        for shard in progress_bar(mine, desc=f"embed {rank + 1}/{world_size}", unit="shards"):
+            if (out / f"{shard.stem}.parquet").exists():
+                totals["skipped_done"] += 1
+                continue
+            encoder = encoder or Encoder(self.model, self.pretrained, self.device)
+            n, bad = self._embed_shard(shard, out, encoder)
+            totals["shards"] += 1
+            totals["embedded"] += n
+            totals["undecodable"] += bad
+        return totals
+
+    def _embed_shard(self, shard: Path, out: Path, encoder: Encoder) -> tuple[int, int]:
+        """Encode batch by batch as the shard streams past (memory: one batch of images)."""
+        key_img, key_txt = f"{self.key_prefix}img", f"{self.key_prefix}txt"
+        rows, blocks, bad = [], {key_img: [], key_txt: []}, 0
+        with ThreadPoolExecutor(self.threads) as pool:
+            def encode(batch):
+                nonlocal bad
+                kept, tensors = [], []
+                for sample, tensor in zip(batch, pool.map(lambda s: _decode(s, encoder.preprocess), batch)):
+                    if tensor is None:
+                        bad += 1
+                        continue
+                    meta = sample.json()
+                    if not meta.get("uid"):
+                        raise PoolError(f"{shard}: sample {sample.key} has no uid in its json")
+                    kept.append({"uid": meta["uid"], "key": sample.key, "url": meta.get("url"),
+                                 "text": (sample.parts.get("txt") or b"").decode("utf-8", "replace"),
+                                 "original_width": meta.get("original_width"),
+                                 "original_height": meta.get("original_height"), "shard": shard.name})
+                    tensors.append(tensor)
+                if not kept:
+                    return
+                rows.extend(kept)
+                blocks[key_img].append(encoder.images(tensors))
+                if self.text:
+                    blocks[key_txt].append(encoder.texts([r["text"] for r in kept]))
+
+            batch = []
+            for sample in iter_samples(shard):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    encode(batch)
+                    batch = []
+            encode(batch)
+        n = len(rows)
+        keys = [key_img] + ([key_txt] if self.text else [])
+        dims = {k: (blocks[k][0].shape[1] if blocks[k] else 0) for k in keys}
+        with NpzWriter(out / f"{shard.stem}.npz", {k: (n, dims[k], "float16") for k in keys}) as w:
+            for k in keys:  # npz first: the parquet marks the pair done
+                at = 0
+                for b in blocks[k]:
+                    w.write(k, at, b)
+                    at += len(b)
+        table = pa.Table.from_pylist(rows, schema=pa.schema([
+            ("uid", pa.string()), ("key", pa.string()), ("url", pa.string()), ("text", pa.string()),
+            ("original_width", pa.int64()), ("original_height", pa.int64()), ("shard", pa.string())]))
+        if self.text and n:
+            img = np.concatenate(blocks[key_img]).astype(np.float32)
+            txt = np.concatenate(blocks[key_txt]).astype(np.float32)
+            table = table.append_column(f"{self.key_prefix}similarity_score",
+                                        pa.array(np.einsum("ij,ij->i", img, txt), pa.float32()))
+        with atomic_open(out / f"{shard.stem}.parquet", "wb") as f:
+            pq.write_table(table, f)
+        return n, bad
