@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from . import uids as U
 from .errors import PoolError
-from .npz import NpzArray, npz_keys, to_float32
+from .npz import NpzArray, npz_keys, row_parallel, to_float32
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -236,18 +236,20 @@ class Pool:
         return out, valid
 
     def _embeddings(self, arr: NpzArray, chunk: Chunk, normalize: bool = True):
-        x = to_float32(arr.read(chunk.local_start, chunk.local_start + chunk.length))
+        norms = np.empty(chunk.length, dtype=np.float32)
+        x = to_float32(arr.read(chunk.local_start, chunk.local_start + chunk.length), norms)
 
         def where(i):
             uid = U.pair_to_uid(*chunk.uids[i]) if chunk.uids is not None else "?"
             return f"{arr.path.name}[{arr.key}] row {chunk.local_start + i} (uid {uid})"
-        return self._normalise(x, where, normalize)
+        return self._normalise(x, where, normalize, norms)
 
-    def _normalise(self, x: np.ndarray, where, normalize: bool = True):
+    def _normalise(self, x: np.ndarray, where, normalize: bool = True, norms: np.ndarray | None = None):
         """Check rows, L2-normalise them in place; bad rows raise (policy error) or are zeroed
         and masked. Returns (x, valid or None, norms)."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        if norms is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         finite = np.isfinite(norms)
         zero = finite & (norms < 1e-6)
         bad = ~finite | zero
@@ -266,7 +268,7 @@ class Pool:
             x[bad] = 0.0
             norms[bad] = 1.0
         if normalize:
-            np.divide(x, norms[:, None], out=x)
+            row_parallel(lambda a, b: np.divide(x[a:b], norms[a:b, None], out=x[a:b]), len(x))
         return x, (~bad if bad.any() else None), norms
 
     def read_uids(self, *, start: int = 0, stop: int | None = None, progress: str | bool | None = None) -> np.ndarray:

@@ -15,6 +15,6 @@ def set_enabled(flag: bool) -> None:
     _ENABLED = flag
 
 
-def progress_bar(total=None, desc: str = "", unit: str = "it", disable: bool = False, **kw):
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
+def progress_bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False, **kw):
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
                 disable=disable or not _ENABLED, file=sys.stderr, mininterval=0.5, **kw)

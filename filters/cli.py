@@ -68,11 +68,13 @@ def _clip(p):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=float, help="keep the top fraction (threshold at index int(N*F), ties kept)")
     g.add_argument("--threshold", type=float, help="keep score >= threshold")
+    p.add_argument("--score-column", default=None,
+                   help="use this parquet column instead (e.g. similarity_score from 'conceptprune embed --text')")
 
     def run(a):
         from . import clip_score, run_filter
         run_filter(clip_score, a.pool, a.out, within=a.within, fraction=a.fraction,
-                   threshold=a.threshold, model=a.model)
+                   threshold=a.threshold, model=a.model, column=a.score_column)
     return run
 
 

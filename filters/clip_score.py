@@ -63,12 +63,14 @@ def score_threshold(pool: Pool, column: str, fraction: float, within) -> tuple[f
 
 
 def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | None = None,
-               model: str = "l14", within=None) -> FilterResult:
+               model: str = "l14", column: str | None = None, within=None) -> FilterResult:
+    """``column`` overrides the model's score column (e.g. ``similarity_score`` written by
+    ``conceptprune embed --text`` for your own encoder)."""
     if (fraction is None) == (threshold is None):
         raise ConfigError("clip-score needs exactly one of --fraction or --threshold")
-    if model not in SCORE_COLUMNS:
+    if column is None and model not in SCORE_COLUMNS:
         raise ConfigError(f"--model must be one of {sorted(SCORE_COLUMNS)}, got {model!r}")
-    column = SCORE_COLUMNS[model]
+    column = column or SCORE_COLUMNS[model]
     within = as_within(within)
     n_cand = None
     if fraction is not None:

@@ -32,7 +32,7 @@ import numpy as np
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError
-from conceptprune.npz import NpyColumn
+from conceptprune.npz import NpyColumn, row_parallel
 from conceptprune.pool import Pool
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Stage, run_stage
@@ -162,8 +162,14 @@ class AssignStage(Stage):
                 # rows are searched as stored and only the one distance per row is scaled
                 _, nearest = index.search(chunk.embeddings, 1)
                 cluster = nearest[:, 0].astype(np.int32)
-                sim = np.einsum("ij,ij->i", chunk.embeddings, centroids[cluster]) / chunk.norms
-                dist = (1.0 - sim).astype(np.float32)
+                sim = np.empty(len(chunk), dtype=np.float32)
+                x = chunk.embeddings
+
+                def dots(a, b):  # row by row: the same bits whatever the chunk (see module doc)
+                    sim[a:b] = np.einsum("ij,ij->i", x[a:b], centroids[cluster[a:b]])
+
+                row_parallel(dots, len(chunk))
+                dist = (1.0 - sim / chunk.norms).astype(np.float32)
                 if chunk.valid is not None:
                     cluster[~chunk.valid] = -1
                     dist[~chunk.valid] = np.nan

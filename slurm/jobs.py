@@ -89,14 +89,23 @@ def _requeued(job) -> bool:
                                       "CONFIGURING", "RESIZING", "SUSPENDED")
 
 
+def _exception_line(message: str) -> str:
+    """The exception line of submitit's FailedJobError text: the last line of the traceback
+    block between its dashed separators (the message ends with log paths)."""
+    lines = message.strip().splitlines()
+    seps = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    block = lines[seps[0] + 1:seps[1]] if len(seps) >= 2 else lines
+    block = [line for line in block if line.strip()]
+    return block[-1].strip() if block else "failed"
+
+
 def explain_failure(job: submitit.Job, exc: BaseException) -> JobFailedError:
     """A JobFailedError carrying the job's state and the tail of its log."""
     state = _state(job)
     out, err = log_paths(job)
     log_tail = tail(err) or tail(out)
     if isinstance(exc, FailedJobError):
-        # submitit's message holds the remote traceback; its last line is the error itself
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "failed"
+        reason = _exception_line(str(exc))
     else:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = f"; log: {err}" if err else ""

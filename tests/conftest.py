@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup would otherwise wait ~45 s
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CONCEPTPRUNE_PROGRESS", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) calls PyPI on import
 
 import glob
 from pathlib import Path

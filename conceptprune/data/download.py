@@ -94,6 +94,9 @@ class DownloadStage(Stage):
     def run(self, rank: int, world_size: int) -> dict:
         args = {**DATACOMP_IMG2DATASET, **self.img2dataset_args}
         plan = shard_plan(Path(self.metadata_dir), args["number_sample_per_shard"])
+        if args.get("bbox_col") and args["bbox_col"] not in pq.read_schema(plan[0][0]).names:
+            log.warning("metadata has no %s column: faces will not be blurred", args["bbox_col"])
+            args["bbox_col"] = None
         mine = [plan[i] for i in np.array_split(np.arange(len(plan)), world_size)[rank]]
         if not mine:
             return {"shards": 0, "successes": 0}
@@ -131,6 +134,7 @@ def _count(shards_dir: Path, ids: list[int]) -> dict:
 def _img2dataset(url_list, output_folder, start_shard_id, done, processes, threads, args, tmp):
     """img2dataset.download, with a start shard id and a private tmp folder so that
     several parts can write into one shard folder at once."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import asks PyPI for a newer version
     import fsspec
     from img2dataset.blurrer import BoundingBoxBlurrer
     from img2dataset.distributor import multiprocessing_distributor
@@ -172,3 +176,37 @@ def _img2dataset(url_list, output_folder, start_shard_id, done, processes, threa
         logger.join()  # img2dataset's LoggerProcess.join() tells it to stop first
         if fs.exists(tmp_dir):
             fs.rm(tmp_dir, recursive=True)
+
+
+def download(data_dir: str | Path, *, scale: str | None = None, metadata_dir: str | Path | None = None,
+             metadata_only: bool = False, with_embeddings: bool = False, processes: int = 16, threads: int = 128,
+             img2dataset_args: dict | None = None, workers: int = 1, executor: str = "auto", options=None) -> dict:
+    """Metadata (DataComp's from Hugging Face, or the user's own parquet) then images."""
+    import json
+
+    from conceptprune.atomic import write_json
+    from conceptprune.slurm.stage import run_stage
+
+    data_dir = Path(data_dir)
+    if metadata_dir is None:
+        if scale is None:
+            raise ConfigError("give --scale (DataComp metadata from Hugging Face) or --metadata-dir (your own parquet)")
+        metadata_dir = data_dir / "metadata"
+        metadata_dir.mkdir(parents=True, exist_ok=True)
+        fetch_metadata(scale, metadata_dir, with_embeddings)
+    metadata_dir = Path(metadata_dir)
+    args = {**DATACOMP_IMG2DATASET, **(img2dataset_args or {})}
+    plan = shard_plan(metadata_dir, args["number_sample_per_shard"])
+    summary = {"metadata_dir": str(metadata_dir), "metadata_files": len(plan), "shards_planned": sum(n for *_, n in plan)}
+    if metadata_only:
+        return summary
+    shards_dir = data_dir / "shards"
+    stage = DownloadStage(str(data_dir), str(metadata_dir), str(shards_dir), processes, threads, img2dataset_args or {})
+    parts = run_stage(stage, max(1, min(workers, len(plan))), executor=executor, options=options).summaries
+    for key in ("shards", "shards_missing", "successes", "count"):
+        summary[key] = int(sum(p.get(key, 0) for p in parts))
+    summary["shards_dir"] = str(shards_dir)
+    write_json(data_dir / "download.json", summary)
+    log.info("downloaded %d of %d samples into %d shards (%s)", summary["successes"], summary["count"],
+             summary["shards"], shards_dir)
+    return summary

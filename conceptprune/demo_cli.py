@@ -1,0 +1,20 @@
+"""``conceptprune demo``."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the whole loop on real images (scikit-learn digits), with a report",
+                       description="Build a small web-like image-text pool from scikit-learn's digits, download it "
+                                   "from a loopback server, train, embed, filter (random vs SemDeDup->DBP), reshard, "
+                                   "train again, evaluate on held-out digits and write DIR/report.html.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="a much smaller configuration (seconds, for tests)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(a) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=a.out, seed=a.seed, quick=a.quick))

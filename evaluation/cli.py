@@ -1,0 +1,107 @@
+"""``conceptprune evaluate [download|package|upload]`` and ``conceptprune compare``."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    from conceptprune.slurm.options import add_cluster_args
+
+    p = sub.add_parser("evaluate", help="run DataComp's 38-task evaluation on a trained model",
+                       description="Evaluate a training run (or a checkpoint) on DataComp's suite; results go to "
+                                   "OUTPUT/eval_results.jsonl in DataComp's format (a rerun resumes). "
+                                   "Actions: download (the evaluation sets), package (a submission bundle), upload.")
+    p.add_argument("--list-tasks", action="store_true", help="print the 40 tasks and exit")
+    p.add_argument("--model", help="training run folder (run.json) or an open_clip checkpoint")
+    p.add_argument("--arch", help="open_clip architecture (default: the run's, else ViT-B-32)")
+    p.add_argument("--data-dir", help="folder of evaluation sets (wds layout, one folder per task)")
+    p.add_argument("--output", help="results folder")
+    p.add_argument("--tasks", nargs="+", help="task keys (default: all 40)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda when present)")
+    add_cluster_args(p)
+    p.set_defaults(func=_evaluate)
+    acts = p.add_subparsers(dest="action", metavar="<action>")
+    q = acts.add_parser("download", help="fetch the evaluation sets from Hugging Face (resumable, checksummed)")
+    q.add_argument("--data-dir", required=True, help="where the sets go")
+    q.add_argument("--tasks", nargs="+", help="task keys (default: all)")
+    q.add_argument("--revision", help="dataset revision (default: main)")
+    q.set_defaults(func=_download)
+    q = acts.add_parser("package", help="build DataComp's submission bundle")
+    q.add_argument("--results", required=True, help="eval_results.jsonl (all 38 tasks)")
+    q.add_argument("--keep-list", required=True, help="the keep-list that was trained on")
+    q.add_argument("--scale", required=True, choices=["small", "medium", "large", "xlarge"], help="DataComp scale")
+    q.add_argument("--out", required=True, help="bundle folder")
+    q.add_argument("--checkpoint", help="also include this checkpoint")
+    q.set_defaults(func=_package)
+    q = acts.add_parser("upload", help="upload a bundle to a Hugging Face model repo (needs a token)")
+    q.add_argument("--bundle", required=True, help="folder made by 'evaluate package'")
+    q.add_argument("--repo", required=True, help="Hugging Face repo id (user/name)")
+    q.add_argument("--public", action="store_true", help="make the repo public (default private)")
+    q.set_defaults(func=_upload)
+
+    p = sub.add_parser("compare", help="DataComp aggregates of results files next to the published baselines",
+                       description="Aggregates (ImageNet, ImageNet dist. shifts, VTAB, Retrieval, Average over 38) "
+                                   "of each results file with the DataComp baselines, a per-task table and plots.")
+    p.add_argument("results", nargs="+", help="eval_results.jsonl files")
+    p.add_argument("--names", nargs="+", help="a name per results file (default: its folder)")
+    p.add_argument("--baselines", default="medium", help="published baselines to show: medium, or none")
+    p.add_argument("--out", help="write comparison.md, aggregates.csv, per_task.csv and plots here")
+    p.add_argument("--partial", action="store_true", help="allow results files without all 38 tasks")
+    p.set_defaults(func=_compare)
+
+
+def _evaluate(a) -> int:
+    from conceptprune.errors import ConfigError
+
+    from .tasks import table
+
+    if a.list_tasks:
+        print(table())
+        return 0
+    if not (a.model and a.data_dir and a.output):
+        raise ConfigError("evaluate needs --model, --data-dir and --output (or --list-tasks)")
+    from conceptprune.slurm.options import options_from_args
+
+    from .run import evaluate
+
+    executor, options = options_from_args(a)
+    res = evaluate(a.model, a.data_dir, a.output, arch=a.arch, tasks=a.tasks, batch_size=a.batch_size,
+                   device=a.device, workers=a.workers or 1, executor=executor, options=options)
+    for r in res["results"]:
+        v = r["metrics"]["main_metric"]
+        print(f"{r['dataset']:28s} {'-' if v is None else f'{v:.4f}'}")
+    for k, e in res["errors"].items():
+        print(f"{k:28s} FAILED: {e}")
+    return 1 if res["errors"] else 0
+
+
+def _download(a) -> int:
+    from .download import download
+
+    res = download(a.data_dir, a.tasks, a.revision)
+    print(json.dumps(res, indent=2))
+    return 1 if res["errors"] else 0
+
+
+def _package(a) -> None:
+    from .package import package
+
+    print(f"bundle: {package(a.results, a.keep_list, a.scale, a.out, a.checkpoint)}")
+
+
+def _upload(a) -> None:
+    from .package import upload
+
+    print(upload(a.bundle, a.repo, private=not a.public))
+
+
+def _compare(a) -> None:
+    from .compare import compare
+
+    res = compare(a.results, scale=None if a.baselines == "none" else a.baselines, names=a.names, out=a.out,
+                  partial=a.partial)
+    print(res["markdown"])
+    if a.out:
+        print(f"written to {a.out}: comparison.md, aggregates.csv, per_task.csv, " + ", ".join(res.get("plots", [])))

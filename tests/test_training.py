@@ -1,0 +1,187 @@
+"""conceptprune train: recipe, dry run, bad input, a local tiny run, and (on the localhost
+SLURM cluster) a 2-node gloo run and a run requeued mid-way."""
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conceptprune.data.tars import Sample, ShardWriter
+from conceptprune.errors import ConfigError
+from conceptprune.slurm.options import ClusterOptions
+from conceptprune.training.launch import TrainConfig, final_checkpoint, train
+from conceptprune.training.recipe import batch_plan, recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """4 shards x 40 samples of 32 px images with captions and uids."""
+    from PIL import Image, ImageDraw
+
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue", "yellow"]
+    for s in range(4):
+        w = ShardWriter(out / f"{s:08d}.tar")
+        for i in range(40):
+            c = int(rng.integers(4))
+            im = Image.new("RGB", (32, 32), "white")
+            ImageDraw.Draw(im).ellipse([4, 4, 28, 28], fill=colors[c])
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG")
+            uid = f"{s:016x}{i:016x}"
+            w.write(Sample(f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a {colors[c]} circle".encode(),
+                                                "json": json.dumps({"uid": uid}).encode()}))
+        w.close()
+        (out / f"{s:08d}_stats.json").write_text(json.dumps({"count": 40, "successes": 40}))
+    return out
+
+
+def _load_final(run_dir):
+    import open_clip
+
+    from conceptprune.training.models import register
+
+    register()
+    ckpt = final_checkpoint(run_dir)
+    model, _, _ = open_clip.create_model_and_transforms("cp-tiny-vit", pretrained=str(ckpt))
+    return ckpt, model
+
+
+def test_recipes_and_batch_plans():
+    m = recipe("medium")
+    assert (m.model, m.global_batch, m.lr, m.warmup, m.samples_seen, m.checkpoints) == \
+        ("ViT-B-32", 4096, 5e-4, 500, 128_000_000, 8)
+    assert m.train_num_samples == 16_000_000
+    assert recipe("xlarge").beta2 == 0.95 and recipe("large").model == "ViT-B-16"
+    assert batch_plan(4096, 16).per_gpu == 256
+    p = batch_plan(4096, 8, max_per_gpu=128)
+    assert (p.per_gpu, p.accum_freq) == (128, 4)
+    with pytest.raises(ConfigError, match="does not divide the global batch 4096"):
+        batch_plan(4096, 3)
+
+
+def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
+    rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor="slurm",
+                options=ClusterOptions(nodes=2, gpus_per_node=8, partition="gpu"), dry_run=True)
+    out = capsys.readouterr().out
+    assert "global batch 4096 = 16 tasks x 256 per GPU" in out and "lr 0.0005" in out and "warmup 500" in out
+    assert "128,000,000 samples seen" in out and "ViT-B-32" in out and "partition gpu" in out
+    argv = rec["open_clip_argv"]
+    for flag in ("--dataset-resampled", "--local-loss", "--gather-with-grad", "--grad-checkpointing",
+                 "--ddp-static-graph", "--save-most-recent"):
+        assert flag in argv
+    assert argv[argv.index("--batch-size") + 1] == "256" and argv[argv.index("--resume") + 1] == "latest"
+    assert argv[argv.index("--train-num-samples") + 1] == "16000000" and argv[argv.index("--epochs") + 1] == "8"
+    assert argv[argv.index("--precision") + 1] == "amp" and argv[argv.index("--beta2") + 1] == "0.98"
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_bad_input(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        train(TrainConfig([str(tmp_path / "nope")], "tiny", str(tmp_path / "r")), executor="local")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no .tar shards"):
+        train(TrainConfig([str(tmp_path / "empty")], "tiny", str(tmp_path / "r")), executor="local")
+    with pytest.raises(ConfigError, match="does not divide the global batch 32"):
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor="local",
+              options=ClusterOptions(tasks_per_node=3))
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
+    cfg = TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="t", samples_seen=256, checkpoints=2)
+    rec = train(cfg, executor="local")
+    run = tmp_path / "runs" / "t"
+    assert rec["status"] == "finished" and Path(rec["final_checkpoint"]) == run / "checkpoints" / "epoch_2.pt"
+    ckpt, model = _load_final(run)
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert sd["epoch"] == 2
+    assert rec["data"][0]["shards"] == 4 and rec["world_size"] == 1
+    # a finished run is not run again
+    before = ckpt.stat().st_mtime
+    again = train(cfg, executor="local")
+    assert again["status"] == "finished" and ckpt.stat().st_mtime == before
+    # the same folder with another recipe is refused and left alone
+    with pytest.raises(ConfigError, match="another recipe"):
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="t", samples_seen=512,
+                          checkpoints=2), executor="local")
+    assert json.loads((run / "run.json").read_text())["recipe"]["samples_seen"] == 256
+
+
+def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):
+    rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="ddp", samples_seen=256,
+                            checkpoints=1), executor="local", options=ClusterOptions(tasks_per_node=2))
+    assert rec["status"] == "finished" and rec["world_size"] == 2 and rec["per_gpu_batch"] == 16
+    _load_final(tmp_path / "runs" / "ddp")
+
+
+# -- on the localhost SLURM cluster ------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
+    rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="n2", samples_seen=256,
+                            checkpoints=2), executor="slurm", options=ClusterOptions(nodes=2, time=15), wait=True)
+    run = tmp_path / "runs" / "n2"
+    assert rec["status"] == "finished" and rec["world_size"] == 2
+    log = (run / "out.log").read_text()
+    assert "total 2" in log  # open_clip saw a world of two processes
+    _load_final(run)
+
+
+@pytest.mark.slurm
+def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
+    cfg = TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="rq", samples_seen=4 * 1024,
+                      checkpoints=4)
+    rec = train(cfg, executor="slurm", options=ClusterOptions(time=15), wait=False)
+    job_id = rec["job_id"]
+    run = tmp_path / "runs" / "rq"
+    t0 = time.time()
+    while not (run / "checkpoints" / "epoch_1.pt").exists() and time.time() - t0 < 180:
+        time.sleep(0.2)
+    assert (run / "checkpoints" / "epoch_1.pt").exists()
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    t0 = time.time()
+    while time.time() - t0 < 60:  # held ~120 s by SLURM: release it (after slurmd's credential second)
+        info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        if "JobState=PENDING" in info and "BeginTime" in info:
+            break
+        time.sleep(0.3)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    t0 = time.time()
+    while json.loads((run / "run.json").read_text()).get("status") != "finished" and time.time() - t0 < 300:
+        time.sleep(0.5)
+    final = json.loads((run / "run.json").read_text())
+    assert final["status"] == "finished"
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and starts[1]["restart"] == 1
+    log = (run / "out.log").read_text()
+    assert "resuming checkpoint" in log  # the second start continued from a checkpoint
+    sd = torch.load(final_checkpoint(run), map_location="cpu", weights_only=False)
+    steps_per_epoch = 1024 // 32
+    assert sd["epoch"] == 4
+    assert all(s["step"] == 4 * steps_per_epoch for s in sd["optimizer"]["state"].values())
+    _load_final(run)
+
+
+def test_resume_point_survives_a_kill_between_checkpoint_writes(tmp_path):
+    from conceptprune.training.launch import repair_latest, resume_point
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save({"epoch": 1}, ck / "epoch_1.pt")
+    torch.save({"epoch": 1}, ck / "epoch_latest.pt")
+    torch.save({"epoch": 2}, ck / "epoch_2.pt")  # killed before epoch_latest.pt was rewritten
+    assert resume_point(tmp_path) == ck / "epoch_2.pt"
+    (ck / "epoch_3.pt").write_bytes(b"PK\x03\x04 cut short")  # killed during the write
+    assert resume_point(tmp_path) == ck / "epoch_2.pt"
+    assert repair_latest(tmp_path) == ck / "epoch_2.pt"
+    assert torch.load(ck / "epoch_latest.pt")["epoch"] == 2  # what open_clip's --resume latest reads
+    assert repair_latest(tmp_path / "empty") is None

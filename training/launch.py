@@ -1,0 +1,327 @@
+"""``conceptprune train``: open_clip's own training, launched through the job layer.
+
+Every task of the job runs ``open_clip_train.main.main(argv)`` with the rendezvous taken from
+the job environment (submitit sets MASTER_ADDR/MASTER_PORT, which open_clip does not). The
+submitted callable is checkpointable: on preemption or at the time limit submitit requeues
+it, and with a fixed ``--name`` and ``--resume latest`` each start resumes from the newest
+loadable checkpoint (see :func:`repair_latest`). ``DIR/<name>/run.json`` records the recipe, the data (and
+the keep-list behind it), the world size and the status; ``conceptprune evaluate`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from conceptprune import __version__
+from conceptprune.atomic import write_json
+from conceptprune.errors import ConceptPruneError, ConfigError
+from conceptprune.manifest import git_revision
+from conceptprune.slurm.executor import make_executor, resolve_executor
+from conceptprune.slurm.options import ClusterOptions
+
+from .recipe import Recipe, batch_plan, recipe
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(ConceptPruneError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    data: list
+    scale: str
+    output: str
+    name: str | None = None
+    seed: int = 0
+    max_batch_per_gpu: int | None = None
+    samples_seen: int | None = None  # a deviation from the recipe, recorded in run.json
+    checkpoints: int | None = None
+    extra_args: list = field(default_factory=list)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def resolve_data(sources: list[str]) -> tuple[str, list[dict]]:
+    """open_clip's --train-data (sources joined by '::') and a description of each source."""
+    if not sources:
+        raise ConfigError("--data is required (a folder of webdataset shards, e.g. the output of reshard)")
+    patterns, described = [], []
+    for src in sources:
+        p = Path(src)
+        if "{" in src or src.startswith(("s3://", "http://", "https://", "pipe:")):
+            patterns.append(src)
+            described.append({"source": src})
+            continue
+        if not p.exists():
+            raise ConfigError(f"--data {src}: not found")
+        if p.is_file():
+            patterns.append(str(p))
+            described.append({"source": str(p), "shards": 1})
+            continue
+        tars = sorted(p.glob("*.tar"))
+        if not tars:
+            raise ConfigError(f"--data {src}: no .tar shards in this folder")
+        names = [t.stem for t in tars]
+        width = len(names[0])
+        if all(n.isdigit() and len(n) == width for n in names) and int(names[-1]) - int(names[0]) + 1 == len(names):
+            patterns.append(str(p / f"{{{names[0]}..{names[-1]}}}.tar"))
+        else:
+            patterns.append("::".join(str(t) for t in tars))
+        desc = {"source": str(p.resolve()), "shards": len(tars)}
+        sizes = p / "sizes.json"
+        if sizes.exists():
+            desc["samples"] = int(sum(json.loads(sizes.read_text()).values()))
+        meta = p / "meta.json"
+        if meta.exists():  # a reshard of a keep-list: record where the data came from
+            m = json.loads(meta.read_text())
+            desc["keep_list"] = m.get("keep_list")
+            keep_manifest = Path(m["keep_list"]).with_suffix(".json") if m.get("keep_list") else None
+            if keep_manifest and keep_manifest.exists():
+                desc["keep_list_manifest"] = json.loads(keep_manifest.read_text())
+        described.append(desc)
+    return "::".join(patterns), described
+
+
+# -- argv ------------------------------------------------------------------------------------
+
+
+def build_argv(cfg: TrainConfig, r: Recipe, world_size: int, train_data: str) -> list[str]:
+    plan = batch_plan(r.global_batch, world_size, cfg.max_batch_per_gpu)
+    argv = [
+        "--train-data", train_data, "--train-num-samples", str(r.train_num_samples),
+        "--dataset-type", "webdataset", "--dataset-resampled",
+        "--model", r.model, "--batch-size", str(plan.per_gpu), "--accum-freq", str(plan.accum_freq),
+        "--lr", str(r.lr), "--wd", str(r.wd), "--beta2", str(r.beta2), "--warmup", str(r.warmup),
+        "--epochs", str(r.checkpoints), "--workers", str(r.workers), "--precision", r.precision,
+        "--save-frequency", "1", "--save-most-recent", "--resume", "latest",
+        "--logs", str(Path(cfg.output).resolve()), "--name", run_name(cfg), "--seed", str(cfg.seed),
+        "--log-every-n-steps", "10", "--report-to", "",
+    ]
+    if r.grad_checkpointing:
+        argv.append("--grad-checkpointing")
+    argv += list(r.extra_flags)
+    return argv + list(cfg.extra_args)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    first = Path(cfg.data[0].split("{")[0].rstrip("/")).name or "data"
+    return f"{cfg.scale}-{first}"
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+
+def _cpu_safe_ddp() -> None:
+    """open_clip passes device_ids=[device] to DDP, which torch rejects for CPU modules."""
+    import torch
+
+    base = torch.nn.parallel.DistributedDataParallel
+    if getattr(base, "_conceptprune_cpu_safe", False):
+        return
+
+    class CpuSafeDDP(base):
+        _conceptprune_cpu_safe = True
+
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(str(d).startswith("cpu") for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuSafeDDP
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One task of a training job (requeued as a whole by submitit on preemption)."""
+
+    def __call__(self, argv: list[str], run_dir: str) -> dict:
+        from conceptprune.slurm.dist import export_torch_env
+
+        from .models import register
+
+        env = export_torch_env()
+        register()
+        _cpu_safe_ddp()
+        run = Path(run_dir)
+        if env.rank == 0:
+            _append(run / "starts.jsonl", {"time": time.time(), "host": socket.gethostname(),
+                                           "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                                           "job_id": os.environ.get("SLURM_JOB_ID")})
+            _update(run / "run.json", status="running")
+        from open_clip_train.main import main as open_clip_main
+
+        if env.rank == 0:  # open_clip's master alone picks the resume checkpoint and broadcasts it
+            repair_latest(run)
+        rc = open_clip_main(list(argv))
+        if rc == -1:  # open_clip refused to start (and would have exited 0)
+            raise TrainingError(f"open_clip refused to start; see {run / 'out.log'}")
+        if env.rank == 0:
+            final = final_checkpoint(run)
+            _update(run / "run.json", status="finished", final_checkpoint=str(final) if final else None,
+                    finished=time.time())
+        return {"rank": env.rank, "world_size": env.world_size, "node": env.node}
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The loadable checkpoint with the highest epoch. open_clip's ``--resume latest`` with
+    --save-most-recent only looks at epoch_latest.pt, which it writes after epoch_N.pt and not
+    atomically: a job stopped between the two (or during the write) would start over."""
+    import torch
+
+    best = None
+    for p in (Path(run_dir) / "checkpoints").glob("epoch_*.pt"):
+        try:
+            epoch = int(torch.load(p, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+        except Exception:  # a checkpoint cut short by the kill
+            log.warning("ignoring unreadable checkpoint %s", p)
+            continue
+        key = (epoch, p.name != "epoch_latest.pt")
+        if best is None or key > best[0]:
+            best = (key, p)
+    return best[1] if best else None
+
+
+def repair_latest(run_dir: Path) -> Path | None:
+    """Make epoch_latest.pt the newest loadable checkpoint, for open_clip's ``--resume latest``
+    (a path instead of 'latest' makes open_clip refuse an existing run folder)."""
+    import shutil
+
+    point = resume_point(run_dir)
+    latest = Path(run_dir) / "checkpoints" / "epoch_latest.pt"
+    if point is not None and point != latest:
+        log.warning("epoch_latest.pt is older than %s (a stop between checkpoint writes); resuming from the latter",
+                    point.name)
+        tmp = latest.with_suffix(".pt.tmp")
+        shutil.copyfile(point, tmp)
+        os.replace(tmp, latest)
+    return point
+
+
+def final_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _update(path: Path, **fields) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    write_json(path, data)
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, executor: str = "auto", options: ClusterOptions | None = None,
+          dry_run: bool = False, wait: bool | None = None) -> dict:
+    """Launch (or resume) a run; returns its run.json content."""
+    options = options or ClusterOptions()
+    r = recipe(cfg.scale, samples_seen=cfg.samples_seen, checkpoints=cfg.checkpoints)
+    kind = "slurm" if dry_run and executor == "slurm" else (executor if dry_run else resolve_executor(executor))
+    if kind in ("local", "debug", "auto") and options.nodes > 1:
+        raise ConfigError(f"--nodes {options.nodes} needs SLURM (no controller answers here)")
+    tasks_per_node = options.tasks_per_node if options.tasks_per_node > 1 else max(1, options.gpus_per_node)
+    options = options.replace(tasks_per_node=tasks_per_node)
+    world = options.nodes * tasks_per_node
+    plan = batch_plan(r.global_batch, world, cfg.max_batch_per_gpu)
+    train_data, sources = resolve_data(cfg.data)
+    argv = build_argv(cfg, r, world, train_data)
+    run_dir = Path(cfg.output) / run_name(cfg)
+    record = {"kind": "training-run", "name": run_name(cfg), "scale": cfg.scale, "recipe": r.as_dict(),
+              "data": sources, "train_data": train_data, "world_size": world, "per_gpu_batch": plan.per_gpu,
+              "accum_freq": plan.accum_freq, "seed": cfg.seed, "extra_args": list(cfg.extra_args),
+              "open_clip_argv": argv, "conceptprune_version": __version__, "git_revision": git_revision(),
+              "executor": kind, "cluster": options.as_dict()}
+    if dry_run:
+        _print_dry_run(record, argv, options, kind)
+        return record
+    existing = _check_existing(run_dir, record)
+    if existing is not None:
+        return existing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.update(status="submitted", submitted=time.time())
+    write_json(run_dir / "run.json", record)
+    ex = make_executor(kind if kind != "debug" else "local", options, run_dir / "jobs", name=f"cp-train-{run_name(cfg)}")
+    job = ex.submit(TrainTask(), argv, str(run_dir.resolve()))
+    _update(run_dir / "run.json", job_id=job.job_id)
+    out, err = job.paths.stdout, job.paths.stderr
+    log.info("training %s: %d task(s) as job %s on %s; logs: %s", run_name(cfg), world, job.job_id, kind,
+             Path(err).parent)
+    if wait is None:
+        wait = kind != "slurm"
+    if not wait:
+        print(f"submitted job {job.job_id}; follow it with: tail -f {err}")
+        return json.loads((run_dir / "run.json").read_text())
+    from conceptprune.slurm import jobs as J
+
+    try:
+        J.wait([job], desc=f"train {run_name(cfg)}", units=[world], all_tasks=True)
+    except J.JobFailedError as e:
+        _update(run_dir / "run.json", status="failed", error=str(e).splitlines()[0], log=str(err))
+        raise TrainingError(f"{e}\nopen_clip's log: {run_dir / 'out.log'}") from None
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _check_existing(run_dir: Path, record: dict) -> dict | None:
+    """None to start; the old record when the run is finished or running; an error when the
+    folder holds another run."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir} exists and is not a conceptprune run; choose another --name or --output")
+        return None
+    old = json.loads(path.read_text())
+    for key in ("recipe", "train_data", "seed", "extra_args"):
+        if old.get(key) != record.get(key):
+            raise ConfigError(f"{run_dir} holds a run with another {key.replace('_', ' ')}; nothing was changed. "
+                              "Choose another --name, or the same options to resume it")
+    if old.get("status") == "finished":
+        log.info("%s is finished (final checkpoint %s); not running it again", run_dir, old.get("final_checkpoint"))
+        return old
+    if old.get("status") in ("submitted", "running") and old.get("job_id") and _job_alive(old["job_id"]):
+        log.info("%s is still running as job %s", run_dir, old["job_id"])
+        return old
+    log.info("resuming %s from its latest checkpoint", run_dir)
+    return None
+
+
+def _job_alive(job_id: str) -> bool:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id).split("_")[0]], capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def _print_dry_run(record: dict, argv: list[str], options: ClusterOptions, kind: str) -> None:
+    r = record["recipe"]
+    print(f"scale {record['scale']}: {r['model']}, global batch {r['global_batch']} = {record['world_size']} tasks x "
+          f"{record['per_gpu_batch']} per GPU x accum {record['accum_freq']}, lr {r['lr']}, warmup {r['warmup']}, "
+          f"{r['samples_seen']:,} samples seen in {r['checkpoints']} checkpoints "
+          f"({r['train_num_samples']:,} per epoch)")
+    print(f"executor: {kind}; nodes {options.nodes} x tasks per node {options.tasks_per_node}, "
+          f"GPUs per node {options.gpus_per_node}, time {options.time}"
+          + "".join(f", {k} {getattr(options, k)}" for k in ("partition", "account", "qos", "constraint")
+                    if getattr(options, k)))
+    n = record["world_size"]
+    print(f"task{'s 0-' + str(n - 1) if n > 1 else ' 0'} (rank from the job environment; the same argv in each):")
+    print(f"  python -m open_clip_train.main {shlex.join(argv)}")
