@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU-feature probe
     if args.quiet:
         set_enabled(False)
     try:

@@ -73,7 +73,38 @@ def _open_zip(path) -> zipfile.ZipFile:
         raise PoolError(f"{path}: not a readable .npz file ({e}); re-download or re-embed it") from None
 
 
-class NpzArray:
+def _pread_exact(fd: int, nbytes: int, offset: int, what: str) -> bytearray:
+    """Exactly nbytes at offset (positioned reads, so no shared file position)."""
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise PoolError(f"{what}: file ends early (truncated?)")
+        got += k
+    return buf
+
+
+class _Closing:
+    """Context manager and finaliser around ``close()``."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class NpzArray(_Closing):
     """One 2-D array inside an npz, read by row ranges."""
 
     def __init__(self, path: str | os.PathLike, key: str):
@@ -128,14 +159,8 @@ class NpzArray:
         if self._stored:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
-            buf = bytearray(nbytes)
-            view = memoryview(buf)
-            got, pos = 0, self._data_offset + start * self.row_bytes
-            while got < nbytes:
-                k = os.preadv(self._fd, [view[got:]], pos + got)
-                if k == 0:
-                    raise PoolError(f"{self.path}[{self.key}]: file ends before row {stop}")
-                got += k
+            buf = _pread_exact(self._fd, nbytes, self._data_offset + start * self.row_bytes,
+                               f"{self.path}[{self.key}] rows {start}-{stop}")
         else:
             buf = self._read_stream(start, nbytes)
         return np.frombuffer(buf, dtype=self.dtype).reshape(n, self.dim)
@@ -193,18 +218,6 @@ class NpzArray:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _read_header(f):
@@ -285,7 +298,7 @@ class NpzWriter:
             self.abort()
 
 
-class NpyColumn:
+class NpyColumn(_Closing):
     """A ``.npy`` file (1-D, or 2-D rows) read and written by row ranges with positioned I/O.
 
     ``create`` preallocates the file, so parts of it can be filled in any order and a
@@ -323,13 +336,8 @@ class NpyColumn:
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.rows if stop is None else stop
         n = stop - start
-        buf = bytearray(n * self.row_bytes)
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            k = os.preadv(self._fd, [view[got:]], self.offset + start * self.row_bytes + got)
-            if k == 0:
-                raise PoolError(f"{self.path}: file ends before row {stop}")
-            got += k
+        buf = _pread_exact(self._fd, n * self.row_bytes, self.offset + start * self.row_bytes,
+                           f"{self.path} rows {start}-{stop}")
         return np.frombuffer(buf, dtype=self.dtype).reshape((n,) + self.shape[1:])
 
     def write(self, start: int, block: np.ndarray) -> None:
@@ -343,15 +351,3 @@ class NpyColumn:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

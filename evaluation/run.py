@@ -166,7 +166,8 @@ class Evaluator:
         n = _count_samples(d)
         ks = [k for k in (1, 5, 10) if k <= n]
         out = zeroshot_retrieval.evaluate(model, self.loader(ds), tokenizer, device, amp=False, recall_k_list=ks)
-        out["mean_recall@1"] = (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"]) / 2
+        for k in ks:  # DataComp's main metric is mean_recall@1
+            out[f"mean_recall@{k}"] = (out[f"image_retrieval_recall@{k}"] + out[f"text_retrieval_recall@{k}"]) / 2
         return out
 
     def logits(self, task: Task, d: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -94,7 +94,7 @@ def dbp(pool, *, fraction: float, clusters: int | None = None, temperature: floa
              "effective_clusters": float(1.0 / np.sum(p ** 2)),  # how spread P is
              "budget_objective": float(((budgets - p * n_keep) ** 2).sum())}
     return FilterResult("dbp", kept, params, {"pool": clustering.rows, "candidates": m}, stats,
-                        extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={fraction}, "
+                        extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={fraction:.3g}, "
                                                    f"k={clustering.k}, tau={temperature}, keep {keep})"))
 
 

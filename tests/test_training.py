@@ -88,7 +88,7 @@ def test_bad_input(tiny_shards, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no .tar shards"):
         train(TrainConfig([str(tmp_path / "empty")], "tiny", str(tmp_path / "r")), executor="local")
-    with pytest.raises(ConfigError, match="does not divide the global batch 32"):
+    with pytest.raises(ConfigError, match="does not divide the global batch 64"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor="local",
               options=ClusterOptions(tasks_per_node=3))
     assert not (tmp_path / "r").exists()
@@ -117,7 +117,7 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
 def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):
     rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="ddp", samples_seen=256,
                             checkpoints=1), executor="local", options=ClusterOptions(tasks_per_node=2))
-    assert rec["status"] == "finished" and rec["world_size"] == 2 and rec["per_gpu_batch"] == 16
+    assert rec["status"] == "finished" and rec["world_size"] == 2 and rec["per_gpu_batch"] == 32
     _load_final(tmp_path / "runs" / "ddp")
 
 
@@ -165,7 +165,7 @@ def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, 
     log = (run / "out.log").read_text()
     assert "resuming checkpoint" in log  # the second start continued from a checkpoint
     sd = torch.load(final_checkpoint(run), map_location="cpu", weights_only=False)
-    steps_per_epoch = 1024 // 32
+    steps_per_epoch = 1024 // 64
     assert sd["epoch"] == 4
     assert all(s["step"] == 4 * steps_per_epoch for s in sd["optimizer"]["state"].values())
     _load_final(run)

@@ -41,7 +41,7 @@ class Recipe:
 
 
 RECIPES = {
-    "tiny": Recipe("tiny", "cp-tiny-vit", 32, 1e-3, 2048, 4, checkpoints=2, precision="fp32",
+    "tiny": Recipe("tiny", "cp-tiny-vit", 64, 2e-3, 4096, 4, checkpoints=2, precision="fp32",
                    grad_checkpointing=False, workers=1, extra_flags=()),
     "small": Recipe("small", "ViT-B-32", 4096, 5e-4, 12_800_000, 500),
     "medium": Recipe("medium", "ViT-B-32", 4096, 5e-4, 128_000_000, 500),
