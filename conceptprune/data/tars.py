@@ -7,7 +7,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 from conceptprune.atomic import atomic_open
@@ -18,6 +18,7 @@ from conceptprune.errors import PoolError
 class Sample:
     key: str
     parts: dict = field(default_factory=dict)  # extension -> bytes, in tar order
+    raw: list = field(default_factory=list, repr=False)  # the members' tar bytes, when read from a tar
 
     def json(self) -> dict:
         raw = self.parts.get("json")
@@ -25,8 +26,9 @@ class Sample:
 
 
 def is_unsafe(name: str) -> bool:
-    p = PurePosixPath(name)
-    return name.startswith("/") or ".." in p.parts or name.startswith("\\")
+    """Absolute, or with a '..' component (string tests: this runs for every member)."""
+    return (name.startswith(("/", "\\")) or name == ".." or name.startswith("../") or name.endswith("/..")
+            or "/../" in name)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -36,35 +38,86 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field and field[0] & 0x80:  # base-256 (GNU) for large sizes
+        return int.from_bytes(field, "big") & ~(1 << (8 * len(field) - 1))
+    return int(field or b"0", 8)
+
+
+def _members(f, path):
+    """(name, is_regular_file, data, raw bytes) of each tar member, headers parsed by hand:
+    tarfile's Python header parsing was most of reshard's time."""
+    long_name = None
+    pax_path = None
+    pending_raw = []
+    while True:
+        hdr = f.read(_BLOCK)
+        if len(hdr) < _BLOCK:
+            if hdr.strip(b"\0"):
+                raise PoolError(f"{path}: truncated tar header")
+            return
+        if hdr == _ZERO:
+            return
+        if sum(hdr[:148]) + 256 + sum(hdr[156:]) != _octal(hdr[148:156]):
+            raise PoolError(f"{path}: corrupt tar header (bad checksum)")
+        size = _octal(hdr[124:136])
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        body = f.read(padded)
+        if len(body) < padded:
+            raise PoolError(f"{path}: truncated tar shard")
+        kind = hdr[156:157]
+        data = body[:size]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            pending_raw.append(hdr + body)
+            continue
+        if kind in (b"x", b"g"):  # pax headers; 'path' renames the next member
+            if kind == b"x":
+                for rec in data.split(b"\n"):
+                    if b" path=" in rec:
+                        pax_path = rec.split(b" path=", 1)[1].decode("utf-8", "surrogateescape")
+            pending_raw.append(hdr + body)
+            continue
+        name = hdr[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
+            name = hdr[345:500].rstrip(b"\0").decode("utf-8", "surrogateescape") + "/" + name
+        name = pax_path or long_name or name
+        raw = b"".join(pending_raw) + hdr + body
+        long_name = pax_path = None
+        pending_raw = []
+        yield name, kind in (b"0", b"\0", b"7"), data, raw
+
+
 def iter_samples(path: str | Path, unsafe: list | None = None) -> Iterator[Sample]:
     """Samples of a tar in order. Members with unsafe names (absolute, '..') are never
     returned: their names are appended to ``unsafe``."""
     try:
-        tf = tarfile.open(path, mode="r|*")
-    except (tarfile.TarError, OSError) as e:
+        f = open(path, "rb", buffering=1 << 20)
+    except OSError as e:
         raise PoolError(f"{path}: not a readable tar shard ({e})") from None
     current: Sample | None = None
-    try:
-        for m in tf:
-            if not m.isfile():
+    with f:
+        for name, regular, data, raw in _members(f, path):
+            if not regular:
                 continue
-            if is_unsafe(m.name):
+            if is_unsafe(name):
                 if unsafe is not None:
-                    unsafe.append(m.name)
+                    unsafe.append(name)
                 continue
-            key, ext = split_name(m.name)
-            data = tf.extractfile(m).read()
+            key, ext = split_name(name)
             if current is None or key != current.key:
                 if current is not None:
                     yield current
                 current = Sample(key)
             current.parts[ext] = data
+            current.raw.append(raw)
         if current is not None:
             yield current
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise PoolError(f"{path}: corrupt or truncated tar shard ({e})") from None
-    finally:
-        tf.close()
 
 
 class ShardWriter:
@@ -77,10 +130,14 @@ class ShardWriter:
         self.count = 0
 
     def write(self, sample: Sample) -> None:
-        for ext, data in sample.parts.items():
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
-            self._tar.addfile(info, io.BytesIO(data))
+        if sample.raw:  # copied as read: the members' original headers and blocks
+            self._tar.fileobj.write(b"".join(sample.raw))
+            self._tar.offset += sum(len(r) for r in sample.raw)
+        else:
+            for ext, data in sample.parts.items():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
+                self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
     def close(self) -> None:
