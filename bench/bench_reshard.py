@@ -1,6 +1,6 @@
 """reshard throughput on generated shards with a 30% keep-list, 1 vs 2 workers, next to plain
 ``tar`` reading the same files (the I/O floor). Samples/s and MB/s.
-Usage: python bench/bench_reshard.py [--shards 24 --per-shard 2000]
+Usage: python bench/bench_reshard.py [--shards 96 --per-shard 2000]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def make_shards(out: Path, shards: int, per_shard: int) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shards", type=int, default=24)
+    ap.add_argument("--shards", type=int, default=96)
     ap.add_argument("--per-shard", type=int, default=2000)
     ap.add_argument("--workdir", default="/tmp/cp-bench-reshard")
     args = ap.parse_args()

@@ -30,7 +30,7 @@ sys.exit(0 if main(argv) != -1 else 1)
 def steady_rate(log: Path) -> float:
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", log.read_text())]
     rates = rates[2:] or rates  # skip warm-up steps
-    return statistics.median(rates)
+    return round(statistics.median(rates), 1)
 
 
 def main():

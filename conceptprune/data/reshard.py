@@ -78,7 +78,7 @@ class ReshardStage(Stage):
             uids, ok = [], []
             for sample in batch:
                 try:
-                    uids.append(U.uid_to_pair(sample.json().get("uid") or ""))
+                    uids.append(U.uid_to_pair(sample.uid()))
                     ok.append(True)
                 except (ValueError, json.JSONDecodeError):
                     ok.append(False)
