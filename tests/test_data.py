@@ -233,3 +233,20 @@ def test_reshard_rejects_unsafe_members_and_missing_shards(tmp_path):
     (shards / "00000001_stats.json").write_text("{}")
     with pytest.raises(PoolError, match="00000001.tar is missing"):
         reshard(shards, tmp_path / "k.npy", tmp_path / "out2", executor="debug")
+
+
+def test_sample_uid_reads_flat_jsons_fast_and_odd_ones_by_parsing():
+    from conceptprune.data.tars import Sample
+
+    uid = "0123456789abcdef0123456789ABCDEF"
+    assert Sample("k", {"json": json.dumps({"caption": "x", "uid": uid}).encode()}).uid() == uid
+    assert Sample("k", {"json": b'{"uid" : "%s"}' % uid.encode()}).uid() == uid
+    # two "uid" keys (one nested): the parser decides, and the top-level one wins
+    nested = {"meta": {"uid": "f" * 32}, "uid": uid}
+    assert Sample("k", {"json": json.dumps(nested).encode()}).uid() == uid
+    assert Sample("k", {"json": json.dumps({"meta": {"uid": "f" * 32}, "x": {"uid": 1}}).encode()}).uid() == ""
+    assert Sample("k", {"json": b"[1, 2]"}).uid() == ""
+    assert Sample("k", {"json": b'{"uid": 7}'}).uid() == ""
+    assert Sample("k", {"txt": b"no json"}).uid() == ""
+    with pytest.raises(json.JSONDecodeError):
+        Sample("k", {"json": b'{"uid": "abc", broken'}).uid()
