@@ -63,6 +63,7 @@ def main():
                     str(work / "data"), "--output", str(work / "ours"), "--tasks", *TASKS, "--batch-size", "256",
                     "--executor", "local"], env=env)
     base_wall, per_task = 0.0, []
+    (work / "cb").mkdir()
     for key in TASKS:
         folder = key.replace("/", "-")
         r = measure([sys.executable, "-m", "clip_benchmark.cli", "eval", "--dataset", f"wds/{folder}",
