@@ -13,7 +13,7 @@ import logging
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, manifest
 from .errors import ConceptPruneError
 from .progress import set_enabled
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    manifest.COMMAND = ["conceptprune", *(sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU-feature probe

@@ -6,7 +6,6 @@ import datetime as _dt
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 from . import __version__
@@ -23,6 +22,9 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+COMMAND: list[str] | None = None  # set by the CLI: the command line that made an output
+
+
 def base_manifest(kind: str, **fields) -> dict:
     m = {
         "kind": kind,
@@ -31,7 +33,7 @@ def base_manifest(kind: str, **fields) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
-        "command": sys.argv if sys.argv and sys.argv[0].endswith("conceptprune") else None,
+        "command": COMMAND,
     }
     m.update(fields)
     return m

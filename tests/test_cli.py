@@ -59,6 +59,7 @@ def test_filter_cli_and_keep_list_tools(small_pool, tmp_path, capsys):
     assert main(["keep-list", "info", str(tmp_path / "a.npy")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == len(a) and info["manifest"]["method"] == "clip-score"
+    assert info["manifest"]["command"][:4] == ["conceptprune", "--quiet", "filter", "clip-score"]
 
 
 def test_cli_errors_are_one_line(small_pool, tmp_path, capsys):

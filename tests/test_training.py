@@ -185,3 +185,15 @@ def test_resume_point_survives_a_kill_between_checkpoint_writes(tmp_path):
     assert repair_latest(tmp_path) == ck / "epoch_2.pt"
     assert torch.load(ck / "epoch_latest.pt")["epoch"] == 2  # what open_clip's --resume latest reads
     assert repair_latest(tmp_path / "empty") is None
+
+
+def test_same_seed_reproduces_the_run(tiny_shards, tmp_path):
+    """open_clip's sample shuffle is seeded from --seed (webdataset would use pid and clock)."""
+    states = []
+    for name in ("a", "b"):
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name=name, samples_seen=256,
+                          checkpoints=1), executor="local")
+        ckpt, _ = _load_final(tmp_path / "runs" / name)
+        states.append(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -145,6 +145,48 @@ def _cpu_safe_ddp() -> None:
     torch.nn.parallel.DistributedDataParallel = CpuSafeDDP
 
 
+class _SeededShuffle:
+    """webdataset's sample shuffle with an rng seeded from (seed, rank, loader worker, pass):
+    a module-level class so that loader workers started by spawn can unpickle it."""
+
+    def __init__(self, seed: int, rank: int, bufsize: int, initial: int, handler=None):
+        self.seed, self.rank, self.bufsize, self.initial, self.handler = seed, rank, bufsize, initial, handler
+        self.passes = 0
+
+    def __call__(self, src):
+        import random
+
+        import torch.utils.data
+        from webdataset.filters import _shuffle
+
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}:{self.rank}:{worker.id if worker else 0}:{self.passes}")
+        self.passes += 1
+        return _shuffle(src, self.bufsize, self.initial, rng, self.handler)
+
+
+def _seeded_sample_shuffle(seed: int, rank: int) -> None:
+    """open_clip's sample shuffle buffer (``wds.shuffle`` without an rng) is seeded by webdataset
+    from the pid and the clock, so two runs with the same data and --seed see different batches.
+    Seed it from --seed, the rank, the loader worker and the pass over the data instead: the
+    same shuffle statistics, but a rerun reproduces the run."""
+    import webdataset as wds
+
+    original = getattr(wds.shuffle, "_conceptprune_original", wds.shuffle)
+
+    def shuffle(bufsize=1000, initial=100, rng=None, handler=None):
+        if rng is not None:
+            return original(bufsize, initial, rng=rng, handler=handler)
+        return _SeededShuffle(seed, rank, bufsize, initial, handler)
+
+    shuffle._conceptprune_original = original
+    wds.shuffle = shuffle
+
+
+def _argv_value(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """One task of a training job (requeued as a whole by submitit on preemption)."""
 
@@ -156,6 +198,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         env = export_torch_env()
         register()
         _cpu_safe_ddp()
+        _seeded_sample_shuffle(int(_argv_value(argv, "--seed", "0")), env.rank)
         run = Path(run_dir)
         if env.rank == 0:
             _append(run / "starts.jsonl", {"time": time.time(), "host": socket.gethostname(),
