@@ -292,7 +292,8 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, fi
     t0 = time.time()
     rows = sample_rows(pool, within, spec)
     x, valid = pool.read_embedding_rows(rows)
-    x = np.ascontiguousarray(x[valid])
+    if not valid.all():  # boolean indexing copies: only pay for it when rows are dropped
+        x = np.ascontiguousarray(x[valid])
     if len(x) < spec.k:
         raise ConfigError(f"--clusters {spec.k} is more than the {len(x)} examples available to cluster")
     if len(x) < 39 * spec.k:
@@ -332,7 +333,7 @@ def sample_rows(pool: Pool, within: Within, spec: ClusteringSpec) -> np.ndarray:
             mask[chunk.start:chunk.start + len(chunk)] = within.mask(chunk.uids)
         within.check()
         mask = np.packbits(mask)  # 1 bit a row
-    step = 1 << 22
+    step = 1 << 20  # rows a batch: bounds memory (~80 MB), the selection is the same for any step
 
     def batches():
         for a in range(0, pool.rows, step):
