@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conceptprune {args.command}: error: {type(e).__name__}: {e} "
               "(--log-level debug shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        manifest.COMMAND = None  # later library calls in this process were not made by this command
 
 
 if __name__ == "__main__":

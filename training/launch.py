@@ -183,14 +183,12 @@ def _seeded_sample_shuffle(seed: int, rank: int) -> None:
     wds.shuffle = shuffle
 
 
-def _argv_value(argv: list[str], flag: str, default: str) -> str:
-    return argv[argv.index(flag) + 1] if flag in argv else default
-
-
 class TrainTask(submitit.helpers.Checkpointable):
     """One task of a training job (requeued as a whole by submitit on preemption)."""
 
     def __call__(self, argv: list[str], run_dir: str) -> dict:
+        from open_clip_train.params import parse_args as open_clip_args
+
         from conceptprune.slurm.dist import export_torch_env
 
         from .models import register
@@ -198,7 +196,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         env = export_torch_env()
         register()
         _cpu_safe_ddp()
-        _seeded_sample_shuffle(int(_argv_value(argv, "--seed", "0")), env.rank)
+        _seeded_sample_shuffle(open_clip_args(argv).seed, env.rank)  # the seed open_clip itself reads
         run = Path(run_dir)
         if env.rank == 0:
             _append(run / "starts.jsonl", {"time": time.time(), "host": socket.gethostname(),
