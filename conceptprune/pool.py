@@ -7,8 +7,10 @@ global indices in that order, so every stage (and every rank of a stage) agrees 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -301,6 +303,60 @@ class Pool:
             if f.offset <= row < f.offset + f.rows:
                 return f"{f.parquet.name}: row {row - f.offset}"
         raise IndexError(row)
+
+
+FINGERPRINT_EDGE_BYTES = 1 << 20  # hashed from each end of every file
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap content fingerprint of one file: size, mtime (ns), blake2b of the first and last
+    MiB and, for a zip (npz), of its central directory (every member's name, sizes and CRC-32,
+    so a rewrite of any member changes it even when both ends of the file stay the same)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_EDGE_BYTES))
+            if st.st_size > FINGERPRINT_EDGE_BYTES:
+                f.seek(max(FINGERPRINT_EDGE_BYTES, st.st_size - FINGERPRINT_EDGE_BYTES))
+                h.update(f.read(FINGERPRINT_EDGE_BYTES))
+    except OSError as e:
+        raise PoolError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.suffix == ".npz":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    h.update(f"{info.filename}:{info.CRC}:{info.compress_size}:{info.file_size}\n".encode())
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise PoolError(f"{path}: not a readable .npz file ({e})") from None
+    return h.hexdigest()
+
+
+def file_fingerprints(pool: "Pool") -> dict[str, str]:
+    """{file path: file_fingerprint} of every parquet and npz the pool reads (for messages
+    that name the file that changed)."""
+    out = {}
+    for f in pool.files:
+        out[str(f.parquet)] = file_fingerprint(f.parquet)
+        if f.npz is not None:
+            out[str(f.npz)] = file_fingerprint(f.npz)
+    return out
+
+
+def pool_fingerprint(pool: "Pool") -> str:
+    """One hex string that changes when the pool's data changes: every parquet and npz
+    (name, size, mtime, a blake2b of both ends and of the npz's zip directory), the row
+    counts, the embedding key and its dimension. Reads ~2 MiB a file; cheap next to any
+    pass over the pool. Copying a pool without keeping mtimes changes it (a safe miss)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"rows={pool.rows};key={pool.embedding_key};dim={pool.dim}\n".encode())
+    for f in pool.files:
+        h.update(f"{f.parquet.name}:{f.rows}:{file_fingerprint(f.parquet)}\n".encode())
+        if f.npz is not None:
+            h.update(f"{f.npz.name}:{file_fingerprint(f.npz)}\n".encode())
+    return h.hexdigest()
 
 
 def _parquet_rows(path: Path) -> int:
