@@ -27,29 +27,48 @@ class Task:
     source: str = ""  # Hugging Face dataset repo
     size: int | None = None  # test examples
     metadata: dict = field(default_factory=dict)  # npy column -> meaning, for group metrics
+    tags: tuple = ()  # DataComp's tasklist.yml tags, verbatim
 
     @property
     def folder(self) -> str:
+        """Our folder name (also the name of a custom task's folder): the key with '/' -> '-'."""
         return self.key.replace("/", "-")
+
+    @property
+    def datacomp_folder(self) -> str | None:
+        """The folder DataComp's download_evalsets.py writes (``wds_<name>_test``); None for the
+        nlphuji sets, which DataComp keeps in ``hf_cache/``."""
+        if self.source.startswith("djghosh/"):
+            return self.source.split("/", 1)[1]
+        return None
+
+    @property
+    def is_hf_dataset(self) -> bool:
+        """Read by DataComp through Hugging Face ``datasets`` (the three nlphuji sets)."""
+        return self.source.startswith("nlphuji/")
 
 
 def _wds(key: str) -> str:
-    return f"djghosh/wds_{key.replace('/', '-')}_test"
+    """DataComp's download rule: strip ``fairness/``, then '/' -> '-' (download_evalsets.py)."""
+    name = key.split("/", 1)[1] if key.startswith("fairness/") else key
+    return f"djghosh/wds_{name.replace('/', '-')}_test"
 
 
-def _cls(key, name, main="acc1", groups=(), size=None):
-    return Task(key, name, "zeroshot_classification", main, tuple(groups), _wds(key), size)
+def _cls(key, name, main="acc1", groups=(), size=None, tags=()):
+    return Task(key, name, "zeroshot_classification", main, tuple(groups), _wds(key), size, tags=tuple(tags))
 
+
+_NAT, _SPE, _STR = ("vtab_natural",), ("vtab_specialized",), ("vtab_structured",)
 
 TASKS: list[Task] = [
-    _cls("vtab/caltech101", "Caltech-101", "mean_per_class_recall", ["vtab"], 6085),
+    _cls("vtab/caltech101", "Caltech-101", "mean_per_class_recall", ["vtab"], 6085, _NAT),
     _cls("cifar10", "CIFAR-10", size=10000),
-    _cls("vtab/cifar100", "CIFAR-100", groups=["vtab"], size=10000),
-    _cls("vtab/clevr_count_all", "CLEVR Counts", groups=["vtab"], size=15000),
-    _cls("vtab/clevr_closest_object_distance", "CLEVR Distance", groups=["vtab"], size=15000),
+    _cls("vtab/cifar100", "CIFAR-100", groups=["vtab"], size=10000, tags=_NAT),
+    _cls("vtab/clevr_count_all", "CLEVR Counts", groups=["vtab"], size=15000, tags=_STR),
+    _cls("vtab/clevr_closest_object_distance", "CLEVR Distance", groups=["vtab"], size=15000, tags=_STR),
     _cls("country211", "Country211", size=21100),
-    _cls("vtab/dtd", "Describable Textures", groups=["vtab"], size=1880),
-    _cls("vtab/eurosat", "EuroSAT", groups=["vtab"], size=5400),
+    _cls("vtab/dtd", "Describable Textures", groups=["vtab"], size=1880, tags=_NAT),
+    _cls("vtab/eurosat", "EuroSAT", groups=["vtab"], size=5400, tags=_SPE),
     _cls("fgvc_aircraft", "FGVC Aircraft", "mean_per_class_recall", size=3333),
     _cls("food101", "Food-101", size=25250),
     _cls("gtsrb", "GTSRB", size=12630),
@@ -59,37 +78,41 @@ TASKS: list[Task] = [
     _cls("imagenet-a", "ImageNet-A", groups=["imagenet_shifts"], size=7500),
     _cls("imagenet-o", "ImageNet-O", groups=["imagenet_shifts"], size=2000),
     _cls("imagenet-r", "ImageNet-R", groups=["imagenet_shifts"], size=30000),
-    _cls("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", groups=["vtab"], size=711),
+    _cls("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", groups=["vtab"], size=711, tags=_STR),
     _cls("mnist", "MNIST", size=10000),
     _cls("objectnet", "ObjectNet", groups=["imagenet_shifts"], size=18574),
-    _cls("vtab/flowers", "Oxford Flowers-102", "mean_per_class_recall", ["vtab"], 6149),
-    _cls("vtab/pets", "Oxford-IIIT Pet", "mean_per_class_recall", ["vtab"], 3669),
+    _cls("vtab/flowers", "Oxford Flowers-102", "mean_per_class_recall", ["vtab"], 6149, _NAT),
+    _cls("vtab/pets", "Oxford-IIIT Pet", "mean_per_class_recall", ["vtab"], 3669, _NAT),
     _cls("voc2007", "Pascal VOC 2007", size=14976),
-    _cls("vtab/pcam", "PatchCamelyon", groups=["vtab"], size=32768),
+    _cls("vtab/pcam", "PatchCamelyon", groups=["vtab"], size=32768, tags=_SPE),
     _cls("renderedsst2", "Rendered SST2", size=1821),
-    _cls("vtab/resisc45", "RESISC45", groups=["vtab"], size=6300),
+    _cls("vtab/resisc45", "RESISC45", groups=["vtab"], size=6300, tags=_SPE),
     _cls("cars", "Stanford Cars", size=8041),
     _cls("stl10", "STL-10", size=8000),
-    _cls("vtab/sun397", "SUN397", groups=["vtab"], size=21750),
-    _cls("vtab/svhn", "SVHN", groups=["vtab"], size=26032),
+    # DataComp's SUN397 is the full 108,754-image test set under the key "sun397" (no vtab/ prefix),
+    # tagged vtab_natural and counted in the VTAB aggregate.
+    _cls("sun397", "SUN397", groups=["vtab"], size=108754, tags=_NAT),
+    _cls("vtab/svhn", "SVHN", groups=["vtab"], size=26032, tags=_NAT),
     Task("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "retrieval", "mean_recall@1", ("retrieval",),
-         "nlphuji/flickr_1k_test_image_text_retrieval", 1000),
+         "nlphuji/flickr_1k_test_image_text_retrieval", 1000, tags=("retrieval",)),
     Task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "retrieval", "mean_recall@1",
-         ("retrieval",), "nlphuji/mscoco_2014_5k_test_image_text_retrieval", 5000),
+         ("retrieval",), "nlphuji/mscoco_2014_5k_test_image_text_retrieval", 5000, tags=("retrieval",)),
     Task("misc/winogavil", "WinoGAViL", "winogavil", "jaccard_score_10-12", ("retrieval",), "nlphuji/winogavil",
-         3563),
+         3563, tags=("retrieval",)),
     Task("wilds/iwildcam", "iWildCam", "wilds", "F1-macro_all", (), _wds("wilds/iwildcam"), 42791,
-         {0: "location"}),
-    Task("wilds/camelyon17", "Camelyon17", "wilds", "acc1", (), _wds("wilds/camelyon17"), 85054, {0: "hospital"}),
+         {0: "location"}, ("wilds",)),
+    Task("wilds/camelyon17", "Camelyon17", "wilds", "acc1", (), _wds("wilds/camelyon17"), 85054, {0: "hospital"},
+         ("wilds",)),
     Task("wilds/fmow", "FMoW", "wilds", "acc_worst_region", (), _wds("wilds/fmow"), 22108,
-         {0: "region", 1: "year"}),
+         {0: "region", 1: "year"}, ("wilds",)),
     Task("fairness/dollar_street", "Dollar Street", "fairness", "acc_top5_wg", (), _wds("fairness/dollar_street"),
-         3929, {0: "income_group"}),
-    Task("fairness/geode", "GeoDE", "fairness", "acc_wg", (), _wds("fairness/geode"), 12438, {0: "region"}),
+         3503, {0: "income_group"}, ("fairness",)),
+    Task("fairness/geode", "GeoDE", "fairness", "acc_wg", (), _wds("fairness/geode"), 12488, {0: "region"},
+         ("fairness",)),
     Task("fairness/fairface", "FairFace", "fairness", None, (), _wds("fairness/fairface"), 10954,
-         {0: "age", 1: "gender", 2: "race"}),
-    Task("fairness/utkface", "UTKFace", "fairness", None, (), _wds("fairness/utkface"), 23705,
-         {0: "age", 1: "gender", 2: "race"}),
+         {0: "age", 1: "gender", 2: "race"}, ("fairness",)),
+    Task("fairness/utkface", "UTKFace", "fairness", None, (), _wds("fairness/utkface"), 23703,
+         {0: "age", 1: "gender", 2: "race"}, ("fairness",)),
 ]
 BY_KEY = {t.key: t for t in TASKS}
 assert len(TASKS) == 40 and sum(t.main_metric is not None for t in TASKS) == 38
