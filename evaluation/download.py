@@ -1,24 +1,39 @@
-"""``conceptprune evaluate download``: the evaluation sets from their Hugging Face repos.
+"""``conceptprune evaluate download``: all 40 evaluation sets from their Hugging Face repositories.
 
-Resumable (huggingface_hub resumes partial files), checksummed (each LFS file's sha256 is
-compared with the repo's), and marked complete with ``.complete.json``, after which
-evaluation reads only local files. Sets whose repo is not in clip_benchmark's "wds" layout
-must be converted first (``clip_benchmark_export_wds``) into ``DATA_DIR/<folder>``.
+- The 37 webdataset sets (``djghosh/wds_*_test``) go, file for file, into ``DATA_DIR/wds_<name>_test/``
+  (DataComp's own folder names) with ``huggingface_hub.snapshot_download``: an interrupted download
+  resumes, a file already there with the right sha256 (e.g. from DataComp's ``download_evalsets.py``)
+  is kept. Every file is then checked against the repository's listing (sha256 for LFS files, the
+  git blob id for the others) and the folder is marked complete with ``.complete.json``.
+- The three ``nlphuji/*`` sets (read by DataComp through ``datasets.load_dataset(name, split="test")``,
+  whose loading scripts recent ``datasets`` releases no longer run) are fetched as parquet: the
+  repository's own parquet files of the test split if it has them, else the Hub's parquet
+  conversion (revision ``refs/convert/parquet``), each file checked like the above; then converted
+  once into ``DATA_DIR/<key with / -> ->/`` (see ``hf_sets``). If ``DATA_DIR/hf_cache`` already holds
+  DataComp's copy, that is converted instead, without network.
+
+``HF_ENDPOINT`` (or ``--endpoint``) points at a mirror; ``HF_HUB_OFFLINE=1`` forbids the network.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError
 
+from . import layout
+from .hf_sets import iter_table_rows, write_set
 from .tasks import Task, select
 
 log = logging.getLogger(__name__)
+
+PARQUET_EXPORT = "refs/convert/parquet"
 
 
 def _sha256(path: Path) -> str:
@@ -29,43 +44,186 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_task(task: Task, data_dir: Path, revision: str | None = None) -> dict:
-    from huggingface_hub import HfApi, snapshot_download
+def _git_blob_id(path: Path) -> str:
+    """git's object id of a file (what the Hub lists as a non-LFS file's ``oid``)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    dest = data_dir / task.folder
-    done = dest / ".complete.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    if not task.source.startswith("djghosh/wds_"):
-        raise ConfigError(f"{task.key}: {task.source} is not in the wds layout; convert it with "
-                          f"clip_benchmark_export_wds into {dest}")
-    snapshot_download(task.source, repo_type="dataset", local_dir=dest, revision=revision)
-    files = {}
-    for info in HfApi().list_repo_tree(task.source, repo_type="dataset", recursive=True, revision=revision,
-                                        expand=True):
-        lfs = getattr(info, "lfs", None)
-        if lfs is None:
+
+def _api(endpoint: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
+
+
+def _listing(api, repo: str, revision: str | None) -> tuple[str, list]:
+    """(commit, files) of a dataset repository at a revision."""
+    from huggingface_hub.hf_api import RepoFile
+
+    info = api.dataset_info(repo, revision=revision or "main")
+    files = [f for f in api.list_repo_tree(repo, repo_type="dataset", recursive=True, revision=info.sha)
+             if isinstance(f, RepoFile)]
+    return info.sha, files
+
+
+def verify(dest: Path, files: list, where: str) -> dict[str, str]:
+    """Check every listed file under ``dest``; a wrong one is removed and reported."""
+    out, bad = {}, []
+    for f in files:
+        p = dest / f.path
+        if not p.is_file():
+            bad.append(f"{f.path} (missing)")
             continue
-        got = _sha256(dest / info.path)
-        want = lfs.sha256 if hasattr(lfs, "sha256") else lfs["sha256"]
+        if f.lfs is not None:
+            got, want = _sha256(p), f.lfs.sha256
+        else:
+            got, want = _git_blob_id(p), f.blob_id
         if got != want:
-            (dest / info.path).unlink()
-            raise ConfigError(f"{task.key}: {info.path} failed its checksum (removed; run the download again)")
-        files[info.path] = got
-    record = {"task": task.key, "source": task.source, "revision": revision, "files": files}
-    write_json(done, record)
+            p.unlink()
+            bad.append(f"{f.path} (checksum)")
+            continue
+        out[f.path] = got
+    if bad:
+        raise ConfigError(f"{where}: {len(bad)} file(s) failed verification and were removed: "
+                          f"{', '.join(bad[:5])}; run the download again")
+    return out
+
+
+# -- the 37 webdataset sets ------------------------------------------------------------------------
+
+
+def download_wds(task: Task, data_dir: Path, revision: str | None, endpoint: str | None) -> dict:
+    from huggingface_hub import snapshot_download
+
+    dest = data_dir / task.datacomp_folder
+    api = _api(endpoint)
+    commit, files = _listing(api, task.source, revision)
+    snapshot_download(task.source, repo_type="dataset", revision=commit, local_dir=dest, endpoint=api.endpoint)
+    record = {"task": task.key, "source": task.source, "revision": revision or "main", "commit": commit,
+              "files": verify(dest, files, task.key)}
+    write_json(dest / layout.MARKER, record)
     return record
 
 
-def download(data_dir: str | Path, tasks: list[str] | None = None, revision: str | None = None) -> dict:
+# -- the three nlphuji sets ------------------------------------------------------------------------
+
+
+_SPLIT_FILE = re.compile(r"(^|/)test(/|[-_.])|-test[-.]")
+
+
+def test_parquet(files: list) -> list:
+    """The parquet files of the test split in a listing (``<config>/test/0000.parquet``,
+    ``data/test-00000-of-00001.parquet``, ``<config>/<name>-test.parquet``), of one config."""
+    pq = sorted((f for f in files if f.path.endswith(".parquet") and _SPLIT_FILE.search(f.path)),
+                key=lambda f: f.path)
+    if not pq:
+        return []
+    configs = sorted({f.path.split("/", 1)[0] if "/" in f.path else "" for f in pq})
+    if len(configs) > 1:
+        log.warning("several configs hold a test split (%s); using %s", ", ".join(configs), configs[0])
+    return [f for f in pq if (f.path.split("/", 1)[0] if "/" in f.path else "") == configs[0]]
+
+
+def fetch_parquet(task: Task, stage: Path, revision: str | None, endpoint: str | None) -> tuple[dict, list[Path]]:
+    """Download the test split's parquet files into ``stage``; returns (record, local paths)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    api = _api(endpoint)
+    tried = []
+    for rev in ([revision] if revision else ["main", PARQUET_EXPORT]):
+        try:
+            commit, files = _listing(api, task.source, rev)
+        except RevisionNotFoundError:
+            tried.append(f"{rev} (no such revision)")
+            continue
+        chosen = test_parquet(files)
+        tried.append(f"{rev} ({len(files)} files, no test parquet)")
+        if not chosen:
+            continue
+        dest = stage / rev.replace("/", "_")
+        for f in chosen:
+            hf_hub_download(task.source, f.path, repo_type="dataset", revision=commit, local_dir=dest,
+                            endpoint=api.endpoint)
+        record = {"revision": rev, "commit": commit, "files": verify(dest, chosen, task.key)}
+        return record, [dest / f.path for f in chosen]
+    raise ConfigError(f"{task.key}: {task.source} has no parquet files of the test split at "
+                      f"{'; '.join(tried)}. Download it with DataComp's download_evalsets.py "
+                      "(an older `datasets`) into DATA_DIR/hf_cache: it is converted from there")
+
+
+def download_hf(task: Task, data_dir: Path, revision: str | None, endpoint: str | None) -> dict:
+    kind = "winogavil" if task.type == "winogavil" else "retrieval"
+    dest = data_dir / task.folder
+    if layout.hf_cache_files(data_dir, task):
+        layout.convert_from_hf_cache(data_dir, task)
+        import json
+
+        return json.loads((dest / layout.MARKER).read_text())
+    stage = data_dir / ".downloads" / task.folder
+    record, paths = fetch_parquet(task, stage, revision, endpoint)
+    n = write_set(kind, iter_table_rows(paths), dest, task.key)
+    record = {"task": task.key, "source": task.source, "via": "parquet", **record, "rows": n}
+    if task.size and n != task.size:
+        log.warning("%s: %d rows, DataComp's tasklist says %d", task.key, n, task.size)
+        record["expected_rows"] = task.size
+    write_json(dest / layout.MARKER, record)
+    shutil.rmtree(stage, ignore_errors=True)
+    return record
+
+
+# -- all -------------------------------------------------------------------------------------------
+
+
+def download_task(task: Task, data_dir: Path, revision: str | None = None, endpoint: str | None = None) -> dict:
+    d, state, _ = layout.locate(data_dir, task)
+    if state == "present" and (d / layout.MARKER).is_file():
+        import json
+
+        return json.loads((d / layout.MARKER).read_text())
+    if task.is_hf_dataset:
+        return download_hf(task, data_dir, revision, endpoint)
+    if not task.datacomp_folder:
+        raise ConfigError(f"{task.key}: no download source known ({task.source or 'none'})")
+    return download_wds(task, data_dir, revision, endpoint)
+
+
+def download(data_dir: str | Path, tasks: list[str] | None = None, revision: str | None = None,
+             endpoint: str | None = None) -> dict:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     out, errors = {}, {}
     for task in select(tasks):
         try:
-            out[task.key] = download_task(task, data_dir, revision)
-            log.info("%s: ready in %s", task.key, data_dir / task.folder)
+            out[task.key] = download_task(task, data_dir, revision, endpoint)
+            log.info("%s: ready in %s", task.key, layout.locate(data_dir, task)[0])
         except Exception as e:  # one set failing does not stop the others
-            errors[task.key] = str(e)
+            errors[task.key] = f"{type(e).__name__}: {e}"
             log.error("%s: %s", task.key, e)
     return {"downloaded": sorted(out), "errors": errors}
+
+
+def dry_run(data_dir: str | Path, tasks: list[str] | None = None) -> list[dict]:
+    """Each task's source, size and local state; touches nothing."""
+    rows = []
+    for t in select(tasks):
+        d, state, detail = layout.locate(data_dir, t)
+        rows.append({"key": t.key, "name": t.name, "source": t.source, "examples": t.size, "state": state,
+                     "detail": detail, "path": str(d), "bytes": layout.local_bytes(d)})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'key':51s} {'source':58s} {'examples':>8s} {'on disk':>9s}  state"]
+    for r in rows:
+        size = f"{r['bytes'] / 2**20:.1f}M" if r["bytes"] else "-"
+        state = r["state"] + (f" ({r['detail']})" if r["detail"] else "")
+        lines.append(f"{r['key']:51s} {r['source']:58s} {r['examples'] or 0:8d} {size:>9s}  {state}")
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" (of {len(rows)})")
+    return "\n".join(lines)

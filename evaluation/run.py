@@ -76,7 +76,8 @@ def load_model(arch: str, checkpoint: str | None, device: str):
 
 
 def task_dir(data_dir: str | Path, task: Task) -> Path:
-    d = Path(data_dir) / task.folder
+    from .layout import task_dir as locate  # DataComp's wds_<name>_test/ or ours; converts DataComp's hf_cache
+    d = locate(data_dir, task)
     if not d.is_dir():
         raise EvaluationError(f"{task.key}: dataset folder {d} not found "
                               f"(fetch it with: conceptprune evaluate download --data-dir {data_dir} --tasks {task.key})")

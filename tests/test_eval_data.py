@@ -96,3 +96,242 @@ def test_aggregates_match_datacomps_groups(name, members):
 def test_average_covers_the_38_main_metrics():
     assert {t.name for t in TASKS if AGGREGATES["Average"](t)} == {
         v[0] for v in DATACOMP.values() if v[2] is not None}
+
+
+# -- a loopback Hugging Face Hub -------------------------------------------------------------------
+# Serves dataset repositories in the Hub's HTTP form (the endpoints huggingface_hub calls: repo info at
+# a revision, recursive tree listing, HEAD/GET of resolve/ with Range), so the real huggingface_hub
+# code downloads from it.
+
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import unquote, urlsplit  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+LFS_SUFFIXES = (".tar", ".parquet", ".zip", ".arrow")
+
+
+class FakeHub:
+    """repos: {repo_id: {revision: {path: bytes}}}."""
+
+    def __init__(self, repos: dict):
+        self.repos = repos
+        self.requests: list[str] = []
+        self.commits = {}
+        for repo, revs in repos.items():
+            for rev, files in revs.items():
+                sha = hashlib.sha1(json.dumps([repo, rev, sorted(files)]).encode()).hexdigest()
+                self.commits[(repo, rev)] = self.commits[(repo, sha)] = (sha, files)
+
+    def entry(self, path: str, data: bytes) -> dict:
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        e = {"type": "file", "path": path, "size": len(data), "oid": blob}
+        if path.endswith(LFS_SUFFIXES):
+            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 132}
+        return e
+
+    def __enter__(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body=b"", headers=None, head=False):
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _route(self, head=False):
+                path = urlsplit(self.path).path
+                hub.requests.append(f"{self.command} {unquote(path)}")
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "datasets"] and len(parts) > 5 and parts[4] in ("revision", "tree"):
+                    repo, rev = "/".join(parts[2:4]), unquote(parts[5])
+                    if (repo, rev) not in hub.commits:
+                        return self._send(404, b"{}", {"X-Error-Code": "RevisionNotFound"})
+                    sha, files = hub.commits[(repo, rev)]
+                    if parts[4] == "revision":
+                        body = {"id": repo, "sha": sha, "private": False,
+                                "siblings": [{"rfilename": p} for p in sorted(files)]}
+                    else:
+                        body = [hub.entry(p, files[p]) for p in sorted(files)]
+                    return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                if parts[0] == "datasets" and parts[3] == "resolve":
+                    repo, rev, fp = "/".join(parts[1:3]), unquote(parts[4]), unquote("/".join(parts[5:]))
+                    if (repo, rev) not in hub.commits or fp not in hub.commits[(repo, rev)][1]:
+                        return self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
+                    sha, files = hub.commits[(repo, rev)]
+                    data, e = files[fp], hub.entry(fp, files[fp])
+                    etag = e["lfs"]["oid"] if "lfs" in e else e["oid"]
+                    h = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+                    rng = self.headers.get("Range")
+                    if rng and not head:
+                        start = int(rng.split("=")[1].split("-")[0])
+                        h["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                        return self._send(206, data[start:], h)
+                    return self._send(200, data, h, head=head)
+                return self._send(404, b"")
+
+            def do_GET(self):
+                self._route()
+
+            def do_HEAD(self):
+                self._route(head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """The tests run with HF_HUB_OFFLINE=1; the loopback Hub needs huggingface_hub online (its
+    constant is read at import) and a private cache."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_TELEMETRY", True, raising=False)
+
+
+# -- tiny data in the real forms ------------------------------------------------------------------
+
+
+def _jpeg(seed: int, size=(12, 10)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(samples: dict[str, dict[str, bytes]]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, parts in samples.items():
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def wds_repo(n_shards=2, per=3) -> dict[str, bytes]:
+    """A djghosh/wds_*_test repository: metadata files and test/{i}.tar with webp/jpg + cls."""
+    files = {"classnames.txt": b"cat\ndog\n", "zeroshot_classification_templates.txt": b"a photo of a {c}.\n",
+             "test/nshards.txt": f"{n_shards}\n".encode(), ".gitattributes": b"*.tar filter=lfs\n"}
+    for s in range(n_shards):
+        files[f"test/{s}.tar"] = _tar({f"s{s}{i:04d}": {"jpg": _jpeg(10 * s + i), "cls": str(i % 2).encode()}
+                                      for i in range(per)})
+    return files
+
+
+def _parquet(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+IMAGE = None  # pyarrow type of a datasets Image value
+
+
+def _image_type():
+    import pyarrow as pa
+
+    return pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def retrieval_table(n=4):
+    import pyarrow as pa
+
+    images = [{"bytes": _jpeg(100 + i) if i % 2 == 0 else _png(100 + i), "path": f"{i}.jpg"} for i in range(n)]
+    captions = [[f"caption {i} {j}" for j in range(1 + i % 3)] for i in range(n)]
+    captions[1][0] = "a caption\nwith a line break"
+    return pa.table({"image": pa.array(images, _image_type()), "filename": [f"{i}.jpg" for i in range(n)],
+                     "caption": pa.array(captions, pa.list_(pa.string())),
+                     "img_id": [str(i) for i in range(n)]}), images, captions
+
+
+def winogavil_table():
+    import pyarrow as pa
+
+    rows = [("werewolf", ["moon", "wolf", "cheese", "sun", "tree"], ["moon", "wolf"]),
+            ("Ocean", ["fish", "desert", "wave", "car", "shell", "book"], ["fish", "wave", "shell"])]
+    imgs = [[{"bytes": _jpeg(200 + 10 * r + j), "path": None} for j in range(len(c))] for r, (_, c, _) in
+            enumerate(rows)]
+    t = pa.table({"candidate_images": pa.array(imgs, pa.list_(_image_type())),
+                  "cue": [r[0] for r in rows], "candidates": [r[1] for r in rows],
+                  "associations": [r[2] for r in rows], "num_associations": [len(r[2]) for r in rows],
+                  "ID": [1, 2]})
+    return t, rows, imgs
+
+
+# -- download from the loopback Hub ---------------------------------------------------------------
+
+
+def test_download_wds_set_into_datacomps_folder_verified(online, tmp_path):
+    from conceptprune.evaluation import layout
+    from conceptprune.evaluation.download import download
+
+    repo = wds_repo()
+    data = tmp_path / "data"
+    with FakeHub({"djghosh/wds_cifar10_test": {"main": repo}}) as hub:
+        res = download(data, ["cifar10"], endpoint=hub.url)
+        assert res == {"downloaded": ["cifar10"], "errors": {}}
+        dest = data / "wds_cifar10_test"  # DataComp's folder name
+        for path, content in repo.items():
+            assert (dest / path).read_bytes() == content, path
+        rec = json.loads((dest / ".complete.json").read_text())
+        assert rec["files"]["test/1.tar"] == hashlib.sha256(repo["test/1.tar"]).hexdigest()
+        assert layout.locate(data, BY_KEY["cifar10"])[1] == "present"
+
+        # a damaged shard is caught by the checksum, removed, and fetched again on the next run
+        (dest / ".complete.json").unlink()
+        bad = bytearray(repo["test/0.tar"])
+        bad[600] ^= 0xFF
+        (dest / "test/0.tar").write_bytes(bytes(bad))
+        res = download(data, ["cifar10"], endpoint=hub.url)
+        assert "failed verification" in res["errors"]["cifar10"] and not (dest / "test/0.tar").exists()
+        assert layout.locate(data, BY_KEY["cifar10"])[1] == "partial"
+        assert download(data, ["cifar10"], endpoint=hub.url)["errors"] == {}
+        assert (dest / "test/0.tar").read_bytes() == repo["test/0.tar"]
+
+
+def test_download_fairness_set_uses_datacomps_repo_name(online, tmp_path):
+    from conceptprune.evaluation.download import download
+
+    with FakeHub({"djghosh/wds_geode_test": {"main": wds_repo(1)}}) as hub:
+        assert download(tmp_path, ["fairness/geode"], endpoint=hub.url)["errors"] == {}
+    assert (tmp_path / "wds_geode_test" / "test" / "0.tar").is_file()
+    assert any(r.startswith("GET /datasets/djghosh/wds_geode_test/resolve/") for r in hub.requests)
