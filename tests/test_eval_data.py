@@ -286,14 +286,15 @@ def retrieval_table(n=4):
 def winogavil_table():
     import pyarrow as pa
 
-    rows = [("werewolf", ["moon", "wolf", "cheese", "sun", "tree"], ["moon", "wolf"]),
-            ("Ocean", ["fish", "desert", "wave", "car", "shell", "book"], ["fish", "wave", "shell"])]
+    words = ["moon", "wolf", "cheese", "sun", "tree", "fish", "desert", "wave", "car", "shell", "book", "ice cream"]
+    rows = [("werewolf", words[:5], ["moon", "wolf"]), ("Ocean", words[3:9], ["fish", "wave"]),
+            ("apple", words[:10], ["tree", "cheese", "sun"]), ("ice", words, ["ice cream", "moon"])]
     imgs = [[{"bytes": _jpeg(200 + 10 * r + j), "path": None} for j in range(len(c))] for r, (_, c, _) in
             enumerate(rows)]
     t = pa.table({"candidate_images": pa.array(imgs, pa.list_(_image_type())),
                   "cue": [r[0] for r in rows], "candidates": [r[1] for r in rows],
                   "associations": [r[2] for r in rows], "num_associations": [len(r[2]) for r in rows],
-                  "ID": [1, 2]})
+                  "ID": list(range(1, 5))})
     return t, rows, imgs
 
 
@@ -335,3 +336,189 @@ def test_download_fairness_set_uses_datacomps_repo_name(online, tmp_path):
         assert download(tmp_path, ["fairness/geode"], endpoint=hub.url)["errors"] == {}
     assert (tmp_path / "wds_geode_test" / "test" / "0.tar").is_file()
     assert any(r.startswith("GET /datasets/djghosh/wds_geode_test/resolve/") for r in hub.requests)
+
+
+FLICKR = "retrieval/flickr_1k_test_image_text_retrieval"
+SCRIPT = b"import datasets  # a loading script, which datasets >= 4 refuses to run\n"
+
+
+def _read_retrieval(folder: Path):
+    """Through clip_benchmark's own wds reader (what the evaluator uses)."""
+    from clip_benchmark.datasets.builder import build_dataset
+
+    ds = build_dataset("wds/x", root=str(folder), transform=lambda im: np.asarray(im.convert("RGB")),
+                       split="test", download=False, task="zeroshot_retrieval")
+    return list(ds)
+
+
+def _rgb(data: bytes):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_download_retrieval_set_from_the_hubs_parquet_conversion(online, tmp_path):
+    from conceptprune.evaluation import layout
+    from conceptprune.evaluation.download import download
+
+    table, images, captions = retrieval_table(5)
+    repo = {"main": {"flickr_1k_test_image_text_retrieval.py": SCRIPT, "README.md": b"# card\n"},
+            "refs/convert/parquet": {"TEST/test/0000.parquet": _parquet(table.slice(0, 3)),
+                                     "TEST/test/0001.parquet": _parquet(table.slice(3))}}
+    with FakeHub({"nlphuji/flickr_1k_test_image_text_retrieval": repo}) as hub:
+        assert download(tmp_path, [FLICKR], endpoint=hub.url)["errors"] == {}
+    dest = tmp_path / "retrieval-flickr_1k_test_image_text_retrieval"
+    rec = json.loads((dest / ".complete.json").read_text())
+    assert (rec["via"], rec["revision"], rec["rows"]) == ("parquet", "refs/convert/parquet", 5)
+    assert sorted(rec["files"]) == ["TEST/test/0000.parquet", "TEST/test/0001.parquet"]
+    assert (dest / "dataset_type.txt").read_text() == "retrieval\n"
+    got = _read_retrieval(dest)
+    assert len(got) == 5
+    for (img, caps), src, want in zip(got, images, captions):
+        assert np.array_equal(img, _rgb(src["bytes"]))  # same pixels: bytes are copied, not re-encoded
+        assert caps == [" ".join(c.splitlines()) for c in want]
+    assert got[1][1][0] == "a caption with a line break"
+    assert layout.locate(tmp_path, BY_KEY[FLICKR])[1] == "present"
+    assert not (tmp_path / ".downloads").exists() or not any((tmp_path / ".downloads").rglob("*.parquet"))
+
+
+def test_download_winogavil_from_the_repos_own_parquet(online, tmp_path):
+    from conceptprune.data.tars import iter_samples
+    from conceptprune.evaluation.download import download
+
+    table, rows, imgs = winogavil_table()
+    repo = {"main": {"README.md": b"# card\n", "data/test-00000-of-00001.parquet": _parquet(table)}}
+    with FakeHub({"nlphuji/winogavil": repo}) as hub:
+        assert download(tmp_path, ["misc/winogavil"], endpoint=hub.url)["errors"] == {}
+        assert not any("convert" in r for r in hub.requests)  # the repo's own files came first
+    dest = tmp_path / "misc-winogavil"
+    assert json.loads((dest / ".complete.json").read_text())["revision"] == "main"
+    samples = [s for i in range(int((dest / "test/nshards.txt").read_text())) for s in
+               iter_samples(dest / "test" / f"{i}.tar")]
+    assert len(samples) == 4
+    for s, (cue, cands, assoc), ims in zip(samples, rows, imgs):
+        q = json.loads(s.parts["json"])
+        assert (q["cue"], q["candidates"], q["associations"]) == (cue, cands, assoc)
+        assert [s.parts[f"{c}.jpg"] for c in cands] == [im["bytes"] for im in ims]
+
+
+def test_download_reports_a_set_without_parquet(online, tmp_path):
+    from conceptprune.evaluation.download import download
+
+    with FakeHub({"nlphuji/winogavil": {"main": {"winogavil.py": SCRIPT}}}) as hub:
+        err = download(tmp_path, ["misc/winogavil"], endpoint=hub.url)["errors"]["misc/winogavil"]
+    assert "no parquet files of the test split" in err and "refs/convert/parquet (no such revision)" in err
+    assert not (tmp_path / "misc-winogavil").exists()
+
+
+def test_download_offline_fails_cleanly(tmp_path):
+    from conceptprune.evaluation.download import download
+
+    res = download(tmp_path, ["cifar10"], endpoint="http://127.0.0.1:9")  # HF_HUB_OFFLINE=1 in tests
+    assert list(res["errors"]) == ["cifar10"] and "offline" in res["errors"]["cifar10"].lower()
+
+
+# -- DataComp's own download folder ----------------------------------------------------------------
+
+
+def _arrow_stream(path: Path, table) -> None:
+    """What `datasets` writes into its cache (an Arrow IPC stream)."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+
+
+def datacomp_download_folder(root: Path) -> dict:
+    """A folder as DataComp's download_evalsets.py leaves it: wds_<name>_test/ (no marker) and the
+    nlphuji sets in hf_cache/ (a datasets cache whose image values point into downloads/extracted/,
+    as a loading script that yields file paths leaves them)."""
+    import pyarrow as pa
+
+    for name in ("wds_cifar10_test", "wds_dollar_street_test"):
+        for path, content in wds_repo().items():
+            if path != ".gitattributes":
+                (root / name / path).parent.mkdir(parents=True, exist_ok=True)
+                (root / name / path).write_bytes(content)
+    hf = root / "hf_cache"
+    extracted = hf / "downloads" / "extracted" / "5d2a" / "images_flickr_1k_test"
+    extracted.mkdir(parents=True)
+    table, images, captions = retrieval_table(4)
+    for i, im in enumerate(images):
+        (extracted / f"{i}.jpg").write_bytes(im["bytes"])
+    paths = [{"bytes": None, "path": str(extracted / f"{i}.jpg")} for i in range(4)]
+    table = table.set_column(0, "image", pa.array(paths, _image_type()))
+    name = "flickr_1k_test_image_text_retrieval"
+    _arrow_stream(hf / f"nlphuji___{name}" / "TEST" / "1.1.0" / "0a1b2c" / f"{name}-test.arrow", table)
+    wino, rows, imgs = winogavil_table()
+    _arrow_stream(hf / "nlphuji___winogavil" / "TEST" / "1.1.0" / "3c4d" / "winogavil-test.arrow", wino)
+    (hf / "nlphuji___winogavil" / "TEST" / "1.1.0" / "3c4d" / "dataset_info.json").write_text("{}")
+    return {"images": images, "captions": captions, "wino": (rows, imgs)}
+
+
+def test_datacomp_folder_is_resolved_without_renaming(tmp_path):
+    from conceptprune.data.tars import iter_samples
+    from conceptprune.evaluation import layout
+    from conceptprune.evaluation.download import dry_run
+
+    made = datacomp_download_folder(tmp_path / "made")
+    data = tmp_path / "moved"
+    (tmp_path / "made").rename(data)  # the cache's absolute image paths now point nowhere
+    states = {r["key"]: (r["state"], Path(r["path"]).name) for r in dry_run(data)}
+    assert states["cifar10"] == ("present", "wds_cifar10_test")
+    assert states["fairness/dollar_street"] == ("present", "wds_dollar_street_test")
+    assert states[FLICKR] == ("convertible", "retrieval-flickr_1k_test_image_text_retrieval")
+    assert states["misc/winogavil"][0] == "convertible"
+    assert sum(s == "missing" for s, _ in states.values()) == 36
+
+    assert layout.task_dir(data, BY_KEY["cifar10"]) == data / "wds_cifar10_test"
+    flickr = layout.task_dir(data, BY_KEY[FLICKR])  # converted once, from hf_cache
+    got = _read_retrieval(flickr)
+    assert [c for _, c in got] == [[" ".join(x.splitlines()) for x in c] for c in made["captions"]]
+    assert all(np.array_equal(img, _rgb(src["bytes"])) for (img, _), src in zip(got, made["images"]))
+    assert json.loads((flickr / ".complete.json").read_text())["via"] == "hf_cache"
+    wino = layout.task_dir(data, BY_KEY["misc/winogavil"])
+    samples = list(iter_samples(wino / "test" / "0.tar"))
+    assert [json.loads(s.parts["json"])["cue"] for s in samples] == ["werewolf", "Ocean", "apple", "ice"]
+    assert {r["key"]: r["state"] for r in dry_run(data)}[FLICKR] == "present"
+    assert sorted(p.name for p in data.iterdir()) == sorted(
+        ["hf_cache", "wds_cifar10_test", "wds_dollar_street_test", "retrieval-flickr_1k_test_image_text_retrieval",
+         "misc-winogavil"])  # nothing renamed, nothing duplicated
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import open_clip
+    import torch
+
+    from conceptprune.training.models import register
+
+    register()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("cp-tiny-vit").state_dict()}, path)
+    return path
+
+
+def test_datacomp_folder_is_evaluated(tmp_path, tiny_checkpoint):
+    from conceptprune.evaluation.run import evaluate, read_results
+
+    datacomp_download_folder(tmp_path / "dc")
+    keys = ["cifar10", FLICKR, "misc/winogavil"]
+    res = evaluate(str(tiny_checkpoint), str(tmp_path / "dc"), str(tmp_path / "out"), arch="cp-tiny-vit",
+                   tasks=keys, batch_size=4, executor="local")
+    assert res["errors"] == {}
+    rows = {r["key"]: r for r in read_results(tmp_path / "out" / "eval_results.jsonl")}
+    assert sorted(rows) == sorted(keys)
+    assert 0 <= rows[FLICKR]["metrics"]["mean_recall@1"] <= 1
+    assert rows["misc/winogavil"]["metrics"]["main_metric"] is not None
+
+    # the same result from a renamed copy in our own naming: the DataComp folder was read as is
+    import shutil
+
+    shutil.copytree(tmp_path / "dc" / "wds_cifar10_test", tmp_path / "ours" / "cifar10")
+    again = evaluate(str(tiny_checkpoint), str(tmp_path / "ours"), str(tmp_path / "out2"), arch="cp-tiny-vit",
+                     tasks=["cifar10"], batch_size=4, executor="local")
+    assert again["errors"] == {}
+    assert read_results(tmp_path / "out2" / "eval_results.jsonl")[0]["metrics"] == rows["cifar10"]["metrics"]
