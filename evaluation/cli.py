@@ -12,10 +12,12 @@ def register(sub) -> None:
                        description="Evaluate a training run (or a checkpoint) on DataComp's suite; results go to "
                                    "OUTPUT/eval_results.jsonl in DataComp's format (a rerun resumes). "
                                    "Actions: download (the evaluation sets), package (a submission bundle), upload.")
-    p.add_argument("--list-tasks", action="store_true", help="print the 40 tasks and exit")
+    p.add_argument("--list-tasks", action="store_true",
+                   help="print the 40 tasks (source, size; with --data-dir also each one's state there) and exit")
     p.add_argument("--model", help="training run folder (run.json) or an open_clip checkpoint")
     p.add_argument("--arch", help="open_clip architecture (default: the run's, else ViT-B-32)")
-    p.add_argument("--data-dir", help="folder of evaluation sets (wds layout, one folder per task)")
+    p.add_argument("--data-dir", help="folder of evaluation sets: made by 'evaluate download' or by DataComp's "
+                                      "download_evalsets.py (wds_<name>_test/ + hf_cache/), as is")
     p.add_argument("--output", help="results folder")
     p.add_argument("--tasks", nargs="+", help="task keys (default: all 40)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
@@ -23,10 +25,17 @@ def register(sub) -> None:
     add_cluster_args(p)
     p.set_defaults(func=_evaluate)
     acts = p.add_subparsers(dest="action", metavar="<action>")
-    q = acts.add_parser("download", help="fetch the evaluation sets from Hugging Face (resumable, checksummed)")
-    q.add_argument("--data-dir", required=True, help="where the sets go")
-    q.add_argument("--tasks", nargs="+", help="task keys (default: all)")
-    q.add_argument("--revision", help="dataset revision (default: main)")
+    q = acts.add_parser("download", help="fetch the evaluation sets from Hugging Face (resumable, checksummed)",
+                        description="The 37 webdataset sets into DATA_DIR/wds_<name>_test/ (DataComp's names), the "
+                                    "three nlphuji sets as parquet converted into DATA_DIR/<key with / -> ->/; a "
+                                    "DataComp download already in DATA_DIR is kept (its hf_cache is converted).")
+    q.add_argument("--data-dir", required=True, help="where the sets go (may already hold DataComp's download)")
+    q.add_argument("--tasks", nargs="+", help="task keys (default: all 40)")
+    q.add_argument("--revision", help="dataset revision (default: main; nlphuji sets fall back to the Hub's "
+                                      "parquet conversion)")
+    q.add_argument("--endpoint", help="Hugging Face endpoint or mirror (default: $HF_ENDPOINT, else huggingface.co)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="list every task with its source, size and state (present/partial/missing) and exit")
     q.set_defaults(func=_download)
     q = acts.add_parser("package", help="build DataComp's submission bundle")
     q.add_argument("--results", required=True, help="eval_results.jsonl (all 38 tasks)")
@@ -58,7 +67,7 @@ def _evaluate(a) -> int:
     from .tasks import table
 
     if a.list_tasks:
-        print(table())
+        print(table(a.data_dir))
         return 0
     if not (a.model and a.data_dir and a.output):
         raise ConfigError("evaluate needs --model, --data-dir and --output (or --list-tasks)")
@@ -78,9 +87,12 @@ def _evaluate(a) -> int:
 
 
 def _download(a) -> int:
-    from .download import download
+    from .download import download, dry_run, format_rows
 
-    res = download(a.data_dir, a.tasks, a.revision)
+    if a.dry_run:
+        print(format_rows(dry_run(a.data_dir, a.tasks)))
+        return 0
+    res = download(a.data_dir, a.tasks, a.revision, a.endpoint)
     print(json.dumps(res, indent=2))
     return 1 if res["errors"] else 0
 

@@ -160,9 +160,20 @@ def select(keys: list[str] | None, data_dir=None) -> list[Task]:
     return [known[k] for k in keys]
 
 
-def table() -> str:
-    lines = [f"{'key':46s} {'name':24s} {'type':24s} {'main metric':22s} groups"]
+def table(data_dir=None) -> str:
+    """The 40 tasks: key, name, main metric, source, size; with ``data_dir`` also each one's state there."""
+    states = {}
+    if data_dir is not None:
+        from .layout import locate
+
+        states = {t.key: locate(data_dir, t)[1] for t in TASKS}
+    lines = [f"{'key':51s} {'name':23s} {'main metric':22s} {'source':58s} {'examples':>8s}"
+             + ("  state" if states else "")]
     for t in TASKS:
-        lines.append(f"{t.key:46s} {t.name:24s} {t.type:24s} {str(t.main_metric):22s} {','.join(t.groups)}")
+        lines.append(f"{t.key:51s} {t.name:23s} {str(t.main_metric):22s} {t.source:58s} {t.size:8d}"
+                     + (f"  {states[t.key]}" if states else ""))
     lines.append(f"{len(TASKS)} tasks, {sum(t.main_metric is not None for t in TASKS)} with a main metric")
+    if states:
+        n = sum(s == "present" for s in states.values())
+        lines.append(f"{n} present in {data_dir}")
     return "\n".join(lines)

@@ -522,3 +522,58 @@ def test_datacomp_folder_is_evaluated(tmp_path, tiny_checkpoint):
                      tasks=["cifar10"], batch_size=4, executor="local")
     assert again["errors"] == {}
     assert read_results(tmp_path / "out2" / "eval_results.jsonl")[0]["metrics"] == rows["cifar10"]["metrics"]
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_dry_run_lists_every_task_with_source_size_state(tmp_path, capsys):
+    from conceptprune.cli import main
+
+    datacomp_download_folder(tmp_path)
+    (tmp_path / "wds_dollar_street_test" / "test" / "1.tar").unlink()  # an interrupted download
+    assert main(["evaluate", "download", "--data-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 42  # header, 40 tasks, summary
+    rows = {line.split()[0]: line for line in out[1:41]}
+    assert sorted(rows) == sorted(DATACOMP)
+    assert rows["sun397"].split()[1:3] == ["djghosh/wds_sun397_test", "108754"] and rows["sun397"].endswith("missing")
+    assert "present (2 shards, not checksummed here)" in rows["cifar10"]
+    assert "partial (1 of 2 shards missing)" in rows["fairness/dollar_street"]
+    assert "convertible" in rows["misc/winogavil"] and "nlphuji/winogavil" in rows["misc/winogavil"]
+    assert out[-1] == "2 convertible, 36 missing, 1 partial, 1 present (of 40)"
+    assert not (tmp_path / "misc-winogavil").exists()  # a dry run converts nothing
+
+
+def test_cli_list_tasks_shows_source_and_state(tmp_path, capsys):
+    from conceptprune.cli import main
+
+    assert main(["evaluate", "--list-tasks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 42 and out[-1] == "40 tasks, 38 with a main metric"
+    assert "djghosh/wds_utkface_test" in next(line for line in out if line.startswith("fairness/utkface"))
+    datacomp_download_folder(tmp_path)
+    assert main(["evaluate", "--list-tasks", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert next(line for line in out if line.startswith("cifar10 ")).endswith("present")
+    assert out[-1] == f"2 present in {tmp_path}"
+
+
+def test_cli_download_through_an_endpoint(online, tmp_path, capsys):
+    from conceptprune.cli import main
+
+    table, _, _ = retrieval_table(3)
+    repos = {"djghosh/wds_mnist_test": {"main": wds_repo(1, 2)},
+             "nlphuji/mscoco_2014_5k_test_image_text_retrieval": {
+                 "main": {"mscoco_2014_5k_test_image_text_retrieval.py": SCRIPT},
+                 "refs/convert/parquet": {"TEST/mscoco_2014_5k_test_image_text_retrieval-test.parquet": _parquet(table)}}}
+    with FakeHub(repos) as hub:
+        argv = ["evaluate", "download", "--data-dir", str(tmp_path), "--endpoint", hub.url,
+                "--tasks", "mnist", "retrieval/mscoco_2014_5k_test_image_text_retrieval"]
+        assert main(argv) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res == {"downloaded": ["mnist", "retrieval/mscoco_2014_5k_test_image_text_retrieval"], "errors": {}}
+        n = len(hub.requests)
+        assert main(argv) == 0  # complete sets: nothing fetched again
+        assert len(hub.requests) == n
+    assert len(_read_retrieval(tmp_path / "retrieval-mscoco_2014_5k_test_image_text_retrieval")) == 3
