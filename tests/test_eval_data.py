@@ -577,3 +577,16 @@ def test_cli_download_through_an_endpoint(online, tmp_path, capsys):
         assert main(argv) == 0  # complete sets: nothing fetched again
         assert len(hub.requests) == n
     assert len(_read_retrieval(tmp_path / "retrieval-mscoco_2014_5k_test_image_text_retrieval")) == 3
+
+
+def test_download_over_a_datacomp_folder_keeps_its_shards(online, tmp_path):
+    from conceptprune.evaluation.download import download
+
+    datacomp_download_folder(tmp_path)
+    before = (tmp_path / "wds_cifar10_test" / "test" / "0.tar").stat().st_mtime_ns
+    with FakeHub({"djghosh/wds_cifar10_test": {"main": wds_repo()}}) as hub:
+        assert download(tmp_path, ["cifar10"], endpoint=hub.url)["errors"] == {}
+    assert not [r for r in hub.requests if r.startswith("GET") and r.endswith(".tar")]  # checked, not fetched
+    assert (tmp_path / "wds_cifar10_test" / "test" / "0.tar").stat().st_mtime_ns == before
+    assert (tmp_path / "wds_cifar10_test" / ".complete.json").is_file()
+    assert not (tmp_path / "cifar10").exists()
