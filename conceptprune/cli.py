@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # numeric flags are checked while parsing (conceptprune.checks): one line, no usage dump
+        args = parser.parse_args(argv)
+    except ConceptPruneError as e:
+        print(f"conceptprune {_command_word(sys.argv[1:] if argv is None else argv)}: error: {_one_line(e)}",
+              file=sys.stderr)
+        return 2
     manifest.COMMAND = ["conceptprune", *(sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConceptPruneError as e:
         if args.log_level == "debug":
             traceback.print_exc()
-        print(f"conceptprune {args.command}: error: {e}", file=sys.stderr)
+        print(f"conceptprune {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"conceptprune {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
@@ -78,11 +83,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: one line, traceback on request
         if args.log_level == "debug":
             traceback.print_exc()
-        print(f"conceptprune {args.command}: error: {type(e).__name__}: {e} "
+        print(f"conceptprune {args.command}: error: {type(e).__name__}: {_one_line(e)} "
               "(--log-level debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
         manifest.COMMAND = None  # later library calls in this process were not made by this command
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (library messages, e.g. Arrow's, may hold newlines)."""
+    return " ".join(str(e).split())
+
+
+def _command_word(argv: list[str]) -> str:
+    """The subcommand of a command line that did not parse (skips the global options)."""
+    skip = False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--log-level":
+            skip = True
+        elif not tok.startswith("-"):
+            return tok
+    return ""
 
 
 if __name__ == "__main__":

@@ -1,9 +1,23 @@
-"""Core commands: ``make-pool``, ``pool info|validate``, ``keep-list info|intersect|union|diff|sort``."""
+"""Core commands: ``make-pool``, ``pool info|validate``, ``keep-list info|union|intersect|diff|concat|sort|from-uids``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from .checks import float_arg, int_arg
+
+
+SETOP_HELP = {
+    "union": "uids in any list; a uid as many times as the list that lists it most (max)",
+    "intersect": "uids in every list, as many times as the FIRST list lists them (the others act as sets)",
+    "diff": "uids of the first list in none of the others, as many times as the first lists them",
+    "concat": "all entries of all lists: multiplicities add up (upsampling by combining lists)",
+}
+KEEP_LIST_EPILOG = ("A keep-list is DataComp's subset file: a sorted np.dtype('u8,u8') array (.npy, or a raw "
+                    "memory-mapped array). A uid listed k times is written k times by DataComp's resharder "
+                    "(upsampling); filters' --within takes such a list as its set. Outputs refuse an existing "
+                    "file unless --overwrite, and never overwrite an input.")
 
 
 def register(sub) -> None:
@@ -11,15 +25,18 @@ def register(sub) -> None:
                        description="Write a synthetic DataComp pool (parquet + npz pairs) with planted "
                                    "concept clusters, near-duplicates and score/caption structure. "
                                    "The ground truth goes to DIR/_planted/.")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--rows", type=int, required=True, help="number of rows")
-    p.add_argument("--files", type=int, default=2, help="number of parquet/npz pairs (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--concepts", type=int, default=20, help="planted concept clusters (default 20)")
-    p.add_argument("--duplicate-fraction", type=float, default=0.05,
-                   help="fraction of rows that are near-duplicates of another row (default 0.05)")
+    p.add_argument("--out", required=True, help="output directory (refused if it already holds a pool)")
+    p.add_argument("--rows", type=int_arg("--rows", 1), required=True, help="number of rows")
+    p.add_argument("--files", type=int_arg("--files", 1), default=2,
+                   help="number of parquet/npz pairs, <= rows (default 2)")
+    p.add_argument("--seed", type=int_arg("--seed", 0), default=0, help="random seed (default 0)")
+    p.add_argument("--concepts", type=int_arg("--concepts", 1), default=20, help="planted concept clusters (default 20)")
+    p.add_argument("--duplicate-fraction", type=float_arg("--duplicate-fraction", 0.0, 1.0, max_open=True),
+                   default=0.05, help="fraction of rows that are near-duplicates of another row (default 0.05)")
     p.add_argument("--embedding-keys", default="l14_img,l14_txt,b32_img,b32_txt",
                    help="npz arrays to write, comma-separated; '' writes no npz (default: all four)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the pool (parquet, npz, _planted/) already in --out")
     p.set_defaults(func=_make_pool)
 
     p = sub.add_parser("pool", help="inspect or validate a pool")
@@ -27,31 +44,42 @@ def register(sub) -> None:
     q = psub.add_parser("info", help="files, rows, columns, embedding keys")
     q.add_argument("pool")
     q.set_defaults(func=_pool_info)
-    q = psub.add_parser("validate", help="check uids (format, duplicates), row counts and embeddings")
+    q = psub.add_parser("validate", help="check uids (format, duplicates), row counts, npz checksums and embeddings")
     q.add_argument("pool")
     q.add_argument("--embedding-key", default=None, help="also check this npz array (e.g. l14_img)")
+    q.add_argument("--skip-checksums", action="store_true",
+                   help="do not verify the CRC-32 of every npz member (reads every npz once in full)")
     q.set_defaults(func=_pool_validate)
 
-    p = sub.add_parser("keep-list", help="inspect and combine keep-lists (sorted u8,u8 uid .npy)")
+    p = sub.add_parser("keep-list", help="inspect and combine keep-lists (sorted u8,u8 uid .npy)",
+                       description="Inspect and combine keep-lists. " + KEEP_LIST_EPILOG)
     ksub = p.add_subparsers(dest="action", metavar="<action>", required=True)
-    q = ksub.add_parser("info", help="count, validity, manifest")
+    q = ksub.add_parser("info", help="entries, distinct uids, multiplicities, validity, manifest")
     q.add_argument("keep_list")
-    q.add_argument("--uids", type=int, default=0, metavar="N", help="also print the first N uids")
+    q.add_argument("--uids", type=int_arg("--uids", 0), default=0, metavar="N", help="also print the first N uids")
     q.set_defaults(func=_kl_info)
-    for name, helptext in (("intersect", "uids in every list"), ("union", "uids in any list"),
-                           ("diff", "uids of the first list that are in none of the others")):
-        q = ksub.add_parser(name, help=helptext)
+    for name, helptext in SETOP_HELP.items():
+        q = ksub.add_parser(name, help=helptext, description=f"{helptext}. {KEEP_LIST_EPILOG}")
         q.add_argument("inputs", nargs="+", help="keep-lists")
-        q.add_argument("--out", required=True, help="output keep-list (.npy)")
+        _out_args(q)
         q.set_defaults(func=_kl_setop, op=name)
-    q = ksub.add_parser("sort", help="repair an unsorted or duplicated keep-list (e.g. from other tools)")
+    q = ksub.add_parser("sort", help="sort an unsorted keep-list (e.g. from other tools); repeats are kept "
+                                     "(DataComp upsamples them) unless --unique")
     q.add_argument("input")
-    q.add_argument("--out", required=True, help="output keep-list (.npy)")
+    _out_args(q)
+    q.add_argument("--unique", action="store_true", help="list each uid once")
     q.set_defaults(func=_kl_sort)
-    q = ksub.add_parser("from-uids", help="build a keep-list from a text file of hex uids, one a line")
+    q = ksub.add_parser("from-uids", help="build a keep-list from a text file of hex uids, one a line; "
+                                          "a uid on several lines is listed as often unless --unique")
     q.add_argument("input")
-    q.add_argument("--out", required=True, help="output keep-list (.npy)")
+    _out_args(q)
+    q.add_argument("--unique", action="store_true", help="list each uid once")
     q.set_defaults(func=_kl_from_uids)
+
+
+def _out_args(q) -> None:
+    q.add_argument("--out", required=True, help="output keep-list (.npy); never one of the inputs")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _make_pool(args: argparse.Namespace) -> None:
@@ -60,7 +88,7 @@ def _make_pool(args: argparse.Namespace) -> None:
     keys = tuple(k for k in args.embedding_keys.split(",") if k)
     cfg = SyntheticPoolConfig(rows=args.rows, files=args.files, seed=args.seed, concepts=args.concepts,
                               duplicate_fraction=args.duplicate_fraction, embedding_keys=keys)
-    paths = make_pool(args.out, cfg)
+    paths = make_pool(args.out, cfg, overwrite=args.overwrite)
     print(f"wrote {len(paths)} file pairs, {args.rows} rows -> {args.out}")
 
 
@@ -75,74 +103,91 @@ def _pool_info(args) -> None:
 
 
 def _pool_validate(args) -> None:
+    from .npz import verify_npz
     from .pool import Pool
 
     pool = Pool(args.pool, embedding_key=args.embedding_key)
     n = pool.check_unique_uids()
-    if args.embedding_key:
+    if args.embedding_key:  # reading every row of the key also verifies its CRC-32
         for _ in pool.iter_chunks(uids=True, embeddings=True, progress="checking embeddings"):
             pass
+    checked = 0
+    if not args.skip_checksums:
+        for f in pool.files:
+            if f.npz is not None:
+                checked += verify_npz(f.npz, skip=(args.embedding_key,) if args.embedding_key else ())
     print(f"ok: {len(pool.files)} files, {n} rows, uids valid and unique"
-          + (f", {args.embedding_key} ({pool.dim}-d) finite and non-zero" if args.embedding_key else ""))
+          + (f", {args.embedding_key} ({pool.dim}-d) finite and non-zero" if args.embedding_key else "")
+          + ("" if args.skip_checksums else f", npz checksums ok ({checked} arrays)"))
 
 
 def _kl_info(args) -> None:
     from . import keeplist as K
     from . import uids as U
 
-    arr = K.read_keep_list(args.keep_list)
-    out = {"path": args.keep_list, "count": int(len(arr)), "valid": True,
-           "manifest": K.read_manifest(args.keep_list)}
+    arr = K.read_keep_list(args.keep_list, multiset=True)
+    stats = K.describe(arr)
+    out = {"path": args.keep_list, "count": stats["distinct"], **stats, "valid": True,
+           "manifest": K.read_manifest(args.keep_list), "manifest_matches": K.manifest_matches(args.keep_list)}
     if args.uids:
         out["first_uids"] = U.array_to_uids(arr[: args.uids])
     print(json.dumps(out, indent=2))
 
 
-def _kl_setop(args) -> None:
+def _kl_write(args, arr, method: str, params: dict, counts: dict, inputs: dict) -> None:
     from . import keeplist as K
     from .manifest import base_manifest
 
-    lists = [K.read_keep_list(p) for p in args.inputs]
-    fn = {"intersect": K.intersect, "union": K.union, "diff": K.difference}[args.op]
-    result = fn(*lists)
-    K.write_keep_list(args.out, result, base_manifest(
-        "keep-list", method=args.op, params={"inputs": args.inputs},
-        counts={"in": [int(len(x)) for x in lists]}))
-    print(f"{args.op}: {len(result)} uids -> {args.out}")
+    K.write_keep_list(args.out, arr, base_manifest("keep-list", method=method, params=params, counts=counts),
+                      multiset=True)
+
+
+def _kl_check_out(args, inputs: list[str]) -> None:
+    from . import keeplist as K
+
+    K.check_output(args.out, inputs={f"#{i + 1}": p for i, p in enumerate(inputs)}, overwrite=args.overwrite)
+
+
+def _kl_setop(args) -> None:
+    from . import keeplist as K
+
+    _kl_check_out(args, args.inputs)
+    lists = [K.read_keep_list(p, multiset=True) for p in args.inputs]
+    result = K.combine(args.op, lists)
+    _kl_write(args, result, args.op, {"inputs": args.inputs}, {"in": [int(len(x)) for x in lists]}, {})
+    stats = K.describe(result)
+    print(f"{args.op}: {stats['entries']} entries ({stats['distinct']} distinct uids) -> {args.out}")
 
 
 def _kl_sort(args) -> None:
-    import numpy as np
-
     from . import keeplist as K
-    from . import uids as U
-    from .errors import KeepListError
-    from .manifest import base_manifest
 
-    try:
-        arr = np.load(args.input, allow_pickle=False)
-    except Exception as e:
-        raise KeepListError(f"{args.input}: not a readable .npy file ({e})") from None
-    if arr.dtype.names is None or len(arr.dtype.names) != 2:
-        raise KeepListError(f"{args.input}: dtype {arr.dtype} is not a pair of uint64 fields")
-    fixed = K.union(U.make_array(*U.split(arr)))
-    K.write_keep_list(args.out, fixed, base_manifest("keep-list", method="sort", params={"input": args.input},
-                                                     counts={"in": int(len(arr))}))
-    print(f"sorted {len(arr)} entries into {len(fixed)} unique uids -> {args.out}")
+    _kl_check_out(args, [args.input])
+    arr = K.read_any_order(args.input)
+    fixed = K.union(arr) if args.unique else K.sort_uids(arr)
+    _kl_write(args, fixed, "sort", {"input": args.input, "unique": args.unique}, {"in": int(len(arr))}, {})
+    stats = K.describe(fixed)
+    print(f"sorted {len(arr)} entries into {stats['entries']} entries ({stats['distinct']} distinct uids) "
+          f"-> {args.out}")
 
 
 def _kl_from_uids(args) -> None:
     from . import keeplist as K
     from . import uids as U
     from .errors import KeepListError
-    from .manifest import base_manifest
 
-    with open(args.input) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    _kl_check_out(args, [args.input])
     try:
-        arr = U.uids_to_array(lines)
-    except ValueError as e:
-        raise KeepListError(f"{args.input}: {e}") from None
-    K.write_keep_list(args.out, arr, base_manifest("keep-list", method="from-uids", params={"input": args.input},
-                                                   counts={"in": len(lines)}))
-    print(f"{len(arr)} uids -> {args.out}")
+        with open(args.input) as f:
+            lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeepListError(f"{args.input}: cannot read as text ({e})") from None
+    try:
+        arr = U.uids_to_array([u for _, u in lines])
+    except ValueError:
+        bad = next(i for i, u in lines if not U._HEX_RE.fullmatch(u))
+        raise KeepListError(f"{args.input}: line {bad}: not a 128-bit hex uid: {dict(lines)[bad]!r}") from None
+    arr = K.union(arr) if args.unique else K.sort_uids(arr)
+    _kl_write(args, arr, "from-uids", {"input": args.input, "unique": args.unique}, {"in": len(lines)}, {})
+    stats = K.describe(arr)
+    print(f"{stats['entries']} entries ({stats['distinct']} distinct uids) -> {args.out}")

@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,10 @@ class NpzArray(_Closing):
         self._fd: int | None = None
         self._stream = None
         self._stream_row = 0
+        # CRC-32 of the member, accumulated over reads that run contiguously from row 0:
+        # a full sequential pass (every pool read of a whole file) ends with the zip check
+        self._crc_rows = 0  # rows covered so far; -1 once reads stop being contiguous
+        self._crc = 0
         if self._stored:
             self._data_offset = _member_data_offset(self.path, info) + header_len
             expected = header_len + self.shape[0] * self.row_bytes
@@ -161,9 +166,34 @@ class NpzArray(_Closing):
                 self._fd = os.open(self.path, os.O_RDONLY)
             buf = _pread_exact(self._fd, nbytes, self._data_offset + start * self.row_bytes,
                                f"{self.path}[{self.key}] rows {start}-{stop}")
+            self._crc_update(start, stop, buf)
         else:
             buf = self._read_stream(start, nbytes)
         return np.frombuffer(buf, dtype=self.dtype).reshape(n, self.dim)
+
+    def _crc_update(self, start: int, stop: int, buf) -> None:
+        """Extend the running CRC-32 when this read continues the previous one; at the last
+        row compare it with the zip directory's (a corrupt member raises PoolError)."""
+        if start == 0:
+            self._crc_rows = 0  # a (new) pass from the top
+        if self._crc_rows != start or stop == start:
+            self._crc_rows = -1 if self._crc_rows != start else self._crc_rows
+            return
+        if start == 0:
+            head = _pread_exact(self._fd, self._header_len, self._data_offset - self._header_len,
+                                f"{self.path}[{self.key}] header")
+            self._crc = zlib.crc32(head)
+        self._crc = zlib.crc32(buf, self._crc)
+        self._crc_rows = stop
+        if stop == self.rows:
+            tail = self._info.file_size - self._header_len - self.rows * self.row_bytes
+            if tail > 0:
+                self._crc = zlib.crc32(_pread_exact(self._fd, tail, self._data_offset + self.rows * self.row_bytes,
+                                                    f"{self.path}[{self.key}] tail"), self._crc)
+            self._crc_rows = -1  # checked once
+            if self._crc != self._info.CRC:
+                raise PoolError(f"{self.path}: member {self.key}.npy fails its zip CRC-32 check (the data is "
+                                "corrupt); re-download or re-embed this file")
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows at the given sorted local indices (contiguous runs are read together)."""
@@ -205,6 +235,13 @@ class NpzArray(_Closing):
         if len(data) != nbytes:
             raise PoolError(f"{self.path}[{self.key}]: data ends early (truncated npz)")
         self._stream_row = start + nbytes // self.row_bytes
+        if self._stream_row == self.rows:  # read to the end: zipfile then checks the CRC-32
+            try:
+                while self._stream.read(1 << 20):
+                    pass
+            except Exception as e:
+                raise PoolError(f"{self.path}: member {self.key}.npy fails its zip check ({e}); "
+                                "re-download or re-embed this file") from None
         return data
 
     def _close_stream(self):
@@ -238,6 +275,26 @@ def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
         raise PoolError(f"{path}: corrupt zip local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     return info.header_offset + 30 + name_len + extra_len
+
+
+def verify_npz(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> int:
+    """Read every member of an npz once and check its CRC-32; returns the members checked.
+    A failing member raises PoolError naming the file and the member."""
+    path = Path(path)
+    checked = 0
+    with _open_zip(path) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".npy") and info.filename[:-4] in skip:
+                continue
+            try:
+                with zf.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise PoolError(f"{path}: member {info.filename} fails its zip check ({e}); "
+                                "re-download or re-embed this file") from None
+            checked += 1
+    return checked
 
 
 class NpzWriter:

@@ -167,7 +167,10 @@ class Pool:
         return d
 
     def schema(self) -> pa.Schema:
-        return pq.read_schema(self.files[0].parquet)
+        try:
+            return pq.read_schema(self.files[0].parquet)
+        except (pa.ArrowException, OSError) as e:
+            raise PoolError(f"{self.files[0].parquet}: not a readable parquet file ({e})") from None
 
     def embedding_keys(self) -> list[str]:
         return npz_keys(self.files[0].npz) if self.files and self.files[0].npz else []
@@ -396,5 +399,5 @@ def _iter_parquet(path: Path, columns: list[str], start: int, stop: int, chunk_r
                 yield lo, pa.Table.from_batches([batch.slice(lo - b0, hi - lo)])
             if pos >= stop:
                 break
-    except pa.ArrowException as e:
-        raise PoolError(f"{path}: corrupt parquet data near row {pos} ({e})") from None
+    except (pa.ArrowException, OSError) as e:  # a damaged page header is an OSError ("thrift")
+        raise PoolError(f"{path}: corrupt parquet data near row {pos} ({e}); re-download this file") from None

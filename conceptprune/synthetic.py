@@ -16,6 +16,7 @@ Planted structure (written to ``_planted/<name>.parquet``, ignored by pool reade
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 
 from . import uids as U
 from .atomic import atomic_open
+from .checks import check_float, check_int
+from .errors import ConfigError
 from .npz import NpzWriter
 from .progress import progress_bar
 
@@ -61,12 +64,16 @@ class SyntheticPoolConfig:
     dims: dict = field(default_factory=lambda: dict(EMBEDDING_DIMS))
 
 
-def make_pool(out: str | Path, config: SyntheticPoolConfig | None = None, *, progress: bool = True) -> list[Path]:
-    """Write the pool into ``out`` (created); returns the parquet paths."""
+def make_pool(out: str | Path, config: SyntheticPoolConfig | None = None, *, progress: bool = True,
+              overwrite: bool = False) -> list[Path]:
+    """Write the pool into ``out`` (created); returns the parquet paths.
+
+    A folder that already holds a pool (``*.parquet``, ``*.npz`` or ``_planted/``) is refused,
+    since the two pools would mix; ``overwrite`` removes those files first."""
     cfg = config or SyntheticPoolConfig()
-    if cfg.rows < 1 or cfg.files < 1 or cfg.files > cfg.rows:
-        raise ValueError("need rows >= files >= 1")
+    check_config(cfg)
     out = Path(out)
+    _clear_old_pool(out, overwrite)
     (out / "_planted").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
@@ -81,6 +88,38 @@ def make_pool(out: str | Path, config: SyntheticPoolConfig | None = None, *, pro
     bar.close()
     (out / "_planted" / "COMPLETE").write_text(f"{cfg.rows} rows in {cfg.files} files\n")
     return paths
+
+
+def check_config(cfg: SyntheticPoolConfig) -> None:
+    """Every numeric field, before anything is written."""
+    check_int("--rows", cfg.rows, min=1)
+    check_int("--files", cfg.files, min=1, max=cfg.rows)
+    check_int("--seed", cfg.seed, min=0)
+    check_int("--concepts", cfg.concepts, min=1)
+    check_float("--duplicate-fraction", cfg.duplicate_fraction, min=0.0, max=1.0, max_open=True)
+    check_float("--short-uid-fraction", cfg.short_uid_fraction, min=0.0, max=1.0)
+    check_int("block_rows", cfg.block_rows, min=1)
+    check_int("row_group_size", cfg.row_group_size, min=1)
+    unknown = [k for k in cfg.embedding_keys if k not in cfg.dims and k not in EMBEDDING_DIMS]
+    if unknown:
+        raise ConfigError(f"--embedding-keys: unknown key {unknown[0]!r} (known: {', '.join(EMBEDDING_DIMS)})")
+
+
+def _clear_old_pool(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    old = sorted(out.glob("*.parquet")) + sorted(out.glob("*.npz"))
+    planted = out / "_planted"
+    if not old and not planted.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a pool ({len(old)} parquet/npz files); the two would "
+                          "mix. Use an empty folder, or pass --overwrite to replace it")
+    for p in old:
+        p.unlink()
+    shutil.rmtree(planted, ignore_errors=True)
 
 
 class _World:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import time
@@ -69,7 +70,7 @@ class Within:
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.uids = K.read_keep_list(self.path) if self.path else None
+        self.uids = K.read_keep_list(self.path) if self.path else None  # a multiset counts as its set
         self.seen = np.zeros(len(self.uids), dtype=bool) if self.path else None
 
     def __bool__(self) -> bool:
@@ -105,22 +106,69 @@ def as_pool(pool, **kw) -> Pool:
     return pool if isinstance(pool, Pool) else Pool(pool, **kw)
 
 
+@dataclass(frozen=True)
+class OutputPolicy:
+    """What a filter may do with its output: replace an existing ``--out``; write an empty list.
+
+    The Python default replaces (the caller named the path) and refuses an empty result; the
+    CLI refuses an existing ``--out`` unless ``--overwrite`` (see ``filters/cli.py``)."""
+
+    overwrite: bool = True
+    allow_empty: bool = False
+
+
+OUTPUT_POLICY: contextvars.ContextVar[OutputPolicy] = contextvars.ContextVar("output_policy", default=OutputPolicy())
+
+
+def check_filter_output(out, pool: Pool, within, overwrite: bool) -> None:
+    """Before any work: ``out`` must be a new (or, with overwrite, replaceable) ``.npy`` that
+    is not an input, and not inside the pool's folder (where its ``.clusters.parquet`` would
+    be read as part of the pool next time)."""
+    within_path = within.path if isinstance(within, Within) else within
+    K.check_output(out, inputs={"--within": within_path}, overwrite=overwrite)
+    parent = Path(out).resolve().parent
+    pool_dirs = {f.parquet.resolve().parent for f in pool.files}
+    if parent in pool_dirs:
+        raise ConfigError(f"--out {out} is inside the pool folder {parent}: outputs written there "
+                          "(KEEP.clusters.parquet) would be read as pool files; write it elsewhere")
+
+
 def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | None = None, *,
-               within=None, **params) -> FilterResult:
-    """Run a filter function and write its keep-list, manifest and extra outputs."""
+               within=None, overwrite: bool | None = None, allow_empty: bool | None = None,
+               **params) -> FilterResult:
+    """Run a filter function and write its keep-list, manifest and extra outputs.
+
+    The output is checked before any work (``check_filter_output``); an empty result is an
+    error unless ``allow_empty`` (nothing is written then)."""
     t0 = time.time()
-    pool = as_pool(pool, **{k: params.pop(k) for k in ("embedding_key", "bad_embeddings") if k in params})
+    policy = OUTPUT_POLICY.get()
+    overwrite = policy.overwrite if overwrite is None else overwrite
+    allow_empty = policy.allow_empty if allow_empty is None else allow_empty
+    pool = as_pool(pool, **{k: params.pop(k) for k in ("embedding_key", "bad_embeddings", "embedding_dir")
+                            if k in params})
+    if out is not None:
+        check_filter_output(out, pool, within, overwrite)
     within = as_within(within)
     if getattr(fn, "uses_clustering", False) and out is not None:
         params.setdefault("out", out)  # the clustering goes next to the keep-list by default
     result = fn(pool, within=within, **params)
+    if len(result.kept) == 0 and not allow_empty:
+        raise ConfigError(f"{result.method} kept no uid of its {result.counts.get('candidates', '?')} candidates "
+                          f"(params {_short(result.params)}); nothing written. Pass --allow-empty to write "
+                          "an empty keep-list")
     if out is not None:
         write_result(result, out, pool, within, time.time() - t0)
     return result
 
 
+def _short(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and k not in ("clustering",))
+
+
 def write_result(result: FilterResult, out: str | os.PathLike, pool: Pool, within: Within,
                  wall_time: float) -> Path:
+    """The keep-list, its manifest and the extras, written in ``keeplist.publish``'s order
+    (the keep-list lands last; the manifest records its sha256)."""
     out = Path(out)
     counts = dict(result.counts)
     counts["out"] = int(len(result.kept))
@@ -129,12 +177,10 @@ def write_result(result: FilterResult, out: str | os.PathLike, pool: Pool, withi
         seed=result.params.get("seed"), pool=pool.describe(), within=within.describe(),
         counts=counts, stats=result.stats, wall_time_s=round(wall_time, 3),
         embeddings=pool.report.as_dict() if pool.embedding_key else None)
-    for suffix, writer in result.extras.items():
-        writer(out.with_suffix(suffix))
     if isinstance(result.kept, K.UidCollector):
-        result.kept.write(out, manifest)
+        result.kept.write(out, manifest, extras=result.extras)
     else:
-        K.write_keep_list(out, result.kept, manifest)
+        K.write_keep_list(out, result.kept, manifest, extras=result.extras)
     log.info("kept %d of %d candidates (%d pool rows) -> %s", counts["out"], counts.get("candidates", -1),
              counts.get("pool", -1), out)
     return out

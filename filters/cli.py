@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from conceptprune.checks import float_arg, fraction_arg, int_arg, seed_arg
+
 METHODS = {}  # name -> (help, add_arguments, run)
 
 
@@ -18,7 +20,12 @@ def _common(p: argparse.ArgumentParser, embeddings: bool = False) -> None:
     p.add_argument("--pool", required=True, help="DataComp metadata directory (<name>.parquet + <name>.npz)")
     p.add_argument("--out", required=True, help="output keep-list (.npy); a manifest .json is written beside it")
     p.add_argument("--within", default=None, metavar="PREV.npy",
-                   help="only consider uids of this keep-list (chain filters: clip-score -> semdedup -> dbp)")
+                   help="only consider uids of this keep-list (chain filters: clip-score -> semdedup -> dbp); "
+                        "a list with repeated uids counts as its set")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (default: refuse, before any work)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write an empty keep-list when nothing passes (default: an error, nothing written)")
     if embeddings:
         p.add_argument("--embedding-key", default="l14_img",
                        help="npz array with the image embeddings (default l14_img; b32_img, or a key "
@@ -36,7 +43,25 @@ def register(sub) -> None:
     for name, (helptext, add) in METHODS.items():
         q = msub.add_parser(name, help=helptext, description=helptext)
         run = add(q)
-        q.set_defaults(func=run)
+        q.set_defaults(func=_with_output_policy(run))
+
+
+def _with_output_policy(run):
+    """Every filter command: check --workers before any work, and run under the CLI's output
+    policy (an existing --out needs --overwrite; an empty result needs --allow-empty)."""
+    def wrapped(a):
+        from conceptprune.checks import check_int
+        from conceptprune.filters.base import OUTPUT_POLICY, OutputPolicy
+
+        if getattr(a, "workers", None) is not None:
+            check_int("--workers", a.workers, min=1)
+        token = OUTPUT_POLICY.set(OutputPolicy(overwrite=bool(getattr(a, "overwrite", False)),
+                                               allow_empty=bool(getattr(a, "allow_empty", False))))
+        try:
+            return run(a)
+        finally:
+            OUTPUT_POLICY.reset(token)
+    return wrapped
 
 
 @method("none", "keep every uid of the pool (or of --within)")
@@ -52,8 +77,8 @@ def _none(p):
 @method("random", "keep exactly round(F * N) uids chosen at random (seeded)")
 def _random(p):
     _common(p)
-    p.add_argument("--fraction", type=float, required=True, help="fraction of candidates to keep, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--fraction", type=fraction_arg(), required=True, help="fraction of candidates to keep, in (0, 1]")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
 
     def run(a):
         from . import random_subset, run_filter
@@ -66,8 +91,9 @@ def _clip(p):
     _common(p)
     p.add_argument("--model", choices=["l14", "b32"], default="l14", help="which CLIP score column (default l14)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--fraction", type=float, help="keep the top fraction (threshold at index int(N*F), ties kept)")
-    g.add_argument("--threshold", type=float, help="keep score >= threshold")
+    g.add_argument("--fraction", type=fraction_arg(),
+                   help="keep the top fraction (threshold at index int(N*F), ties kept)")
+    g.add_argument("--threshold", type=float_arg("--threshold"), help="keep score >= threshold (a finite number)")
     p.add_argument("--score-column", default=None,
                    help="use this parquet column instead (e.g. similarity_score from 'conceptprune embed --text')")
 
@@ -94,7 +120,7 @@ def _basic(p):
 def _laion(p):
     _common(p)
     p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz)")
-    p.add_argument("--threshold", type=float, default=0.28, help="minimum CLIP B/32 score (default 0.28)")
+    p.add_argument("--threshold", type=float_arg("--threshold"), default=0.28, help="minimum CLIP B/32 score (default 0.28)")
 
     def run(a):
         from . import laion2b, run_filter
@@ -104,15 +130,16 @@ def _laion(p):
 
 def _clustering_args(p, default_k=None):
     g = p.add_argument_group("clustering (shared by semdedup, ssl-prototypes and dbp)")
-    g.add_argument("--clusters", type=int, default=None,
+    g.add_argument("--clusters", type=int_arg("--clusters", 1), default=None,
                    help=f"k for spherical k-means (default {default_k if default_k else 'candidates / 10000'}; "
                         "with --clustering DIR: the k stored there)")
     g.add_argument("--clustering", default=None, metavar="DIR",
                    help="folder holding (or to hold) the clustering, reusable by the other filters "
                         "(default: next to --out, KEEP.clustering/)")
-    g.add_argument("--seed", type=int, default=None, help="k-means and sampling seed (default 1234, the reference's)")
-    g.add_argument("--niter", type=int, default=None, help="k-means iterations (default 100)")
-    g.add_argument("--train-sample", type=int, default=None,
+    g.add_argument("--seed", type=seed_arg(), default=None,
+                   help="k-means and sampling seed, in [0, 2^31-1] (default 1234, the reference's)")
+    g.add_argument("--niter", type=int_arg("--niter", 1), default=None, help="k-means iterations, >= 1 (default 100)")
+    g.add_argument("--train-sample", type=int_arg("--train-sample", 1), default=None,
                    help="k-means training sample size (default min(candidates, 1000 k, 500000)); faiss is "
                         "made to use all of it")
     g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when available)")
@@ -134,10 +161,12 @@ def _job_args(p):
 @method("dbp", "Density-Based Pruning: cluster budgets from softmax(d_inter * d_intra / T), keep the hardest")
 def _dbp(p):
     _common(p, embeddings=True)
-    p.add_argument("--fraction", type=float, required=True, help="fraction of the candidates to keep, in (0, 1]")
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature (default 0.1, the paper's)")
-    p.add_argument("--neighbors", type=int, default=20, help="nearest other centroids for d_inter (default 20)")
-    p.add_argument("--balance", type=float, default=0.0,
+    p.add_argument("--fraction", type=fraction_arg(), required=True,
+                   help="fraction of the candidates to keep, in (0, 1]")
+    p.add_argument("--temperature", type=float_arg("--temperature", 0.0, min_open=True), default=0.1,
+                   help="softmax temperature, > 0 (default 0.1, the paper's)")
+    p.add_argument("--neighbors", type=int_arg("--neighbors", 1), default=20, help="nearest other centroids for d_inter (default 20)")
+    p.add_argument("--balance", type=float_arg("--balance", 0.0, 1.0), default=0.0,
                    help="per-cluster floor r: at least min(r*N/k, n_j) kept (default 0, the paper's best)")
     p.add_argument("--keep", choices=["hard", "easy", "random"], default="hard",
                    help="which members of a cluster to keep (default hard: furthest from the centroid)")
@@ -146,7 +175,8 @@ def _dbp(p):
 
     def run(a):
         from . import dbp, run_filter
-        run_filter(dbp, a.pool, a.out, within=a.within, embedding_key=a.embedding_key, bad_embeddings=a.bad_embeddings,
+        run_filter(dbp, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+                   embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings,
                    fraction=a.fraction, clusters=a.clusters, temperature=a.temperature, neighbors=a.neighbors,
                    balance=a.balance, keep=a.keep, seed=a.seed, **_clustering_kwargs(a))
     return run
@@ -156,8 +186,9 @@ def _dbp(p):
 def _semdedup(p):
     _common(p, embeddings=True)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--eps", type=float, help="remove j when max similarity to an earlier member > 1 - eps")
-    g.add_argument("--target-fraction", type=float,
+    g.add_argument("--eps", type=float_arg("--eps", 0.0, 1.0, max_open=True),
+                   help="remove j when max similarity to an earlier member > 1 - eps (eps in [0, 1))")
+    g.add_argument("--target-fraction", type=fraction_arg("--target-fraction"),
                    help="keep this fraction: the eps that hits it is read off the stored similarities")
     p.add_argument("--rule", choices=["paper", "greedy", "components"], default="paper",
                    help="paper (default): compare with every earlier member; greedy: only with kept ones; "
@@ -168,7 +199,8 @@ def _semdedup(p):
     def run(a):
         from . import run_filter, semdedup
         run_filter(semdedup, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
-                   bad_embeddings=a.bad_embeddings, eps=a.eps, target_fraction=a.target_fraction,
+                   embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, eps=a.eps,
+                   target_fraction=a.target_fraction,
                    clusters=a.clusters, rule=a.rule, seed=a.seed, **_clustering_kwargs(a))
     return run
 
@@ -176,10 +208,11 @@ def _semdedup(p):
 @method("ssl-prototypes", "SSL prototypes (Sorscher et al.): keep the hardest/easiest by distance to the centroid")
 def _ssl(p):
     _common(p, embeddings=True)
-    p.add_argument("--fraction", type=float, required=True, help="fraction of the candidates to keep, in (0, 1]")
+    p.add_argument("--fraction", type=fraction_arg(), required=True,
+                   help="fraction of the candidates to keep, in (0, 1]")
     p.add_argument("--keep", choices=["hard", "easy"], default="hard",
                    help="hard (abundant data, default) or easy (scarce data)")
-    p.add_argument("--balance", type=float, default=None,
+    p.add_argument("--balance", type=float_arg("--balance", 0.0, 1.0), default=None,
                    help="per-cluster floor R: each cluster keeps at least min(R*N/k, n_j) (the DBP paper's "
                         "SSP baseline uses 0.5)")
     _clustering_args(p, default_k=100)
@@ -188,6 +221,8 @@ def _ssl(p):
     def run(a):
         from . import run_filter, ssl_prototypes
         run_filter(ssl_prototypes, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
-                   bad_embeddings=a.bad_embeddings, fraction=a.fraction, clusters=a.clusters, keep=a.keep,
+                   embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, fraction=a.fraction,
+                   clusters=a.clusters, keep=a.keep,
                    balance=a.balance, seed=a.seed, **_clustering_kwargs(a))
     return run
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from conceptprune.checks import check_float
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
@@ -71,6 +72,8 @@ def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | 
     if column is None and model not in SCORE_COLUMNS:
         raise ConfigError(f"--model must be one of {sorted(SCORE_COLUMNS)}, got {model!r}")
     column = column or SCORE_COLUMNS[model]
+    if threshold is not None:
+        threshold = check_float("--threshold", threshold)
     within = as_within(within)
     n_cand = None
     if fraction is not None:

@@ -14,10 +14,14 @@ def clustering_for(pool, clusters: int | None, seed: int | None, within, *, defa
                    executor: str = "auto", options=None, gpu: str = "auto", out=None) -> Clustering:
     """Build or reuse the clustering: in ``clustering_dir``, else next to the output
     (``KEEP.clustering/``), else in a folder named after the pool and the spec."""
-    from conceptprune.errors import ConfigError
+    from conceptprune.checks import check_int, check_optional, check_seed
 
-    if clusters is not None and clusters < 1:
-        raise ConfigError("--clusters must be >= 1")
+    # every numeric option of the clustering, before any work (0 must not mean "default")
+    clusters = check_optional(check_int, "--clusters", clusters, min=1)
+    niter = check_optional(check_int, "--niter", niter, min=1)
+    train_sample = check_optional(check_int, "--train-sample", train_sample, min=1)
+    seed = check_optional(check_seed, "--seed", seed)
+    workers = check_int("--workers", workers, min=1)
     if clustering_dir is None:
         if out is not None:
             clustering_dir = Path(out).with_suffix(".clustering")

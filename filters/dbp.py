@@ -17,6 +17,7 @@ import logging
 import numpy as np
 
 from conceptprune import uids as U
+from conceptprune.checks import check_float, check_int
 from conceptprune.errors import ConfigError
 
 from .base import FilterResult, as_within, check_fraction, target_count
@@ -59,12 +60,9 @@ def dbp(pool, *, fraction: float, clusters: int | None = None, temperature: floa
     fraction = check_fraction(fraction)
     if keep not in KEEP_ORDERS:
         raise ConfigError(f"--keep must be one of {sorted(KEEP_ORDERS)}")
-    if temperature <= 0:
-        raise ConfigError("--temperature must be > 0")
-    if not 0 <= balance <= 1:
-        raise ConfigError("--balance must be in [0, 1]")
-    if neighbors < 1:
-        raise ConfigError("--neighbors must be >= 1")
+    temperature = check_float("--temperature", temperature, min=0.0, min_open=True)
+    balance = check_float("--balance", balance, min=0.0, max=1.0)
+    neighbors = check_int("--neighbors", neighbors, min=1)
     within = as_within(within)
     clustering = clustering_for(pool, clusters, seed, within, default_k=100, **clustering_args)
     seed = clustering.meta["seed"]

@@ -56,8 +56,9 @@ def test_read_validation(tmp_path):
     with pytest.raises(KeepListError, match="not sorted"):
         K.read_keep_list(tmp_path / "unsorted.npy")
     np.save(tmp_path / "dup.npy", np.sort(np.concatenate([arr, arr[5:6]])))
-    with pytest.raises(KeepListError, match="more than once"):
-        K.read_keep_list(tmp_path / "dup.npy")
+    # a repeated uid is DataComp's upsampling: legal; the set by default, every entry on request
+    assert K.read_keep_list(tmp_path / "dup.npy").tolist() == arr.tolist()
+    assert len(K.read_keep_list(tmp_path / "dup.npy", multiset=True)) == 101
     np.save(tmp_path / "dtype.npy", np.arange(10, dtype=np.uint64))
     with pytest.raises(KeepListError, match="dtype"):
         K.read_keep_list(tmp_path / "dtype.npy")
@@ -112,7 +113,7 @@ def test_killed_writer_leaves_no_keep_list(tmp_path):
         import os, sys, time, numpy as np
         from conceptprune import keeplist as K, uids as U
         real_fsync, calls = os.fsync, []
-        def stuck(fd):  # the manifest goes through; the keep-list's data is written, then we hang
+        def stuck(fd):  # the keep-list's data is written (temporary name), then we hang on the manifest
             calls.append(fd)
             if len(calls) == 1:
                 return real_fsync(fd)
