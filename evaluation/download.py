@@ -8,7 +8,8 @@
 - The three ``nlphuji/*`` sets (read by DataComp through ``datasets.load_dataset(name, split="test")``,
   whose loading scripts recent ``datasets`` releases no longer run) are fetched as parquet: the
   repository's own parquet files of the test split if it has them, else the Hub's parquet
-  conversion (revision ``refs/convert/parquet``), each file checked like the above; then converted
+  conversion (revision ``refs/convert/parquet``), else (Flickr, MSCOCO) the test csv and image zip
+  the loading script reads, each file checked like the above; then converted
   once into ``DATA_DIR/<key with / -> ->/`` (see ``hf_sets``). If ``DATA_DIR/hf_cache`` already holds
   DataComp's copy, that is converted instead, without network.
 
@@ -127,29 +128,55 @@ def test_parquet(files: list) -> list:
     return [f for f in pq if (f.path.split("/", 1)[0] if "/" in f.path else "") == configs[0]]
 
 
-def fetch_parquet(task: Task, stage: Path, revision: str | None, endpoint: str | None) -> tuple[dict, list[Path]]:
-    """Download the test split's parquet files into ``stage``; returns (record, local paths)."""
+def _fetch(api, task: Task, commit: str, files: list, dest: Path) -> dict[str, str]:
     from huggingface_hub import hf_hub_download
+
+    for f in files:
+        hf_hub_download(task.source, f.path, repo_type="dataset", revision=commit, local_dir=dest,
+                        endpoint=api.endpoint)
+    return verify(dest, files, task.key)
+
+
+def raw_retrieval_files(files: list) -> list:
+    """The files a retrieval set's loading script reads: one test csv (``test_1k_flickr.csv``,
+    ``test_5k_mscoco_2014.csv``) and one image zip; [] unless exactly that."""
+    csvs = [f for f in files if f.path.endswith(".csv") and "test" in f.path.rsplit("/", 1)[-1]]
+    zips = [f for f in files if f.path.endswith(".zip")]
+    return csvs + zips if len(csvs) == 1 and len(zips) == 1 else []
+
+
+def fetch_source(task: Task, stage: Path, revision: str | None, endpoint: str | None) -> tuple[dict, object]:
+    """Download the test split into ``stage``: parquet (the repository's own, else the Hub's
+    conversion), else, for a retrieval set, the csv + image zip its loading script reads.
+    Returns (record, rows)."""
     from huggingface_hub.errors import RevisionNotFoundError
 
+    from .hf_sets import iter_csv_zip_rows
+
     api = _api(endpoint)
-    tried = []
+    tried, listings = [], {}
     for rev in ([revision] if revision else ["main", PARQUET_EXPORT]):
         try:
-            commit, files = _listing(api, task.source, rev)
+            listings[rev] = commit, files = _listing(api, task.source, rev)
         except RevisionNotFoundError:
             tried.append(f"{rev} (no such revision)")
             continue
         chosen = test_parquet(files)
-        tried.append(f"{rev} ({len(files)} files, no test parquet)")
         if not chosen:
+            tried.append(f"{rev} ({len(files)} files, no test parquet)")
             continue
         dest = stage / rev.replace("/", "_")
-        for f in chosen:
-            hf_hub_download(task.source, f.path, repo_type="dataset", revision=commit, local_dir=dest,
-                            endpoint=api.endpoint)
-        record = {"revision": rev, "commit": commit, "files": verify(dest, chosen, task.key)}
-        return record, [dest / f.path for f in chosen]
+        record = {"via": "parquet", "revision": rev, "commit": commit, "files": _fetch(api, task, commit, chosen, dest)}
+        return record, iter_table_rows([dest / f.path for f in chosen])
+    first = revision or "main"
+    raw = raw_retrieval_files(listings[first][1]) if task.type == "retrieval" and first in listings else []
+    if raw:
+        commit = listings[first][0]
+        dest = stage / "raw"
+        record = {"via": "csv+zip", "revision": first, "commit": commit, "files": _fetch(api, task, commit, raw, dest)}
+        log.warning("%s: no parquet; built from the csv and zip the loading script reads (%s)", task.key,
+                    ", ".join(f.path for f in raw))
+        return record, iter_csv_zip_rows(dest / raw[0].path, dest / raw[1].path, task.key)
     raise ConfigError(f"{task.key}: {task.source} has no parquet files of the test split at "
                       f"{'; '.join(tried)}. Download it with DataComp's download_evalsets.py "
                       "(an older `datasets`) into DATA_DIR/hf_cache: it is converted from there")
@@ -164,9 +191,9 @@ def download_hf(task: Task, data_dir: Path, revision: str | None, endpoint: str 
 
         return json.loads((dest / layout.MARKER).read_text())
     stage = data_dir / ".downloads" / task.folder
-    record, paths = fetch_parquet(task, stage, revision, endpoint)
-    n = write_set(kind, iter_table_rows(paths), dest, task.key)
-    record = {"task": task.key, "source": task.source, "via": "parquet", **record, "rows": n}
+    record, rows = fetch_source(task, stage, revision, endpoint)
+    n = write_set(kind, rows, dest, task.key)
+    record = {"task": task.key, "source": task.source, **record, "rows": n}
     if task.size and n != task.size:
         log.warning("%s: %d rows, DataComp's tasklist says %d", task.key, n, task.size)
         record["expected_rows"] = task.size

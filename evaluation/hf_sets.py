@@ -204,3 +204,33 @@ def hf_cache_files(hf_cache: Path, name: str) -> list[Path]:
         return []
     newest = max(builds, key=lambda d: max(p.stat().st_mtime for p in builds[d]))
     return sorted(builds[newest])
+
+
+# -- the raw files of a retrieval set's loading script ---------------------------------------------
+
+
+def iter_csv_zip_rows(csv_path: Path, zip_path: Path, where: str) -> Iterator[dict]:
+    """Rows from a retrieval set's csv (Karpathy-style: ``filename`` and ``raw``, the captions as a
+    JSON list) and its image zip (an image is found by its file name anywhere in the zip)."""
+    import csv
+    import posixpath
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as z:
+        members = {}
+        for name in z.namelist():
+            if not name.endswith("/") and "__MACOSX" not in name:
+                members.setdefault(posixpath.basename(name), name)
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"filename", "raw"} <= set(reader.fieldnames or ()):
+                raise ConfigError(f"{where}: {csv_path.name} lacks the columns filename and raw "
+                                  f"(has {', '.join(reader.fieldnames or ())})")
+            for i, r in enumerate(reader, start=2):
+                try:
+                    caps = json.loads(r["raw"])
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{where}: {csv_path.name} line {i}: raw is not a JSON list") from None
+                if r["filename"] not in members:
+                    raise ConfigError(f"{where}: {csv_path.name} line {i}: {r['filename']} is not in {zip_path.name}")
+                yield {"image": {"bytes": z.read(members[r["filename"]]), "path": None}, "caption": caps}

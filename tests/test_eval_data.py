@@ -590,3 +590,35 @@ def test_download_over_a_datacomp_folder_keeps_its_shards(online, tmp_path):
     assert (tmp_path / "wds_cifar10_test" / "test" / "0.tar").stat().st_mtime_ns == before
     assert (tmp_path / "wds_cifar10_test" / ".complete.json").is_file()
     assert not (tmp_path / "cifar10").exists()
+
+
+def test_download_retrieval_set_from_the_scripts_raw_files(online, tmp_path):
+    """No parquet anywhere: the csv (Karpathy-style, captions as a JSON list in `raw`) and the image
+    zip that the loading script reads."""
+    import csv
+    import zipfile
+
+    from conceptprune.evaluation.download import download
+
+    _, images, captions = retrieval_table(4)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["sentids", "imgid", "tokens", "raw", "sentid", "filename", "split"])
+    for i, caps in enumerate(captions):
+        w.writerow([json.dumps(list(range(len(caps)))), i, json.dumps([c.split() for c in caps]), json.dumps(caps),
+                    json.dumps(0), f"{1000 + i}.jpg", "test"])
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("__MACOSX/images_flickr_1k_test/._1000.jpg", b"junk")
+        for i, im in reversed(list(enumerate(images))):
+            z.writestr(f"images_flickr_1k_test/{1000 + i}.jpg", im["bytes"])
+    repo = {"main": {"flickr_1k_test_image_text_retrieval.py": SCRIPT, "test_1k_flickr.csv": buf.getvalue().encode(),
+                     "images_flickr_1k_test.zip": zbuf.getvalue()}}
+    with FakeHub({"nlphuji/flickr_1k_test_image_text_retrieval": repo}) as hub:
+        assert download(tmp_path, [FLICKR], endpoint=hub.url)["errors"] == {}
+    dest = tmp_path / "retrieval-flickr_1k_test_image_text_retrieval"
+    rec = json.loads((dest / ".complete.json").read_text())
+    assert (rec["via"], rec["rows"]) == ("csv+zip", 4)
+    got = _read_retrieval(dest)
+    assert [c for _, c in got] == [[" ".join(x.splitlines()) for x in c] for c in captions]
+    assert all(np.array_equal(img, _rgb(src["bytes"])) for (img, _), src in zip(got, images))
