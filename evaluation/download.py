@@ -190,7 +190,7 @@ def download_hf(task: Task, data_dir: Path, revision: str | None, endpoint: str 
         import json
 
         return json.loads((dest / layout.MARKER).read_text())
-    stage = data_dir / ".downloads" / task.folder
+    stage = data_dir / layout.STAGE / task.folder
     record, rows = fetch_source(task, stage, revision, endpoint)
     n = write_set(kind, rows, dest, task.key)
     record = {"task": task.key, "source": task.source, **record, "rows": n}
@@ -199,6 +199,8 @@ def download_hf(task: Task, data_dir: Path, revision: str | None, endpoint: str 
         record["expected_rows"] = task.size
     write_json(dest / layout.MARKER, record)
     shutil.rmtree(stage, ignore_errors=True)
+    if not any(stage.parent.iterdir()):
+        stage.parent.rmdir()
     return record
 
 

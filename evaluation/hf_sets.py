@@ -66,7 +66,8 @@ def _locate(path: Path, base: Path | None) -> Path | None:
     if base is not None:
         parts = path.parts
         if "downloads" in parts:
-            moved = base.joinpath("downloads", *parts[parts.index("downloads") + 1:])
+            last = len(parts) - 1 - parts[::-1].index("downloads")
+            moved = base.joinpath("downloads", *parts[last + 1:])
             if moved.is_file():
                 return moved
     return None
@@ -198,7 +199,7 @@ def hf_cache_files(hf_cache: Path, name: str) -> list[Path]:
     if not root.is_dir():
         return []
     builds: dict[Path, list[Path]] = {}
-    for f in root.glob(f"*/*/*/{name}-test*.arrow"):
+    for f in root.rglob(f"{name}-test*.arrow"):  # <config>/<version>/<hash>/ (datasets 2.x)
         builds.setdefault(f.parent, []).append(f)
     if not builds:
         return []

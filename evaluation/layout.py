@@ -24,6 +24,7 @@ from .tasks import Task
 log = logging.getLogger(__name__)
 
 MARKER = ".complete.json"
+STAGE = ".downloads"  # where the nlphuji sources wait for their conversion
 
 
 def candidates(data_dir: str | Path, task: Task) -> list[Path]:
@@ -75,6 +76,8 @@ def locate(data_dir: str | Path, task: Task) -> tuple[Path, str, str]:
         return Path(data_dir) / task.folder, "convertible", "in hf_cache (converted on first use)"
     if found:
         return found
+    if task.is_hf_dataset and (Path(data_dir) / STAGE / task.folder).is_dir():
+        return Path(data_dir) / task.folder, "partial", "interrupted download"
     return candidates(data_dir, task)[0], "missing", ""
 
 
