@@ -32,11 +32,15 @@ class WriteError(ConceptPruneError):
 
 
 def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
-    return WriteError(f"{path}: cannot write ({e.strerror or e}); nothing was replaced")
+    why = e.strerror or f"short write, disk full or file-size limit? {e}"
+    return WriteError(f"{path}: cannot write ({why}); nothing was replaced")
 
 
 def is_write_failure(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in _WRITE_ERRNOS
+    if not isinstance(e, OSError):
+        return False
+    # numpy's tofile (np.save into a real file) reports a short write without an errno
+    return e.errno in _WRITE_ERRNOS or (e.errno is None and "requested and" in str(e) and "written" in str(e))
 
 
 class StagedFile:

@@ -27,12 +27,26 @@ def load(path: str | Path, require_all: bool = True) -> dict[str, dict]:
             raise ConfigError(f"{path}: unknown task {key!r} (your own tasks need --partial)")
         if key in out:
             raise ConfigError(f"{path}: task {key} appears more than once")
+        _check_main_metric(path, key, r)
         out[key] = r
     missing = [t.key for t in TASKS if t.main_metric is not None and t.key not in out]
     if require_all and missing:
         raise ConfigError(f"{path}: {len(missing)} task(s) with a main metric missing, e.g. {', '.join(missing[:3])}"
                           " (evaluate them, or pass --partial to aggregate what is there)")
     return out
+
+
+def _check_main_metric(path, key, row) -> None:
+    """A main metric is null or a finite fraction in [0, 1] (57.3 is a percentage: refused)."""
+    metrics = row.get("metrics")
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path}: task {key}: no 'metrics' object")
+    v = metrics.get("main_metric")
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{path}: task {key}: main_metric {v!r} is not a fraction in [0, 1]"
+                          + (" (a percentage? divide by 100)" if isinstance(v, (int, float)) and 1 < v <= 100 else ""))
 
 
 def aggregates(results: dict[str, dict]) -> dict[str, float]:
@@ -47,6 +61,8 @@ def aggregates(results: dict[str, dict]) -> dict[str, float]:
 
 def compare(paths: list[str], *, scale: str = "medium", names: list[str] | None = None, out: str | None = None,
             partial: bool = False) -> dict:
+    if names is not None and len(names) != len(paths):
+        raise ConfigError(f"--names gives {len(names)} name(s) for {len(paths)} results file(s); give one per file")
     runs = [load(p, require_all=not partial) for p in paths]
     names = names or [Path(p).parent.name or Path(p).stem for p in paths]
     if len(set(names)) < len(names):
