@@ -119,8 +119,9 @@ LFS_SUFFIXES = (".tar", ".parquet", ".zip", ".arrow")
 class FakeHub:
     """repos: {repo_id: {revision: {path: bytes}}}."""
 
-    def __init__(self, repos: dict):
+    def __init__(self, repos: dict, cut: str | None = None):
         self.repos = repos
+        self.cut = cut  # a file path whose first GET stops half-way (a dropped connection)
         self.requests: list[str] = []
         self.commits = {}
         for repo, revs in repos.items():
@@ -175,6 +176,19 @@ class FakeHub:
                     etag = e["lfs"]["oid"] if "lfs" in e else e["oid"]
                     h = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
                     rng = self.headers.get("Range")
+                    if rng:
+                        hub.requests.append(f"Range {rng} {fp}")
+                    if fp == hub.cut and not head and not rng:
+                        hub.cut = None
+                        self.send_response(200)
+                        for k, v in h.items():
+                            self.send_header(k, v)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        return None
                     if rng and not head:
                         start = int(rng.split("=")[1].split("-")[0])
                         h["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
@@ -592,6 +606,7 @@ def test_download_over_a_datacomp_folder_keeps_its_shards(online, tmp_path):
     with FakeHub({"djghosh/wds_cifar10_test": {"main": wds_repo()}}) as hub:
         assert download(tmp_path, ["cifar10"], endpoint=hub.url)["errors"] == {}
     assert not [r for r in hub.requests if r.startswith("GET") and r.endswith(".tar")]  # checked, not fetched
+    assert [r for r in hub.requests if r.startswith("HEAD") and r.endswith("test/0.tar")]
     assert (tmp_path / "wds_cifar10_test" / "test" / "0.tar").stat().st_mtime_ns == before
     assert (tmp_path / "wds_cifar10_test" / ".complete.json").is_file()
     assert not (tmp_path / "cifar10").exists()
@@ -627,3 +642,18 @@ def test_download_retrieval_set_from_the_scripts_raw_files(online, tmp_path):
     got = _read_retrieval(dest)
     assert [c for _, c in got] == [[" ".join(x.splitlines()) for x in c] for c in captions]
     assert all(np.array_equal(img, _rgb(src["bytes"])) for (img, _), src in zip(got, images))
+
+
+def test_download_resumes_a_cut_transfer(online, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    from conceptprune.evaluation.download import download
+
+    monkeypatch.setattr(c, "DOWNLOAD_CHUNK_SIZE", 1024)  # 10 MiB otherwise: these shards are one chunk
+    repo = wds_repo(2, 40)
+    with FakeHub({"djghosh/wds_mnist_test": {"main": repo}}, cut="test/1.tar") as hub:
+        errors = [download(tmp_path, ["mnist"], endpoint=hub.url)["errors"] for _ in range(2)]
+    assert errors[-1] == {}  # within the first call (huggingface_hub retries) or on the rerun
+    half = len(repo["test/1.tar"]) // 2
+    assert [r for r in hub.requests if r.startswith("Range")] == [f"Range bytes={half}- test/1.tar"]  # resumed
+    assert (tmp_path / "wds_mnist_test" / "test" / "1.tar").read_bytes() == repo["test/1.tar"]
