@@ -85,13 +85,11 @@ def convert_from_hf_cache(data_dir: str | Path, task: Task) -> Path:
     """Convert DataComp's ``hf_cache`` copy of an nlphuji set into our folder (once)."""
     from conceptprune.atomic import write_json
 
-    from .hf_sets import write_set
+    from .hf_sets import iter_table_rows, write_set
 
     files = hf_cache_files(data_dir, task)
     dest = Path(data_dir) / task.folder
     kind = "winogavil" if task.type == "winogavil" else "retrieval"
-    from .hf_sets import iter_table_rows
-
     log.info("%s: converting %s into %s", task.key, files[0].parent, dest)
     n = write_set(kind, iter_table_rows(files), dest, task.key, base=Path(data_dir) / "hf_cache")
     write_json(dest / MARKER, {"task": task.key, "source": task.source, "via": "hf_cache",

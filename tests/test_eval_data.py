@@ -277,10 +277,8 @@ def _parquet(table) -> bytes:
     return buf.getvalue()
 
 
-IMAGE = None  # pyarrow type of a datasets Image value
-
-
 def _image_type():
+    """The Arrow type of a `datasets` Image value."""
     import pyarrow as pa
 
     return pa.struct([("bytes", pa.binary()), ("path", pa.string())])
