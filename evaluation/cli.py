@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--tasks", nargs="+", help="task keys (default: all 40)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when present)")
+    p.add_argument("--precision", choices=["amp", "fp32"], default="amp",
+                   help="amp (default): fp16 autocast where DataComp uses it on CUDA (zero-shot classifiers, "
+                        "retrieval, WinoGAViL), fp32 on CPU; fp32: never autocast. Recorded in eval_run.json")
     add_cluster_args(p)
     p.set_defaults(func=_evaluate)
     acts = p.add_subparsers(dest="action", metavar="<action>")
@@ -77,7 +80,8 @@ def _evaluate(a) -> int:
 
     executor, options = options_from_args(a)
     res = evaluate(a.model, a.data_dir, a.output, arch=a.arch, tasks=a.tasks, batch_size=a.batch_size,
-                   device=a.device, workers=a.workers or 1, executor=executor, options=options)
+                   device=a.device, workers=a.workers or 1, executor=executor, options=options,
+                   precision=a.precision)
     for r in res["results"]:
         v = r["metrics"]["main_metric"]
         print(f"{r['dataset']:28s} {'-' if v is None else f'{v:.4f}'}")

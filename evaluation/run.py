@@ -1,12 +1,19 @@
 """``conceptprune evaluate``: DataComp's suite on a trained model, results in DataComp's format.
 
-The model is loaded once for all tasks. Classification and retrieval go through
-clip_benchmark (``zeroshot_classification.evaluate``, ``zeroshot_retrieval.evaluate``, amp off
-as in DataComp); WILDS, fairness and WinoGAViL reuse clip_benchmark's zero-shot classifier and
-add their group metrics. Each finished task is appended to ``eval_results.jsonl`` as
-``{"key", "dataset", "metrics": {..., "main_metric"}}``; a rerun skips tasks already there and
-never writes a task twice. A task that fails (missing data, an empty shard) is recorded in
-``eval_errors.json`` and the others still run. On SLURM, tasks can be spread over array tasks.
+Every task is computed as DataComp's ``eval_utils`` computes it (see ``metrics``): zero-shot
+classification with clip_benchmark's classifier and fp32 image pass; WILDS, Dollar Street and
+GeoDE add the ``wilds`` package's group metrics from the ``npy`` member; FairFace and UTKFace use
+four zero-shot classifiers and labels from ``npy`` only; retrieval through clip_benchmark;
+WinoGAViL as ``wino_eval``. Precision: by default fp16 autocast where DataComp uses it on CUDA
+(the zero-shot classifiers, retrieval, WinoGAViL), fp32 on CPU; ``precision="fp32"`` opts out.
+What each task ran with is kept in ``eval_run.json`` beside the results.
+
+The model is loaded once for all tasks. Each finished task is appended to a part file and merged
+into ``eval_results.jsonl`` as ``{"key", "dataset", "metrics": {..., "main_metric"}}`` (DataComp's
+row); a rerun skips tasks already there and never writes a task twice; a torn last line (a run
+killed while writing) is dropped with a warning and its task evaluated again. A task that fails
+(missing data, an empty shard) is recorded in ``eval_errors.json`` and the others still run. On
+SLURM, tasks can be spread over array tasks.
 """
 
 from __future__ import annotations
@@ -94,10 +101,6 @@ def task_dir(data_dir: str | Path, task: Task) -> Path:
     return d
 
 
-def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def wds_samples(d: Path, *extensions: str):
     """Decoded samples of a wds test split: tuples of the given extensions (first: image)."""
     import webdataset as wds
@@ -111,6 +114,17 @@ def wds_samples(d: Path, *extensions: str):
 
 # -- one task ----------------------------------------------------------------------------------
 
+PRECISIONS = ("amp", "fp32")
+# the parts DataComp runs under fp16 autocast on CUDA (clip_benchmark's amp=True default and
+# wino_eval's torch.cuda.amp.autocast); everything else, and everything on CPU, is fp32
+AUTOCAST_PARTS = {
+    "zeroshot_classification": "zero-shot classifier (text tower); images fp32",
+    "wilds": "zero-shot classifier (text tower); images fp32",
+    "fairness": "zero-shot classifier(s) (text tower); images fp32",
+    "retrieval": "image and text towers and the similarities",
+    "winogavil": "image and text towers and the similarities",
+}
+
 
 @dataclass
 class Evaluator:
@@ -120,14 +134,32 @@ class Evaluator:
     batch_size: int = 64
     device: str = "auto"
     workers: int = 1
+    precision: str = "amp"  # DataComp's autocast choices on CUDA; "fp32" everywhere else or on request
     _model: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def amp(self) -> bool:
+        """fp16 autocast where DataComp uses it: only with --precision amp on a CUDA device."""
+        return self.precision == "amp" and self.resolved_device().startswith("cuda")
+
+    def precision_record(self, task: Task) -> dict:
+        return {"precision": self.precision, "device": self.resolved_device(),
+                "fp16_autocast": AUTOCAST_PARTS.get(task.type) if self.amp else None}
 
     def model(self):
         if self._model is None:
-            import torch
-
-            device = "cuda" if self.device == "auto" and torch.cuda.is_available() else (
-                "cpu" if self.device == "auto" else self.device)
+            device = self.resolved_device()
             self._model = (*load_model(self.arch, self.checkpoint, device), device)
         return self._model
 
@@ -140,22 +172,98 @@ class Evaluator:
     def run(self, task: Task) -> dict:
         d = task_dir(self.data_dir, task)
         fn = {"zeroshot_classification": self._classification, "retrieval": self._retrieval,
-              "wilds": self._grouped, "fairness": self._grouped, "winogavil": self._winogavil}[task.type]
+              "wilds": self._wilds, "fairness": self._fairness, "winogavil": self._winogavil}[task.type]
         metrics = fn(task, d)
-        main = metrics.get(task.main_metric) if task.main_metric else None
-        metrics["main_metric"] = main
+        # DataComp: metrics.get(main_metric, defaulting to acc1); FairFace/UTKFace have no main metric
+        metrics["main_metric"] = metrics.get(task.main_metric) if task.main_metric else None
         return {"key": task.key, "dataset": task.name, "metrics": _clean(metrics)}
 
-    def _classification(self, task: Task, d: Path) -> dict:
-        from clip_benchmark.datasets.builder import build_dataset
-        from clip_benchmark.metrics import zeroshot_classification
+    # -- zero-shot classification (DataComp's evaluate_webdataset) --------------------------------
 
-        model, preprocess, tokenizer, device = self.model()
-        ds = build_dataset(f"wds/{task.folder}", root=str(d), transform=preprocess, split="test", download=False)
-        if not ds.classes or not ds.templates:
-            raise EvaluationError(f"{task.key}: classnames.txt or zeroshot_classification_templates.txt missing in {d}")
-        return zeroshot_classification.evaluate(model, self.loader(ds), tokenizer, ds.classes, ds.templates,
-                                                device, amp=False)
+    def classifier(self, classnames: list[str], templates: list[str]):
+        from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
+
+        model, _, tokenizer, device = self.model()
+        return zero_shot_classifier(model, tokenizer, classnames, templates, device, amp=self.amp)
+
+    def predict(self, task: Task, d: Path, classifier, members: tuple[str, ...]) -> tuple:
+        """100 * normalized image features @ classifier (fp32, as clip_benchmark's run_classification
+        with amp=False) for every sample, with the requested members (``cls``, ``npy``) stacked.
+        A 3-d classifier (objectives x dim x classes) gives (N, objectives, classes) logits."""
+        import torch
+
+        model, preprocess, _, device = self.model()
+        ds = wds_samples(d, *members).map_tuple(preprocess, *([None] * len(members)))
+        logits, extra = [], [[] for _ in members]
+        with torch.no_grad():
+            for images, *values in self.loader(ds):
+                feats = torch.nn.functional.normalize(model.encode_image(images.to(device)), dim=-1)
+                if classifier.dim() == 3:
+                    out = 100.0 * torch.einsum("bf,mfc->bmc", feats, classifier)
+                else:
+                    out = 100.0 * feats @ classifier
+                logits.append(out.float().cpu())
+                for acc, v in zip(extra, values):
+                    acc.append(torch.as_tensor(np.asarray(v)))
+        if not logits:
+            raise EvaluationError(f"{task.key}: no samples in {d / 'test'}")
+        return (torch.cat(logits), *[torch.cat(v) for v in extra])
+
+    def _classes(self, task: Task, d: Path) -> tuple[list[str], list[str]]:
+        classes, templates = _clip_benchmark_lines(d / "classnames.txt"), _clip_benchmark_lines(
+            d / "zeroshot_classification_templates.txt")
+        if not classes or not templates:
+            raise EvaluationError(f"{task.key}: classnames.txt or zeroshot_classification_templates.txt missing "
+                                  f"or empty in {d}")
+        return classes, templates
+
+    def _classify(self, task: Task, d: Path, members=("cls",)) -> tuple:
+        """(DataComp's classification metrics, logits, labels, *other members)."""
+        classes, templates = self._classes(task, d)
+        logits, target, *rest = self.predict(task, d, self.classifier(classes, templates), members)
+        target = target.long()
+        return (M.classification_metrics(logits, target, len(classes)), logits, target, *rest)
+
+    def _classification(self, task: Task, d: Path) -> dict:
+        return self._classify(task, d)[0]
+
+    def _wilds(self, task: Task, d: Path) -> dict:
+        metrics, logits, target, meta = self._classify(task, d, ("cls", "npy"))
+        if task.key not in M.FIELDS:  # your own WILDS-like task: accuracy by each metadata column
+            return {**metrics, **_custom_groups(task, logits.argmax(1).numpy() == target.numpy(), meta.numpy())}
+        metrics.update(M.wilds_metrics(task.key, logits.argmax(1).numpy(), target.numpy(), meta.numpy()))
+        return metrics
+
+    def _fairness(self, task: Task, d: Path) -> dict:
+        if task.key in ("fairness/fairface", "fairness/utkface"):
+            return self._fairface(task, d)
+        metrics, logits, target, meta = self._classify(task, d, ("cls", "npy"))
+        if task.key == "fairness/dollar_street":
+            metrics.update(M.dollar_street_metrics(M.topk_predictions(logits, 5), target.numpy(), meta.numpy()))
+        elif task.key == "fairness/geode":
+            metrics.update(M.geode_metrics(logits.argmax(1).numpy(), target.numpy(), meta.numpy()))
+        else:
+            metrics.update(_custom_groups(task, logits.argmax(1).numpy() == target.numpy(), meta.numpy()))
+        return metrics
+
+    def _fairface(self, task: Task, d: Path) -> dict:
+        """DataComp's evaluate_fairface_dataset: one zero-shot classifier per objective (class names
+        and templates prefixed ``race:``, ``gender:``, ``age:``, ``toxic:``), labels from ``npy``."""
+        import torch
+
+        classes, templates = self._classes(task, d)
+        per = M.split_objectives(classes, templates, str(d))
+        clfs = [self.classifier(per[o]["classnames"], per[o]["templates"]) for o in M.FAIRFACE_OBJECTIVES]
+        n_classes = [c.shape[1] for c in clfs]
+        stacked = torch.zeros((len(clfs), clfs[0].shape[0], max(n_classes)), dtype=clfs[0].dtype,
+                              device=clfs[0].device)
+        for i, c in enumerate(clfs):
+            stacked[i, :, : n_classes[i]] = c
+        logits, meta = self.predict(task, d, stacked, ("npy",))
+        pred = M.multilabel_predictions(logits.numpy(), n_classes)
+        return M.fairface_metrics(pred, meta.numpy())
+
+    # -- retrieval and WinoGAViL ------------------------------------------------------------------
 
     def _retrieval(self, task: Task, d: Path) -> dict:
         from clip_benchmark.datasets.builder import build_dataset
@@ -165,40 +273,16 @@ class Evaluator:
         ds = build_dataset(f"wds/{task.folder}", root=str(d), transform=preprocess, split="test", download=False,
                            task="zeroshot_retrieval")
         n = _count_samples(d)
-        ks = [k for k in (1, 5, 10) if k <= n]
-        out = zeroshot_retrieval.evaluate(model, self.loader(ds), tokenizer, device, amp=False, recall_k_list=ks)
-        for k in ks:  # DataComp's main metric is mean_recall@1
-            out[f"mean_recall@{k}"] = (out[f"image_retrieval_recall@{k}"] + out[f"text_retrieval_recall@{k}"]) / 2
+        ks = [k for k in (1, 5, 10) if k <= n]  # DataComp: [1, 5, 10] (clip_benchmark needs k <= images)
+        out = zeroshot_retrieval.evaluate(model, self.loader(ds), tokenizer, device, amp=self.amp, recall_k_list=ks)
+        out["mean_recall@1"] = 0.5 * (out["text_retrieval_recall@1"] + out["image_retrieval_recall@1"])
         return out
 
-    def logits(self, task: Task, d: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Zero-shot logits, labels and npy group metadata of every sample."""
-        import torch
-        from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
-
-        model, preprocess, tokenizer, device = self.model()
-        classes, templates = _lines(d / "classnames.txt"), _lines(d / "zeroshot_classification_templates.txt")
-        weights = zero_shot_classifier(model, tokenizer, classes, templates, device, amp=False)
-        ds = wds_samples(d, "cls", "npy").map_tuple(preprocess, None, None)
-        logits, target, meta = [], [], []
-        with torch.no_grad():
-            for images, labels, md in self.loader(ds):
-                feats = torch.nn.functional.normalize(model.encode_image(images.to(device)), dim=-1)
-                logits.append((100.0 * feats @ weights).cpu().numpy())
-                target.append(np.asarray(labels))
-                meta.append(np.asarray(md).reshape(len(labels), -1))
-        if not logits:
-            raise EvaluationError(f"{task.key}: no samples in {d / 'test'}")
-        return np.concatenate(logits), np.concatenate(target).astype(np.int64), np.concatenate(meta).astype(np.int64)
-
-    def _grouped(self, task: Task, d: Path) -> dict:
-        logits, target, meta = self.logits(task, d)
-        fn = M.wilds_metrics if task.type == "wilds" else M.fairness_metrics
-        return fn(task, logits, target, meta)
-
     def _winogavil(self, task: Task, d: Path) -> dict:
+        """DataComp's wino_eval: per question, the cue as 'A/An <cue>', the top n_assoc candidates by
+        cosine similarity (fp16 autocast on CUDA), sklearn's Jaccard with the gold associations."""
+        import contextlib
         import io
-        import tarfile
 
         import torch
         from PIL import Image
@@ -206,25 +290,48 @@ class Evaluator:
         from conceptprune.data.tars import iter_samples
 
         model, preprocess, tokenizer, device = self.model()
-        scores = []
+        scores, groups = [], []
         n = int((d / "test" / "nshards.txt").read_text().strip())
         for i in range(n):
             for sample in iter_samples(d / "test" / f"{i}.tar"):
                 q = json.loads(sample.parts["json"])
                 cands = q["candidates"]
-                images = torch.stack([preprocess(Image.open(io.BytesIO(sample.parts[f"{c}.jpg"])).convert("RGB"))
+                images = torch.stack([preprocess(Image.open(io.BytesIO(_member(sample, c, task))))
                                       for c in cands])
-                with torch.no_grad():
-                    img = torch.nn.functional.normalize(model.encode_image(images.to(device)), dim=-1)
-                    txt = torch.nn.functional.normalize(model.encode_text(tokenizer([M.article(q["cue"])]).to(device)),
-                                                        dim=-1)
-                sims = (img @ txt.T).squeeze(1).cpu().numpy()
-                gold = set(q["associations"])
-                pred = {cands[j] for j in np.argsort(-sims, kind="stable")[: len(gold)]}
-                scores.append((len(cands), M.jaccard(pred, gold)))
+                y_true = np.isin(cands, q["associations"])
+                amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+                with torch.no_grad(), amp:
+                    img = model.encode_image(images.to(device), normalize=True)
+                    txt = model.encode_text(tokenizer([M.clip_prompt(q["cue"])]).to(device), normalize=True)
+                    sims = (txt @ img.T).squeeze(0).cpu().numpy()
+                scores.append(M.jaccard(y_true, M.winogavil_choice(sims, y_true)))
+                groups.append(len(cands))
         if not scores:
             raise EvaluationError(f"{task.key}: no samples in {d / 'test'}")
-        return M.winogavil_metrics(scores)
+        return M.winogavil_metrics(scores, groups)
+
+
+def _member(sample, candidate: str, task: Task) -> bytes:
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if f"{candidate}.{ext}" in sample.parts:
+            return sample.parts[f"{candidate}.{ext}"]
+    raise EvaluationError(f"{task.key}: sample {sample.key} has no image for candidate {candidate!r}")
+
+
+def _clip_benchmark_lines(path: Path) -> list[str]:
+    """A text file's lines as clip_benchmark reads classnames.txt and the templates."""
+    return [line.strip() for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _custom_groups(task: Task, correct: np.ndarray, meta: np.ndarray) -> dict:
+    """Your own grouped task: DataComp-style accuracy per value of each named metadata column."""
+    fields = [task.metadata.get(i, f"col{i}") for i in range(meta.shape[1])]
+    out = {}
+    for name in task.metadata.values():
+        groups = M.standard_group_eval("acc", correct, meta, fields, [name])
+        groups[f"acc_worst_{name}"] = groups.pop("acc_wg")
+        out.update(groups)
+    return out
 
 
 def _count_samples(d: Path) -> int:
@@ -250,19 +357,60 @@ def _clean(metrics: dict) -> dict:
 
 # -- results files -----------------------------------------------------------------------------
 
+RUN_INFO = "eval_run.json"  # per task: the precision, device and autocast it was evaluated with
+
+
+def _parse_lines(path: Path) -> tuple[list[dict], int | None]:
+    """(rows, byte offset where a torn last line starts, or None). A last line that is not JSON
+    (a run killed mid-write) is left out; a bad line before the last one is an error."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows, offset = [], 0
+    for i, line in enumerate(lines, 1):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            if all(not rest.strip() for rest in lines[i:]):
+                return rows, start
+            raise EvaluationError(f"{path}: line {i} is not a JSON object (only a torn last line is "
+                                  "repaired; fix or remove this line)") from None
+        rows.append(row)
+    return rows, None
+
 
 def read_results(path: str | Path) -> list[dict]:
+    """The rows of a results file; a torn last line is skipped with a warning."""
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise EvaluationError(f"{path}: line {i} is not JSON") from None
+    rows, torn = _parse_lines(path)
+    if torn is not None:
+        log.warning("%s: the last line is incomplete (a run killed while writing it?); it is skipped and "
+                    "its task is evaluated again", path)
     return rows
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line off a file we append to, so the next row starts on a line of its own."""
+    if not path.exists():
+        return
+    _, torn = _parse_lines(path)
+    size = path.stat().st_size
+    if torn is None and (size == 0 or path.read_bytes()[-1:] == b"\n"):
+        return
+    cut = torn if torn is not None else size
+    log.warning("%s: removing an incomplete last line (%d bytes)", path, size - cut)
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        if cut and (f.seek(cut - 1), f.read(1))[1] != b"\n":
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _append(path: Path, row: dict) -> None:
@@ -283,6 +431,7 @@ class EvalStage(Stage):
         out = Path(self.work_dir)
         part = out / "parts" / f"{rank:05d}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(part)
         done = {r["key"] for r in _all_rows(out)}
         ran, failed = [], {}
         for key in self.task_keys[rank::world_size]:
@@ -296,7 +445,7 @@ class EvalStage(Stage):
                 log.error("%s failed: %s", key, failed[key])
                 log.debug("%s", traceback.format_exc())
                 continue
-            _append(part, row)
+            _append(part, {**row, "_run": self.evaluator.precision_record(task)})
             ran.append(key)
             log.info("%s: %s = %s", key, task.main_metric, row["metrics"]["main_metric"])
         return {"ran": ran, "failed": failed}
@@ -311,37 +460,55 @@ def _all_rows(out: Path) -> list[dict]:
 
 def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None, tasks: list[str] | None = None,
              batch_size: int = 64, device: str = "auto", workers: int = 1, executor: str = "auto",
-             options=None) -> dict:
-    """Evaluate and merge into OUTPUT/eval_results.jsonl; returns {'results', 'errors'}."""
+             options=None, precision: str = "amp") -> dict:
+    """Evaluate and merge into OUTPUT/eval_results.jsonl; returns {'results', 'errors', 'model', 'run'}.
+
+    ``precision``: "amp" (default) uses fp16 autocast where DataComp does, on CUDA only (on CPU
+    everything is fp32); "fp32" never autocasts. What each task ran with is kept in eval_run.json."""
     arch, ckpt = resolve_model(model, arch)
     chosen = select(tasks, data_dir)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device)
-    if executor == "auto" and workers <= 1:
-        evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
-    stage = EvalStage(str(out), evaluator, [t.key for t in chosen])
-    shutil.rmtree(stage.marker_dir(), ignore_errors=True)  # resume is per task, from the results
-    res = run_stage(stage, max(1, min(workers, len(chosen))), executor=executor, options=options)
-    errors = {k: v for s in res.summaries for k, v in s["failed"].items()}
-    rows = _merge(out)
+    evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device, precision=precision)
+    done = {r["key"] for r in _all_rows(out)}
+    todo = [t.key for t in chosen if t.key not in done]
+    errors = {}
+    if todo:
+        if executor == "auto" and workers <= 1:
+            evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
+        stage = EvalStage(str(out), evaluator, todo)
+        shutil.rmtree(stage.marker_dir(), ignore_errors=True)  # resume is per task, from the results
+        res = run_stage(stage, max(1, min(workers, len(todo))), executor=executor, options=options)
+        errors = {k: v for s in res.summaries for k, v in s["failed"].items()}
+    else:
+        log.info("all %d task(s) already in %s", len(chosen), out / RESULTS)
+    rows, run_info = _merge(out)
     write_json(out / "eval_errors.json", errors)
     if errors:
         log.warning("%d task(s) failed: %s (see %s)", len(errors), ", ".join(errors), out / "eval_errors.json")
-    return {"results": rows, "errors": errors, "model": {"arch": arch, "checkpoint": ckpt}}
+    return {"results": rows, "errors": errors, "model": {"arch": arch, "checkpoint": ckpt}, "run": run_info}
 
 
-def _merge(out: Path) -> list[dict]:
-    """One row per task, in the registry's order, into eval_results.jsonl (atomically)."""
+def _merge(out: Path) -> tuple[list[dict], dict]:
+    """One row per task, in the registry's order, into eval_results.jsonl (atomically; a torn last
+    line is dropped); each new row's precision record into eval_run.json."""
     from .tasks import TASKS
 
     by_key = {}  # DataComp's tasks in the registry's order, then your own
+    run_path = out / RUN_INFO
+    run_info = json.loads(run_path.read_text()) if run_path.exists() else {}
     for r in _all_rows(out):
-        by_key.setdefault(r["key"], r)
+        extra = r.pop("_run", None)
+        if r["key"] not in by_key:
+            by_key[r["key"]] = r
+            if extra is not None:
+                run_info[r["key"]] = extra
     order = {t.key: i for i, t in enumerate(TASKS)}
     rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], 10**6))
     with atomic_open(out / RESULTS, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    run_info = {k: run_info[k] for k in sorted(run_info, key=lambda k: order.get(k, 10**6)) if k in by_key}
+    write_json(run_path, run_info)
     shutil.rmtree(out / "parts", ignore_errors=True)
-    return rows
+    return rows, run_info

@@ -19,6 +19,18 @@ def _jpg(image) -> bytes:
     return buf.getvalue()
 
 
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _webp(image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
 def _npy(arr) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(arr))
@@ -37,12 +49,17 @@ def _write(root: Path, samples: list[Sample], nshards: int) -> None:
 
 
 def write_classification(root: str | Path, images, labels, classnames: list[str], templates: list[str], *,
-                         metadata=None, nshards: int = 2) -> Path:
-    """Images with integer labels (and optional per-sample metadata rows, stored as npy)."""
+                         metadata=None, nshards: int = 2, image_format: str = "jpg") -> Path:
+    """Images with integer labels (a ``cls`` member; ``labels=None`` writes none, as DataComp's
+    FairFace/UTKFace sets) and optional per-sample metadata rows (an int64 ``npy`` member, as
+    DataComp's WILDS and fairness sets)."""
     root = Path(root)
+    encode = {"jpg": _jpg, "png": _png, "webp": _webp}[image_format]
     samples = []
-    for i, (im, y) in enumerate(zip(images, labels)):
-        parts = {"jpg": _jpg(im), "cls": str(int(y)).encode()}
+    for i, im in enumerate(images):
+        parts = {image_format: encode(im)}
+        if labels is not None:
+            parts["cls"] = str(int(labels[i])).encode()
         if metadata is not None:
             parts["npy"] = _npy(np.asarray(metadata[i], dtype=np.int64))
         samples.append(Sample(f"s{i:07d}", parts))
