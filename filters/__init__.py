@@ -8,9 +8,11 @@ from .base import FilterResult, Within, run_filter, target_count
 from .simple import keep_all, random_subset
 from .clip_score import clip_score
 from .basic import basic, laion2b
+from .image_based import image_based
+from .text_based import text_based
 from .dbp import dbp
 from .semdedup import semdedup
 from .ssl_prototypes import ssl_prototypes
 
 __all__ = ["FilterResult", "Within", "run_filter", "target_count", "keep_all", "random_subset",
-           "clip_score", "basic", "laion2b", "dbp", "semdedup", "ssl_prototypes"]
+           "clip_score", "basic", "laion2b", "image_based", "text_based", "dbp", "semdedup", "ssl_prototypes"]

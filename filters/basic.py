@@ -2,7 +2,8 @@
 
 basic: English caption (fastText lid.176 top-1 'en'), more than 2 words and more than 5
 characters, shorter image side >= 200 px, aspect ratio <= 3.
-laion2b: English caption and CLIP B/32 score >= 0.28.
+laion2b: English caption and CLIP B/32 score >= 0.28, English by gcld3 as in DataComp's
+reproduction (``langid="fasttext"`` for the fastText variant).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within
-from .langid import LanguageId
+from .langid import LanguageId, language_id
 
 
 def caption_mask(texts: list, lid: LanguageId) -> tuple[np.ndarray, np.ndarray]:
@@ -52,9 +53,10 @@ def basic(pool: Pool, *, within=None, lid_model=None) -> FilterResult:
                         {"pool": pool.rows, "candidates": n}, stats={"rejected_by": reasons})
 
 
-def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28) -> FilterResult:
+def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28,
+            langid: str = "gcld3") -> FilterResult:
     within = as_within(within)
-    lid = LanguageId(lid_model)
+    lid = language_id(langid, lid_model)
     kept, n = UidCollector(), 0
     for chunk in pool.iter_chunks(["text", "clip_b32_similarity_score"], progress="laion2b filter"):
         cand = within.mask(chunk.uids)
@@ -63,5 +65,5 @@ def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28)
         score_ok = chunk.column("clip_b32_similarity_score") >= np.float32(threshold)
         kept.add(chunk.uids[cand & english & score_ok])
     within.check()
-    return FilterResult("laion2b", kept, {"lid_model": str(lid.path), "threshold": threshold},
+    return FilterResult("laion2b", kept, {"langid": langid, "lid_model": str(lid.path), "threshold": threshold},
                         {"pool": pool.rows, "candidates": n})

@@ -57,3 +57,34 @@ class LanguageId:
             labels = [self.model.f.predict(line, 1, 0.0, "strict") for line in lines]
             labels = [[lab for _, lab in pred] for pred in labels]
         return [lab[0].replace("__label__", "") if lab else "" for lab in labels]
+
+
+class Gcld3LanguageId:
+    """gcld3, as DataComp's LAION-2B reproduction uses it: ``NNetLanguageIdentifier(min_num_bytes=0,
+    max_num_bytes=1000)``, newlines turned into spaces, the top language taken as it is
+    (``is_reliable`` is not consulted)."""
+
+    MIN_BYTES, MAX_BYTES = 0, 1000
+
+    def __init__(self):
+        try:
+            import gcld3
+        except ImportError:
+            raise ConfigError("gcld3 is not installed: apt-get install protobuf-compiler libprotobuf-dev, then "
+                              "pip install gcld3 (or use --langid fasttext)") from None
+        self.model = gcld3.NNetLanguageIdentifier(min_num_bytes=self.MIN_BYTES, max_num_bytes=self.MAX_BYTES)
+        self.path = f"gcld3 (min_num_bytes={self.MIN_BYTES}, max_num_bytes={self.MAX_BYTES})"
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.model.FindLanguage(text=(t or "").replace("\n", " ")).language for t in texts]
+
+
+def language_id(kind: str = "fasttext", model_path: str | os.PathLike | None = None):
+    """``fasttext`` (lid.176, DataComp's basic/text/image filters) or ``gcld3`` (its laion2b)."""
+    if kind == "gcld3":
+        if model_path:
+            raise ConfigError("--lid-model applies to fastText only, not to --langid gcld3")
+        return Gcld3LanguageId()
+    if kind != "fasttext":
+        raise ConfigError(f"--langid must be fasttext or gcld3, got {kind!r}")
+    return LanguageId(model_path)
