@@ -116,15 +116,18 @@ def _basic(p):
     return run
 
 
-@method("laion2b", "DataComp's LAION-2B filter: English caption and CLIP B/32 score >= 0.28")
+@method("laion2b", "DataComp's LAION-2B filter: English caption (gcld3) and CLIP B/32 score >= 0.28")
 def _laion(p):
     _common(p)
-    p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz)")
+    p.add_argument("--langid", choices=["gcld3", "fasttext"], default="gcld3",
+                   help="language identifier (default gcld3, DataComp's for laion2b; fasttext: lid.176)")
+    p.add_argument("--lid-model", default=None, help="with --langid fasttext: the model (default: bundled lid.176.ftz)")
     p.add_argument("--threshold", type=float_arg("--threshold"), default=0.28, help="minimum CLIP B/32 score (default 0.28)")
 
     def run(a):
         from . import laion2b, run_filter
-        run_filter(laion2b, a.pool, a.out, within=a.within, lid_model=a.lid_model, threshold=a.threshold)
+        run_filter(laion2b, a.pool, a.out, within=a.within, lid_model=a.lid_model, threshold=a.threshold,
+                   langid=a.langid)
     return run
 
 
@@ -226,3 +229,5 @@ def _ssl(p):
                    balance=a.balance, seed=a.seed, **_clustering_kwargs(a))
     return run
 
+
+from . import cli_baselines  # noqa: E402,F401  (registers text-based, image-based and their tools)
