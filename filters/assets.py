@@ -129,7 +129,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and plain containers; any other global or a torch storage is refused."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+               ("_codecs", "encode")}  # protocol 2 writes an array's bytes through _codecs.encode
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED or (module.startswith("numpy.dtypes") and name.endswith("DType")):
@@ -167,19 +168,23 @@ def load_pt(path: str | os.PathLike):
         raise ConfigError(f"{path}: refused by the weights-only loader ({reason}; {e})") from None
 
 
-def _as_matrix(x, path: Path, what: str) -> np.ndarray:
+def _as_matrix(x, path: Path, what: str, keep_half: bool = False) -> np.ndarray:
+    """float32 (or, with ``keep_half``, float16 as stored: cast batch by batch when used)."""
     if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().float().numpy()
+        import torch
+
+        x = x.detach().cpu()
+        x = x.numpy() if x.dtype in (torch.float16, torch.float32) else x.float().numpy()
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.floating):
         raise ConfigError(f"{path}: {what} must be a non-empty 2-D float array, got {x.dtype} {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float16 if keep_half and x.dtype == np.float16 else np.float32)
     if not np.isfinite(x).all():
         raise ConfigError(f"{path}: {what} holds NaN or infinite values")
     return x
 
 
-def load_matrix(path: str | os.PathLike, what: str, key: str | None = None) -> np.ndarray:
+def load_matrix(path: str | os.PathLike, what: str, key: str | None = None, keep_half: bool = False) -> np.ndarray:
     """A float32 (n, d) matrix from .npy, or .pt (an array, a tensor or a dict holding ``key``)."""
     path = Path(path)
     if path.suffix == ".npy":
@@ -195,16 +200,17 @@ def load_matrix(path: str | os.PathLike, what: str, key: str | None = None) -> n
             if key is None or key not in x:
                 raise ConfigError(f"{path}: a dict without {key!r} (keys: {sorted(map(str, x))})")
             x = x[key]
-    return _as_matrix(x, path, what)
+    return _as_matrix(x, path, what, keep_half)
 
 
 def load_centroids(path: str | os.PathLike) -> np.ndarray:
     return load_matrix(path, "centroids", key="centroids")
 
 
-def load_reference(paths) -> np.ndarray:
-    """Reference image features (DataComp's ImageNet files hold them under ``image_features``)."""
-    parts = [load_matrix(p, "reference features", key="image_features") for p in paths]
+def load_reference(paths, keep_half: bool = False) -> np.ndarray:
+    """Reference image features (DataComp's ImageNet files hold them under ``image_features``);
+    ``keep_half`` leaves float16 files in float16 (1.28M x 768 ImageNet rows: 2 GB, not 4)."""
+    parts = [load_matrix(p, "reference features", key="image_features", keep_half=keep_half) for p in paths]
     dims = {p.shape[1] for p in parts}
     if len(dims) != 1:
         raise ConfigError(f"reference feature files differ in width: {sorted(dims)}")

@@ -126,7 +126,7 @@ def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=
     if pool.dim != c.shape[1]:
         raise ConfigError(f"{c_path}: centroids are {c.shape[1]}-d but {pool.embedding_key} is {pool.dim}-d")
     assigner = Assigner(c, assign, batch_size, device)
-    targets = target_centroids(assigner, load_reference(r_paths))
+    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True))
     is_target = np.zeros(assigner.k, dtype=bool)
     is_target[targets] = True
     lid = LanguageId(lid_model)

@@ -348,3 +348,32 @@ def test_laion2b_uses_gcld3(pool, tmp_path):
     expect_ft = set(df.uid[_fasttext_lang(df.text) & score_ok])
     assert uid_set(K.read_keep_list(tmp_path / "laion_ft.npy")) == expect_ft != expect
     assert K.read_manifest(tmp_path / "laion.npy")["params"]["langid"] == "gcld3"
+
+
+def _numpy1_style(pt: bytes, proto: int) -> bytes:
+    """The same checkpoint as numpy 1.x (DataComp's pin) pickles it: numpy.core, not numpy._core."""
+    import io
+    import struct
+    import zipfile
+
+    zin, out = zipfile.ZipFile(io.BytesIO(pt)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                if proto == 2:
+                    data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+                else:  # protocol 4: a length-prefixed name inside a length-prefixed frame
+                    n = struct.unpack("<Q", data[3:11])[0]
+                    body = data[11:11 + n].replace(b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray")
+                    data = data[:3] + struct.pack("<Q", len(body)) + body + data[11 + n:]
+                assert b"numpy.core.multiarray" in data
+            zout.writestr(info, data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("proto", [2, 4])
+def test_load_pt_reads_numpy1_pickles(tmp_path, proto):
+    c = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    (tmp_path / "c.pt").write_bytes(_numpy1_style(_pt_bytes(c, protocol=proto), proto))
+    assert np.array_equal(A.load_centroids(tmp_path / "c.pt"), c)
