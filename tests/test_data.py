@@ -219,6 +219,7 @@ def test_reshard_rejects_unsafe_members_and_missing_shards(tmp_path):
         tf.addfile(info, io.BytesIO(data))
 
     with tarfile.open(shards / "00000000.tar", "w") as tf:
+        add(tf, "000.jpg", _image_bytes(0))
         add(tf, "000.json", json.dumps({"uid": uid}).encode())
         add(tf, "000.txt", b"ok")
         add(tf, "../evil.json", json.dumps({"uid": uid}).encode())
@@ -228,7 +229,7 @@ def test_reshard_rejects_unsafe_members_and_missing_shards(tmp_path):
     m = reshard(shards, tmp_path / "k.npy", tmp_path / "out", executor="debug")
     assert m["unsafe_members_rejected"] == 2 and m["kept_samples"] == 1
     with tarfile.open(tmp_path / "out" / "00000000.tar") as tf:
-        assert sorted(tf.getnames()) == ["000.json", "000.txt"]
+        assert sorted(tf.getnames()) == ["000.jpg", "000.json", "000.txt"]
     assert not (tmp_path / "evil.json").exists()
     (shards / "00000001_stats.json").write_text("{}")
     with pytest.raises(PoolError, match="00000001.tar is missing"):

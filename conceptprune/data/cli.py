@@ -45,7 +45,18 @@ def register(sub) -> None:
     p.add_argument("--keep", required=True, help="keep-list (.npy)")
     p.add_argument("--out", required=True, help="output folder (empty, or an unfinished reshard of the same inputs)")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per output shard (default 10000)")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever --out holds (never allowed when --out is, holds or lies in an input)")
+    p.add_argument("--shuffle-buffer", type=int, default=0, metavar="N",
+                   help="shuffle each worker's output through a buffer of N samples, seeded by --seed "
+                        "(DataComp's --shuffle-bufsize; default 0: input order)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle-buffer (default 0)")
+    p.add_argument("--blur", metavar="METADATA", default=None,
+                   help="blur the faces boxed in this metadata parquet folder's face_bboxes column and re-encode "
+                        "those images as WebP (DataComp's --apply-blur)")
+    p.add_argument("--datacomp-keys", action="store_true",
+                   help="name every output sample <uid>-<j> as DataComp's resharder does (default: the sample's own "
+                        "key, and <key>-<j> for the extra copies of a uid listed more than once)")
     add_cluster_args(p)
     p.set_defaults(func=_reshard)
 
@@ -83,5 +94,6 @@ def _reshard(a) -> None:
 
     executor, options = options_from_args(a)
     meta = reshard(a.shards, a.keep, a.out, shard_size=a.shard_size, workers=a.workers or 1, overwrite=a.overwrite,
-                   executor=executor, options=options)
+                   executor=executor, options=options, shuffle_buffer=a.shuffle_buffer, seed=a.seed,
+                   datacomp_keys=a.datacomp_keys, blur_metadata=a.blur)
     print(json.dumps({k: meta[k] for k in ("kept_samples", "missing_from_shards", "output_shards")}, indent=2))

@@ -1,13 +1,35 @@
 """``conceptprune reshard``: cut the samples of a keep-list out of downloaded shards.
 
-A drop-in for DataComp's resharder output: contiguous ``%08d.tar`` shards with
+A drop-in for DataComp's resharder (``resharder.py``): contiguous ``%08d.tar`` shards with
 ``%08d_stats.json``, ``sizes.json`` (read by open_clip), the keep-list copied to
-``sample_ids.npy`` and ``meta.json`` with counts (kept, keep-list uids missing from the
-shards because their download failed, per worker). Input shards without ``_stats.json``
-(an unfinished download) are skipped with a warning, as DataComp's resharder does.
+``sample_ids.npy`` and ``meta.json`` with DataComp's keys (``output_shard_count`` and
+``output_shard_format`` are what DataComp's ``train.py`` reads) plus our counts (kept,
+keep-list uids missing from the shards because their download failed, per worker). Input
+shards without ``_stats.json`` (an unfinished download) are skipped with a warning, as
+DataComp's resharder does.
 
-Workers take contiguous runs of input shards and write their own numbered parts; a final
-step renames them into one contiguous sequence. Finished workers are skipped on a rerun.
+DataComp's semantics, and where we differ (README "reshard"):
+
+- a uid listed k times in the keep-list is written k times (upsampling). DataComp names every
+  output sample ``<uid>-<j>``; we keep the sample's own key (so the default output is the input
+  members byte for byte) and name the extra copies ``<key>-<j>``, j >= 1; ``datacomp_keys``
+  names every sample ``<uid>-<j>`` as DataComp does. Keep-lists may be memory-mapped raw
+  arrays (no ``.npy`` header), as DataComp's resharder accepts.
+- ``shuffle_buffer`` N: each worker's output passes through a buffer of N samples, like
+  DataComp's ``--shuffle-bufsize``, but seeded (``seed``, rank): a rerun writes the same bytes.
+- ``blur``: faces boxed in the metadata's ``face_bboxes`` column are blurred with img2dataset's
+  blurrer and the image re-encoded as WebP (quality 100), the sample's image member becoming
+  ``.webp``, as DataComp's ``--apply-blur``; DataComp maps shards to parquets by a JSON file,
+  we find each kept uid's boxes in the metadata folder.
+- a sample without an image (``jpg``, ``jpeg``, ``png``, ``webp``: what open_clip's loader needs)
+  is not written and is counted; DataComp's resharder writes it, and open_clip drops it while
+  training. Links, devices and FIFOs inside input tars are dropped and counted.
+
+Job state (completion markers, per-worker parts, SLURM logs) lives beside the output, in
+``<out>.state/``, never inside it; the output is assembled there with ``meta.json`` written
+last and moved into place by one rename, then the state folder is removed. A reshard killed
+at any moment leaves either no ``<out>`` or the finished one; a rerun resumes from the
+markers. ``--out`` may neither be nor contain nor lie inside an input.
 """
 
 from __future__ import annotations
@@ -15,23 +37,85 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
-from conceptprune.errors import ConfigError, PoolError
+from conceptprune.errors import ConfigError, KeepListError, PoolError
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Stage, run_stage
 
-from .tars import ShardWriter, iter_samples
+from .tars import IMAGE_EXTS, Sample, ShardWriter, iter_samples
 
 log = logging.getLogger(__name__)
 STATE = ".reshard.json"
+OUTPUT_SHARD_FORMAT = "{:08d}.tar"  # DataComp's defaults, recorded in meta.json
+OUTPUT_STATS_FORMAT = "{:08d}_stats.json"
+_COUNTS = ("samples_read", "kept", "unsafe_members", "special_members", "no_uid", "without_image",
+           "samples_with_dropped_members", "blurred")
+
+
+def state_dir(out: str | Path) -> Path:
+    """Where a reshard into ``out`` keeps its job state: beside ``out``, never inside it."""
+    out = Path(out)
+    return out.parent / f"{out.name}.state"
+
+
+# -- the keep-list, with multiplicities ---------------------------------------------------------
+
+
+def read_keep_counts(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique uids, how many times each is listed) of a keep-list: a ``.npy`` file or a
+    raw memory-mapped array of ``u8,u8`` records (DataComp's resharder reads both). It must be
+    sorted (DataComp's resharder uses searchsorted and silently selects wrong samples otherwise);
+    a uid listed k times is written k times."""
+    path = Path(path)
+    if hasattr(K, "multiplicities"):  # keeplist's multiset reader
+        return K.multiplicities(K.read_keep_list(path, multiset=True))
+    if not path.is_file():
+        raise KeepListError(f"{path}: keep-list not found")
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    try:
+        if is_npy:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            size = path.stat().st_size
+            if size % U.UID_DTYPE.itemsize:
+                raise KeepListError(f"{path}: neither a .npy file nor a raw array of 16-byte uids "
+                                    f"({size} bytes is not a multiple of 16)")
+            arr = np.memmap(path, U.UID_DTYPE, mode="r") if size else np.empty(0, U.UID_DTYPE)
+    except KeepListError:
+        raise
+    except Exception as e:  # numpy raises several types for a damaged file
+        raise KeepListError(f"{path}: not a readable keep-list ({type(e).__name__}: {e})") from None
+    if arr.ndim != 1 or arr.dtype.names is None or len(arr.dtype.names) != 2 or any(
+            arr.dtype.fields[n][0] != np.dtype("<u8") for n in arr.dtype.names):
+        raise KeepListError(f"{path}: a {arr.ndim}-D array of dtype {arr.dtype}, expected DataComp's 1-D "
+                            "np.dtype('u8,u8')")
+    hi, lo = (np.ascontiguousarray(arr[n]) for n in arr.dtype.names)
+    if len(hi) > 1:
+        ok = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0]) + 1
+            raise KeepListError(f"{path}: not sorted at entry {i}; DataComp's resharder uses searchsorted and "
+                                "would select the wrong samples (fix: conceptprune keep-list sort)")
+    new = np.ones(len(hi), dtype=bool)
+    new[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(hi))).astype(np.int64)
+    return U.make_array(hi[starts], lo[starts]), counts
+
+
+# -- input and output folders -------------------------------------------------------------------
 
 
 def list_input_shards(shards_dir: str | Path) -> tuple[list[Path], list[Path]]:
@@ -52,146 +136,357 @@ def list_input_shards(shards_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return complete, incomplete
 
 
+def check_no_overlap(out: Path, inputs: dict[str, Path]) -> None:
+    """Outputs never overlap inputs: ``out`` (and its state folder) may not be, contain or lie
+    inside an input, whatever --overwrite says (it would delete or mix into the input)."""
+    for where in (out, state_dir(out)):
+        o = where.resolve()
+        for flag, p in inputs.items():
+            r = Path(p).resolve()
+            if r == o or o in r.parents:
+                raise ConfigError(f"--out {out}: {where} is or contains {flag} {p}; choose another output folder "
+                                  "(nothing was deleted)")
+            if r in o.parents:
+                raise ConfigError(f"--out {out} lies inside {flag} {p}; choose an output folder outside the inputs")
+
+
+# -- the workers ------------------------------------------------------------------------------------
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer of ``size`` items: once full, each new item takes the place of a random
+    one, which is emitted; the rest is emitted in random order at the end."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def blur_sample(sample: Sample, boxes: list, blurrer) -> Sample | None:
+    """The sample with the faces in ``boxes`` (relative x0, y0, x1, y1) blurred by img2dataset's
+    blurrer, its image re-encoded as WebP quality 100 (DataComp's --apply-blur); None when the
+    image does not decode."""
+    import cv2
+
+    ext = next(e for e in sample.parts if e.lower() in IMAGE_EXTS)
+    img = cv2.imdecode(np.frombuffer(sample.parts[ext], np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return None
+    ok, enc = cv2.imencode(".webp", blurrer(img, boxes), [int(cv2.IMWRITE_WEBP_QUALITY), 100])
+    if not ok:
+        return None
+    parts = {("webp" if e == ext else e): (enc.tobytes() if e == ext else v) for e, v in sample.parts.items()}
+    return Sample(sample.key, parts, raw=None)
+
+
+def _load_boxes(path: str | None) -> dict:
+    if not path:
+        return {}
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path).to_pydict()
+    return {(int(h), int(l_)): b for h, l_, b in zip(t["hi"], t["lo"], t["face_bboxes"])}
+
+
 @dataclass
 class ReshardStage(Stage):
-    work_dir: str  # the output folder
+    work_dir: str  # the state folder beside the output
     inputs: list
     keep_path: str
     shard_size: int = 10_000
     name: str = "reshard"
+    shuffle_buffer: int = 0
+    seed: int = 0
+    datacomp_keys: bool = False
+    boxes_path: str | None = None  # face boxes of kept uids (blur), written by reshard()
 
     def part_dir(self, rank: int, world_size: int) -> Path:
-        return Path(self.work_dir) / ".parts" / f"{rank:05d}-of-{world_size:05d}"
+        return Path(self.work_dir) / "parts" / f"{rank:05d}-of-{world_size:05d}"
 
     def run(self, rank: int, world_size: int) -> dict:
-        keep = K.read_keep_list(self.keep_path)
+        keep, multiplicity = read_keep_counts(self.keep_path)
         mine = [self.inputs[i] for i in np.array_split(np.arange(len(self.inputs)), world_size)[rank]]
         out = self.part_dir(rank, world_size)
         shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier try of this part
         out.mkdir(parents=True)
         seen = np.zeros(len(keep), dtype=bool)
-        counts = {"samples_read": 0, "kept": 0, "unsafe_members": 0, "no_uid": 0}
-        written, unsafe = [], []
-        state = {"writer": None}
-
-        def flush(batch):
-            uids, ok = [], []
-            for sample in batch:
-                try:
-                    uids.append(U.uid_to_pair(sample.uid()))
-                    ok.append(True)
-                except (ValueError, json.JSONDecodeError):
-                    ok.append(False)
-            counts["no_uid"] += ok.count(False)
-            batch = [s_ for s_, good in zip(batch, ok) if good]
-            if not batch:
-                return
-            found, idx = K.member(keep, np.array(uids, dtype=U.UID_DTYPE))
-            seen[idx[found]] = True
-            for sample, hit in zip(batch, found):
-                if not hit:
-                    continue
-                if state["writer"] is None:
-                    state["writer"] = ShardWriter(out / f"{len(written):08d}.tar")
-                state["writer"].write(sample)
-                counts["kept"] += 1
-                if state["writer"].count == self.shard_size:
-                    state["writer"].close()
-                    written.append(state["writer"].count)
-                    state["writer"] = None
-
+        counts = dict.fromkeys(_COUNTS, 0)
+        unsafe, special, written = [], [], []
+        boxes = _load_boxes(self.boxes_path)
         bar = progress_bar(total=len(mine), desc=f"reshard {rank + 1}/{world_size}", unit="shards")
+        selected = self._select(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar)
+        if self.shuffle_buffer > 0:
+            selected = _buffer_shuffle(selected, self.shuffle_buffer, random.Random(f"{self.seed}:{rank}"))
+        writer = None
         try:
-            for shard in mine:
-                batch = []
-                for sample in iter_samples(shard, unsafe):
-                    counts["samples_read"] += 1
-                    batch.append(sample)
-                    if len(batch) == 512:
-                        flush(batch)
-                        batch = []
-                flush(batch)
-                bar.update(1)
-            if state["writer"] is not None:
-                state["writer"].close()
-                written.append(state["writer"].count)
-                state["writer"] = None
+            for sample, key in selected:
+                if writer is None:
+                    writer = ShardWriter(out / f"{len(written):08d}.tar")
+                writer.write(sample, key)
+                counts["kept"] += 1
+                if writer.count == self.shard_size:
+                    writer.close()
+                    written.append(writer.count)
+                    writer = None
+            if writer is not None:
+                writer.close()
+                written.append(writer.count)
+                writer = None
         finally:
-            if state["writer"] is not None:
-                state["writer"].abort()
+            if writer is not None:
+                writer.abort()
             bar.close()
-        counts["unsafe_members"] = len(unsafe)
+        counts["unsafe_members"], counts["special_members"] = len(unsafe), len(special)
         if unsafe:
             log.warning("reshard part %d: rejected %d tar members with unsafe names (e.g. %r)", rank, len(unsafe),
                         unsafe[0])
+        if special:
+            log.warning("reshard part %d: dropped %d links, devices or FIFOs (e.g. %r)", rank, len(special),
+                        special[0])
         np.save(out / "seen.npy", np.flatnonzero(seen))
         return {**counts, "input_shards": len(mine), "output_sizes": written}
 
+    def _select(self, shards, keep, multiplicity, seen, counts, unsafe, special, boxes, bar) -> Iterator:
+        """(sample, key) for each copy to write, in input order (key None: the sample's own)."""
+        blurrer = None
+        if boxes:
+            from img2dataset.blurrer import BoundingBoxBlurrer
+
+            blurrer = BoundingBoxBlurrer()
+        for shard in shards:
+            batch = []
+            for sample in iter_samples(shard, unsafe, special):
+                counts["samples_read"] += 1
+                counts["samples_with_dropped_members"] += sample.dropped > 0
+                batch.append(sample)
+                if len(batch) == 512:
+                    yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
+                    batch = []
+            yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
+            bar.update(1)
+
+    def _copies(self, batch, keep, multiplicity, seen, counts, boxes, blurrer, shard) -> Iterator:
+        uids, pairs = [], []
+        for sample in batch:
+            try:
+                uid = sample.uid()
+                pairs.append(U.uid_to_pair(uid))
+                uids.append(uid)
+            except (ValueError, json.JSONDecodeError):
+                uids.append(None)
+        counts["no_uid"] += uids.count(None)
+        batch = [s for s, u in zip(batch, uids) if u is not None]
+        uids = [u for u in uids if u is not None]
+        if not batch:
+            return
+        found, idx = K.member(keep, np.array(pairs, dtype=U.UID_DTYPE))
+        for sample, uid, pair, hit, i in zip(batch, uids, pairs, found, idx):
+            if not hit:
+                continue
+            if not sample.has_image():
+                counts["without_image"] += 1
+                continue
+            if blurrer is not None and boxes.get(pair):
+                blurred = blur_sample(sample, boxes[pair], blurrer)
+                if blurred is None:
+                    raise PoolError(f"{shard}: sample {sample.key} (uid {uid}): its image does not decode for --blur")
+                sample = blurred
+                counts["blurred"] += 1
+            seen[i] = True
+            for j in range(int(multiplicity[i])):
+                if self.datacomp_keys:
+                    yield sample, f"{uid}-{j}"
+                else:
+                    yield sample, (None if j == 0 else f"{sample.key}-{j}")
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReshardOptions:
+    shard_size: int = 10_000
+    shuffle_buffer: int = 0
+    seed: int = 0
+    datacomp_keys: bool = False
+    blur_metadata: str | None = None  # folder (or file) of metadata parquet with uid and face_bboxes
+
+    def check(self) -> None:
+        if self.shard_size < 1:
+            raise ConfigError("--shard-size must be >= 1")
+        if self.shuffle_buffer < 0:
+            raise ConfigError("--shuffle-buffer must be >= 0 (0: no shuffle)")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ConfigError("--seed must be in [0, 2**63)")
+
 
 def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000, workers: int = 1,
-            overwrite: bool = False, executor: str = "auto", options=None) -> dict:
+            overwrite: bool = False, executor: str = "auto", options=None, shuffle_buffer: int = 0, seed: int = 0,
+            datacomp_keys: bool = False, blur_metadata: str | Path | None = None) -> dict:
     """Run the reshard stage and assemble its output; returns the meta.json content."""
-    out = Path(out)
-    keep = Path(keep)
-    if shard_size < 1:
-        raise ConfigError("--shard-size must be >= 1")
-    keep_uids = K.read_keep_list(keep)
+    opts = ReshardOptions(shard_size, shuffle_buffer, seed, datacomp_keys,
+                          str(blur_metadata) if blur_metadata else None)
+    opts.check()
+    out, keep = Path(out), Path(keep)
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    inputs = {"--shards": Path(shards), "--keep": keep}
+    if opts.blur_metadata:
+        inputs["--blur"] = Path(opts.blur_metadata)
+    check_no_overlap(out, inputs)
+    keep_uids, multiplicity = read_keep_counts(keep)
     complete, incomplete = list_input_shards(shards)
     for t in incomplete:
         log.warning("skipping %s: no %s_stats.json (unfinished download)", t, t.stem)
     state = {"shards": str(Path(shards).resolve()), "inputs": [t.name for t in complete],
-             "keep_sha1": hashlib.sha1(keep.read_bytes()).hexdigest(), "shard_size": shard_size}
-    _prepare_output(out, state, overwrite)
-    if (out / "meta.json").exists():
-        log.info("%s is already complete", out)
-        return json.loads((out / "meta.json").read_text())
-    stage = ReshardStage(str(out), [str(t) for t in complete], str(keep), shard_size)
+             "keep_sha1": _sha1(keep), "shard_size": opts.shard_size}
+    if opts.shuffle_buffer or opts.datacomp_keys or opts.blur_metadata:  # the default state stays as it was
+        state.update(shuffle_buffer=opts.shuffle_buffer, seed=opts.seed, datacomp_keys=opts.datacomp_keys,
+                     blur_metadata=str(Path(opts.blur_metadata).resolve()) if opts.blur_metadata else None)
+    done = _prepare_output(out, state, overwrite)
+    if done is not None:
+        return done
+    sd = state_dir(out)
+    boxes = _face_boxes(Path(opts.blur_metadata), keep_uids, sd / "face_bboxes.parquet") if opts.blur_metadata else None
+    stage = ReshardStage(str(sd), [str(t) for t in complete], str(keep), opts.shard_size,
+                         shuffle_buffer=opts.shuffle_buffer, seed=opts.seed, datacomp_keys=opts.datacomp_keys,
+                         boxes_path=str(boxes) if boxes else None)
     world = max(1, min(workers, len(complete)))
     result = run_stage(stage, world, executor=executor, options=options)
-    return _assemble(out, stage, world, result.summaries, keep, keep_uids, complete, incomplete)
+    meta = _assemble(out, stage, world, result.summaries, keep, keep_uids, multiplicity, complete, incomplete, state,
+                     opts)
+    shutil.rmtree(sd, ignore_errors=True)
+    return meta
 
 
-def _prepare_output(out: Path, state: dict, overwrite: bool) -> None:
-    state_file = out / STATE
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prepare_output(out: Path, state: dict, overwrite: bool) -> dict | None:
+    """The finished meta.json when ``out`` already holds this reshard; else make way for it."""
+    sd = state_dir(out)
+    meta_path = out / "meta.json"
+    if not overwrite and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("reshard_state") == state:
+            if (sd / STATE).is_file():  # killed after the final rename
+                shutil.rmtree(sd)
+            log.info("%s is already complete", out)
+            return meta
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"--out {out} is not empty; choose an empty or new folder or pass --overwrite")
+        if out.is_dir():
             shutil.rmtree(out)
-        elif not state_file.exists() or json.loads(state_file.read_text()) != state:
-            raise ConfigError(f"--out {out} is not empty (and not an unfinished reshard of the same inputs); "
-                              "choose an empty folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(state_file, state)
+        else:
+            out.unlink()
+    if sd.exists():
+        if not (sd / STATE).is_file():
+            raise ConfigError(f"{sd} exists and is not a reshard's job folder; move it away (reshard keeps its "
+                              "job state there)")
+        if overwrite or json.loads((sd / STATE).read_text()) != state:
+            if not overwrite:
+                raise ConfigError(f"{sd} holds an unfinished reshard of other inputs or options into --out {out}; "
+                                  "rerun that one, or pass --overwrite to discard it")
+            shutil.rmtree(sd)
+    sd.mkdir(parents=True, exist_ok=True)
+    write_json(sd / STATE, state)
+    return None
 
 
-def _assemble(out, stage, world, summaries, keep, keep_uids, complete, incomplete) -> dict:
+def _face_boxes(metadata: Path, keep_uids: np.ndarray, dest: Path) -> Path:
+    """The face boxes of the kept uids that have any, from metadata parquet (uid, face_bboxes)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted(metadata.glob("*.parquet")) if metadata.is_dir() else [metadata]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"--blur {metadata}: no metadata parquet found")
+    his, los, boxes = [], [], []
+    for f in files:
+        try:
+            t = pq.read_table(f, columns=["uid", "face_bboxes"])
+        except (KeyError, pa.ArrowInvalid, OSError) as e:
+            raise PoolError(f"{f}: cannot read columns uid and face_bboxes ({e})") from None
+        t = t.filter(pc.fill_null(pc.greater(pc.list_value_length(t["face_bboxes"]), 0), False))
+        if not len(t):
+            continue
+        arr = U.arrow_uids_to_array(t["uid"].combine_chunks(), source=str(f))
+        found, _ = K.member(keep_uids, arr)
+        rows = np.flatnonzero(found)
+        his.append(U.split(arr)[0][rows])
+        los.append(U.split(arr)[1][rows])
+        boxes += [t["face_bboxes"][int(r)].as_py() for r in rows]
+    table = pa.table({"hi": pa.array(np.concatenate(his) if his else [], pa.uint64()),
+                      "lo": pa.array(np.concatenate(los) if los else [], pa.uint64()),
+                      "face_bboxes": pa.array(boxes, pa.list_(pa.list_(pa.float64())))})
+    tmp = dest.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, dest)
+    log.info("--blur: %d kept uids have face boxes", len(table))
+    return dest
+
+
+def _assemble(out, stage, world, summaries, keep, keep_uids, multiplicity, complete, incomplete, state, opts) -> dict:
+    """Move the parts into one contiguous sequence in the state folder, write meta.json last,
+    then rename the folder into place (a kill leaves no half-made ``out``)."""
+    sd = Path(stage.work_dir)
+    dest = sd / "assembled"
+    dest.mkdir(exist_ok=True)
     sizes, n = {}, 0
     for rank in range(world):
         part = stage.part_dir(rank, world)
         for i, count in enumerate(summaries[rank]["output_sizes"]):
-            name = f"{n:08d}.tar"
+            name = OUTPUT_SHARD_FORMAT.format(n)
             src = part / f"{i:08d}.tar"
             if src.exists():  # not yet moved by an interrupted assemble
-                src.rename(out / name)
-            write_json(out / f"{n:08d}_stats.json", {"count": count, "successes": count})
+                src.rename(dest / name)
+            write_json(dest / OUTPUT_STATS_FORMAT.format(n), {"count": count, "successes": count})
             sizes[name] = count
             n += 1
     seen = np.zeros(len(keep_uids), dtype=bool)
     for rank in range(world):
         seen[np.load(stage.part_dir(rank, world) / "seen.npy")] = True
-    shutil.copyfile(keep, out / "sample_ids.npy")
-    write_json(out / "sizes.json", sizes)
-    total = {k: int(sum(s[k] for s in summaries)) for k in ("samples_read", "kept", "unsafe_members", "no_uid")}
+    shutil.copyfile(keep, dest / "sample_ids.npy")
+    write_json(dest / "sizes.json", sizes)
+    total = {k: int(sum(s.get(k, 0) for s in summaries)) for k in _COUNTS}
     meta = {
-        "keep_list": str(keep), "keep_list_uids": int(len(keep_uids)), "kept_samples": total["kept"],
-        "missing_from_shards": int((~seen).sum()), "samples_read": total["samples_read"],
-        "output_shards": n, "shard_size": stage.shard_size, "input_shards": len(complete),
-        "skipped_input_shards": [t.name for t in incomplete], "unsafe_members_rejected": total["unsafe_members"],
-        "samples_without_uid": total["no_uid"], "workers": world,
+        "keep_list": str(keep), "keep_list_uids": int(len(keep_uids)), "keep_list_entries": int(multiplicity.sum()),
+        "kept_samples": total["kept"], "missing_from_shards": int((~seen).sum()),
+        "samples_read": total["samples_read"], "output_shards": n, "shard_size": stage.shard_size,
+        "input_shards": len(complete), "skipped_input_shards": [t.name for t in incomplete],
+        "unsafe_members_rejected": total["unsafe_members"], "special_members_dropped": total["special_members"],
+        "samples_with_dropped_members": total["samples_with_dropped_members"],
+        "samples_without_image": total["without_image"], "samples_without_uid": total["no_uid"],
+        "workers": world, "shuffle_buffer": opts.shuffle_buffer, "seed": opts.seed,
+        "datacomp_keys": opts.datacomp_keys, "blurred": total["blurred"],
         "per_worker": [{"rank": r, **{k: summaries[r][k] for k in ("input_shards", "samples_read", "kept")}}
                        for r in range(world)],
+        # DataComp's resharder keys (its arguments as strings, its counters as numbers)
+        "input_dir": str(state["shards"]), "output_dir": str(out), "subset_file": str(keep),
+        "num_workers": str(world), "shuffle_bufsize": str(opts.shuffle_buffer),
+        "apply_blur": str(bool(opts.blur_metadata)), "output_shard_format": OUTPUT_SHARD_FORMAT,
+        "output_shard_stats_format": OUTPUT_STATS_FORMAT, "processed_count": total["samples_read"],
+        "output_count": total["kept"], "blur_count": total["blurred"], "output_shard_count": n,
+        "worker_success": world, "cwd": str(Path.cwd()),
+        "reshard_state": state,
     }
-    write_json(out / "meta.json", meta)
-    shutil.rmtree(out / ".parts", ignore_errors=True)
+    write_json(dest / "meta.json", meta)  # last: a folder without it is unfinished
+    if out.is_dir():
+        out.rmdir()  # empty (checked before the run); fails loudly if something was put there since
+    os.rename(dest, out)
     log.info("resharded %d samples into %d shards (%d keep-list uids missing from the shards) -> %s",
              meta["kept_samples"], n, meta["missing_from_shards"], out)
     return meta

@@ -18,7 +18,11 @@ from conceptprune.errors import PoolError
 class Sample:
     key: str
     parts: dict = field(default_factory=dict)  # extension -> bytes, in tar order
-    raw: list = field(default_factory=list, repr=False)  # the members' tar bytes, when read from a tar
+    raw: list | None = field(default_factory=list, repr=False)  # the members' tar bytes (None: rewrite them)
+    dropped: int = 0  # members of this sample dropped when read (links, devices, FIFOs)
+
+    def has_image(self) -> bool:
+        return any(ext.lower() in IMAGE_EXTS for ext in self.parts)
 
     def json(self) -> dict:
         raw = self.parts.get("json")
@@ -56,83 +60,176 @@ def split_name(name: str) -> tuple[str, str]:
 
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})  # what open_clip's loader counts as an image
+_REGULAR = frozenset({b"0", b"\0", b"7"})
+_SPECIAL = frozenset({b"1", b"2", b"3", b"4", b"6"})  # hard link, symlink, char/block device, FIFO
+_KNOWN = _REGULAR | _SPECIAL | {b"5", b"L", b"K", b"S", b"x", b"g", b"X"}
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    if field and field[0] & 0x80:  # base-256 (GNU) for large sizes
-        return int.from_bytes(field, "big") & ~(1 << (8 * len(field) - 1))
-    return int(field or b"0", 8)
+def _nts(field: bytes) -> str:
+    """tar's string fields end at the first NUL (what tar itself reads, not what follows it)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _members(f, path):
-    """(name, is_regular_file, data, raw bytes) of each tar member, headers parsed by hand:
-    tarfile's Python header parsing was most of reshard's time."""
-    long_name = None
-    pax_path = None
-    pending_raw = []
+def _number(field: bytes) -> int:
+    """A numeric header field: octal text up to the first NUL, or GNU base-256."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[:1] == b"\xff" else n
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    """The stored checksum equals the header's byte sum with its own field counted as spaces
+    (unsigned, or signed as some old tars wrote it)."""
+    stored = _number(hdr[148:156])
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 256
+    if stored == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in hdr[:148] + hdr[156:]) + 256
+    return stored == signed
+
+
+def _pax_records(data: bytes, where: str) -> dict:
+    """The records of a pax header, each read by its length prefix: ``"<len> <key>=<value>\\n"``
+    where <len> counts the whole record. A text that merely contains " path=" inside another
+    record's value is that record's value, as tar reads it."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos, pos + 24)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        record = data[pos:pos + length]
+        eq = record.find(b"=", space - pos + 1)
+        if length <= 0 or len(record) < length or not record.endswith(b"\n") or eq < 0:
+            raise PoolError(f"{where}: corrupt pax header record at byte {pos}")
+        key = record[space - pos + 1:eq].decode("utf-8", "surrogateescape")
+        out[key] = record[eq + 1:-1].decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+@dataclass
+class Member:
+    name: str
+    kind: str  # "file", "dir" or "special" (a link, device or FIFO)
+    data: bytes
+    raw: bytes | None  # the member's tar bytes (with its extension headers); None: rewrite its header
+
+
+def _members(f, path) -> Iterator[Member]:
+    """Each tar member as Python's tarfile (and so ``extractall``) reads it, headers parsed by
+    hand (tarfile's Python header parsing was most of reshard's time). Names come from the
+    ustar name and prefix, GNU long names and pax ``path`` records only; pax ``size`` is honoured;
+    global pax headers apply to every later member. Links, devices and FIFOs carry no data."""
+    pending: list[tuple[bytes, dict | str]] = []  # extension headers of the next member, in order
+    pending_raw: list[bytes] = []
+    global_pax: dict = {}
+    offset = 0
     while True:
         hdr = f.read(_BLOCK)
+        where = f"{path}: tar header at byte {offset}"
         if len(hdr) < _BLOCK:
             if hdr.strip(b"\0"):
-                raise PoolError(f"{path}: truncated tar header")
+                raise PoolError(f"{where} is truncated")
             return
         if hdr == _ZERO:
             return
-        chk = hdr[148:156]
-        if sum(hdr) - sum(chk) + 256 != _octal(chk):  # the checksum counts its own field as spaces
-            raise PoolError(f"{path}: corrupt tar header (bad checksum)")
-        size = _octal(hdr[124:136])
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        try:
+            if not _checksum_ok(hdr):
+                raise PoolError(f"{where} is corrupt (bad checksum)")
+            size = _number(hdr[124:136])
+        except ValueError:
+            raise PoolError(f"{where} is corrupt (not a tar header)") from None
+        kind = hdr[156:157]
+        sized = [v["size"] for k, v in pending if k == b"x" and "size" in v]  # the outermost one wins
+        if sized and (kind in _REGULAR or kind not in _KNOWN):
+            try:
+                size = int(sized[0])
+            except ValueError:
+                raise PoolError(f"{where}: pax size {sized[0]!r} is not a number") from None
+        if size < 0:
+            raise PoolError(f"{where} is corrupt (negative size)")
+        carries_data = kind in _REGULAR or kind not in _KNOWN or kind in (b"L", b"K", b"x", b"g", b"X", b"S")
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK if carries_data else 0
         body = f.read(padded)
         if len(body) < padded:
-            raise PoolError(f"{path}: truncated tar shard")
-        kind = hdr[156:157]
+            raise PoolError(f"{path}: member at byte {offset} is truncated")
+        offset += _BLOCK + padded
         data = body[:size]
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        if kind == b"S" or any(k.startswith("GNU.sparse.") for k in global_pax):
+            raise PoolError(f"{where}: GNU sparse members are not supported")
+        if kind in (b"L", b"K"):
+            pending.append((kind, _nts(data)))
             pending_raw.append(hdr + body)
             continue
-        if kind in (b"x", b"g"):  # pax headers; 'path' renames the next member
-            if kind == b"x":
-                for rec in data.split(b"\n"):
-                    if b" path=" in rec:
-                        pax_path = rec.split(b" path=", 1)[1].decode("utf-8", "surrogateescape")
-            pending_raw.append(hdr + body)
+        if kind in (b"x", b"X", b"g"):
+            records = _pax_records(data, where)
+            if any(k.startswith("GNU.sparse.") for k in records):
+                raise PoolError(f"{where}: GNU sparse members are not supported")
+            if kind == b"g":
+                if "size" in records:
+                    raise PoolError(f"{where}: a global pax header may not set a size")
+                global_pax.update(records)
+            else:
+                pending.append((b"x", {**global_pax, **records}))
+                pending_raw.append(hdr + body)
             continue
-        name = hdr[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
-        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
-            name = hdr[345:500].rstrip(b"\0").decode("utf-8", "surrogateescape") + "/" + name
-        name = pax_path or long_name or name
-        raw = b"".join(pending_raw) + hdr + body
-        long_name = pax_path = None
-        pending_raw = []
-        yield name, kind in (b"0", b"\0", b"7"), data, raw
+        name = _nts(hdr[0:100])
+        prefix = _nts(hdr[345:500])
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"
+        if prefix and kind not in (b"L", b"K", b"S"):
+            name = prefix + "/" + name
+        if "path" in global_pax:
+            name = global_pax["path"].rstrip("/")
+        for ext_kind, value in reversed(pending):  # the outermost extension header wins, as in tar
+            if ext_kind == b"L":
+                name = value
+            elif ext_kind == b"x" and "path" in value:
+                name = value["path"].rstrip("/")
+        raw = None if "path" in global_pax else b"".join(pending_raw) + hdr + body
+        pending, pending_raw = [], []
+        if kind == b"5":
+            yield Member(name.rstrip("/"), "dir", b"", raw)
+        elif kind in _SPECIAL:
+            yield Member(name, "special", b"", raw)
+        else:  # a regular file, or an unknown type, which tar extracts as one
+            yield Member(name, "file", data, raw)
 
 
-def iter_samples(path: str | Path, unsafe: list | None = None) -> Iterator[Sample]:
-    """Samples of a tar in order. Members with unsafe names (absolute, '..') are never
-    returned: their names are appended to ``unsafe``."""
+def iter_samples(path: str | Path, unsafe: list | None = None, special: list | None = None) -> Iterator[Sample]:
+    """Samples of a tar in order. Members with unsafe names (absolute, '..') are never returned:
+    their names are appended to ``unsafe``. Links, devices and FIFOs are dropped too, their names
+    appended to ``special``, and the sample they belong to counts them in ``Sample.dropped``.
+    Directory entries are skipped."""
     try:
         f = open(path, "rb", buffering=1 << 20)
     except OSError as e:
         raise PoolError(f"{path}: not a readable tar shard ({e})") from None
     current: Sample | None = None
     with f:
-        for name, regular, data, raw in _members(f, path):
-            if not regular:
+        for m in _members(f, path):
+            if m.kind == "dir":
                 continue
-            if is_unsafe(name):
+            if is_unsafe(m.name):
                 if unsafe is not None:
-                    unsafe.append(name)
+                    unsafe.append(m.name)
                 continue
-            key, ext = split_name(name)
+            key, ext = split_name(m.name)
             if current is None or key != current.key:
                 if current is not None:
                     yield current
                 current = Sample(key)
-            current.parts[ext] = data
-            current.raw.append(raw)
+            if m.kind == "special":
+                if special is not None:
+                    special.append(m.name)
+                current.dropped += 1
+                continue
+            current.parts[ext] = m.data
+            if m.raw is None or current.raw is None:
+                current.raw = None  # rewritten from its parts
+            else:
+                current.raw.append(m.raw)
         if current is not None:
             yield current
 
@@ -146,13 +243,15 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
-    def write(self, sample: Sample) -> None:
-        if sample.raw:  # copied as read: the members' original headers and blocks
+    def write(self, sample: Sample, key: str | None = None) -> None:
+        """Append a sample: its members' bytes as read when it came from a tar and keeps its key,
+        else new headers for its parts (named ``key`` when given; mtime 0, mode 0444)."""
+        if sample.raw and (key is None or key == sample.key):  # the original headers and blocks
             self._tar.fileobj.write(b"".join(sample.raw))
             self._tar.offset += sum(len(r) for r in sample.raw)
         else:
             for ext, data in sample.parts.items():
-                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info = tarfile.TarInfo(f"{key or sample.key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
                 self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
