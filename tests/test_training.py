@@ -4,6 +4,7 @@ SLURM cluster) a 2-node gloo run and a run requeued mid-way."""
 import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,7 +80,33 @@ def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
     assert argv[argv.index("--batch-size") + 1] == "256" and argv[argv.index("--resume") + 1] == "latest"
     assert argv[argv.index("--train-num-samples") + 1] == "16000000" and argv[argv.index("--epochs") + 1] == "8"
     assert argv[argv.index("--precision") + 1] == "amp" and argv[argv.index("--beta2") + 1] == "0.98"
+    assert argv[argv.index("--save-frequency") + 1] == "0"  # DataComp keeps the latest checkpoint
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_dry_run_multi_node_needs_no_slurm_controller(tiny_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, squeue or sinfo anywhere
+    for nodes, gpus in ((2, 8), (4, 4), (1, 8)):
+        rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor="auto",
+                    options=ClusterOptions(nodes=nodes, gpus_per_node=gpus), dry_run=True)
+        out = capsys.readouterr().out
+        assert rec["world_size"] == nodes * gpus and f"nodes {nodes} x tasks per node {gpus}" in out
+        assert "python -m open_clip_train.main --train-data" in out
+    assert rec["executor"] == "auto" and not (tmp_path / "runs").exists()
+
+
+def test_recipe_details_match_datacomps_launcher():
+    from conceptprune.training.recipe import datacomp_scale_config
+
+    assert recipe("xlarge").precision == "amp_bfloat16" and recipe("medium").precision == "amp"
+    assert datacomp_scale_config(recipe("medium")) == {  # DataComp's scale_configs.py, medium
+        "batch_size": 4096, "learning_rate": 5e-4, "train_num_samples": 128_000_000, "warmup": 500,
+        "model": "ViT-B-32", "beta2": None}
+    assert datacomp_scale_config(recipe("xlarge"))["beta2"] == 0.95
+    with pytest.raises(ConfigError, match="--checkpoints must be >= 1"):
+        recipe("medium", checkpoints=0)
+    with pytest.raises(ConfigError, match="--samples-seen must be >= the number of checkpoints"):
+        recipe("medium", samples_seen=-5)
 
 
 def test_bad_input(tiny_shards, tmp_path):
@@ -91,6 +118,10 @@ def test_bad_input(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="does not divide the global batch 64"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor="local",
               options=ClusterOptions(tasks_per_node=3))
+    with pytest.raises(ConfigError, match="--checkpoints must be >= 1"):
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), checkpoints=0), executor="local")
+    with pytest.raises(ConfigError, match="--samples-seen"):
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), samples_seen=-5), executor="local")
     assert not (tmp_path / "r").exists()
 
 
@@ -100,8 +131,22 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
     run = tmp_path / "runs" / "t"
     assert rec["status"] == "finished" and Path(rec["final_checkpoint"]) == run / "checkpoints" / "epoch_2.pt"
     ckpt, model = _load_final(run)
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert sd["epoch"] == 2
+    # DataComp's retention: the latest checkpoint (and open_clip's final epoch), not one per epoch
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_2.pt", "epoch_latest.pt"]
+    # info.pkl in DataComp's form, readable without conceptprune (what DataComp's evaluate.py loads)
+    code = ("import pickle, sys; i = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(repr((sorted(i), type(i['checkpoint']).__name__, str(i['checkpoint']), i['scale'], "
+            "i['scale_config'], str(i['data_dir']))))")
+    shown = subprocess.run([sys.executable, "-I", "-c", code, str(run / "info.pkl")], capture_output=True, text=True,
+                           cwd="/", check=True).stdout
+    keys, kind, ckpt_path, scale, config, data_dir = eval(shown)
+    assert keys == ["checkpoint", "data_dir", "scale", "scale_config"] and kind == "PosixPath"
+    assert ckpt_path == str((run / "checkpoints" / "epoch_latest.pt").resolve()) and Path(ckpt_path).exists()
+    assert scale == "tiny" and data_dir == str(tiny_shards.resolve())
+    assert config == {"batch_size": 64, "learning_rate": 2e-3, "train_num_samples": 256, "warmup": 4,
+                      "model": "cp-tiny-vit", "beta2": None}
     assert rec["data"][0]["shards"] == 4 and rec["world_size"] == 1
     # a finished run is not run again
     before = ckpt.stat().st_mtime
@@ -143,9 +188,9 @@ def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, 
     job_id = rec["job_id"]
     run = tmp_path / "runs" / "rq"
     t0 = time.time()
-    while not (run / "checkpoints" / "epoch_1.pt").exists() and time.time() - t0 < 180:
+    while not (run / "checkpoints" / "epoch_latest.pt").exists() and time.time() - t0 < 180:
         time.sleep(0.2)
-    assert (run / "checkpoints" / "epoch_1.pt").exists()
+    assert (run / "checkpoints" / "epoch_latest.pt").exists()
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     t0 = time.time()
     while time.time() - t0 < 60:  # held ~120 s by SLURM: release it (after slurmd's credential second)
@@ -164,7 +209,7 @@ def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, 
     assert len(starts) == 2 and starts[1]["restart"] == 1
     log = (run / "out.log").read_text()
     assert "resuming checkpoint" in log  # the second start continued from a checkpoint
-    sd = torch.load(final_checkpoint(run), map_location="cpu", weights_only=False)
+    sd = torch.load(final_checkpoint(run), map_location="cpu", weights_only=True)
     steps_per_epoch = 1024 // 64
     assert sd["epoch"] == 4
     assert all(s["step"] == 4 * steps_per_epoch for s in sd["optimizer"]["state"].values())
@@ -187,6 +232,28 @@ def test_resume_point_survives_a_kill_between_checkpoint_writes(tmp_path):
     assert repair_latest(tmp_path / "empty") is None
 
 
+class _Payload:
+    """Unpickling this creates a file: what a planted checkpoint could do on a train rerun."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path):
+    from conceptprune.training.launch import resume_point
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save({"epoch": 1}, ck / "epoch_1.pt")
+    planted = tmp_path / "payload-ran"
+    torch.save({"epoch": 9, "x": _Payload(str(planted))}, ck / "epoch_9.pt")
+    assert resume_point(tmp_path) == ck / "epoch_1.pt"  # the planted one is unreadable as weights
+    assert not planted.exists()
+
+
 def test_same_seed_reproduces_the_run(tiny_shards, tmp_path):
     """open_clip's sample shuffle is seeded from --seed (webdataset would use pid and clock)."""
     states = []
@@ -194,6 +261,6 @@ def test_same_seed_reproduces_the_run(tiny_shards, tmp_path):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name=name, samples_seen=256,
                           checkpoints=1), executor="local")
         ckpt, _ = _load_final(tmp_path / "runs" / name)
-        states.append(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+        states.append(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--samples-seen", type=int, default=None,
                    help="override the recipe's samples seen (a deviation, recorded in run.json)")
     p.add_argument("--checkpoints", type=int, default=None, help="override the recipe's number of checkpoints (8)")
+    p.add_argument("--keep-checkpoints", choices=["latest", "all"], default="latest",
+                   help="latest: epoch_latest.pt and the final epoch_N.pt, as DataComp (default); all: every epoch")
     p.add_argument("--dry-run", action="store_true", help="print the open_clip argv per task and the job, then exit")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job (default: yes locally, no on SLURM)")
@@ -44,7 +46,7 @@ def _train(a) -> None:
     executor, options = options_from_args(a)
     extra = a.extra[1:] if a.extra and a.extra[0] == "--" else a.extra
     cfg = TrainConfig(a.data, a.scale, a.output, a.name, a.seed, a.max_batch_per_gpu, a.samples_seen, a.checkpoints,
-                      extra)
+                      extra, keep_checkpoints=a.keep_checkpoints)
     rec = train(cfg, executor=executor, options=options, dry_run=a.dry_run, wait=a.wait)
     if not a.dry_run:
         print(json.dumps({k: rec.get(k) for k in ("name", "status", "job_id", "final_checkpoint")}, indent=2))

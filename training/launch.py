@@ -49,6 +49,7 @@ class TrainConfig:
     samples_seen: int | None = None  # a deviation from the recipe, recorded in run.json
     checkpoints: int | None = None
     extra_args: list = field(default_factory=list)
+    keep_checkpoints: str = "latest"  # DataComp's: the latest (and the final epoch); "all": every epoch
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -71,7 +72,16 @@ def resolve_data(sources: list[str]) -> tuple[str, list[dict]]:
             patterns.append(str(p))
             described.append({"source": str(p), "shards": 1})
             continue
+        if ((p / "sample_ids.npy").exists() and not (p / "meta.json").exists()) or (p / ".reshard.json").exists():
+            raise ConfigError(f"--data {src}: an unfinished reshard (no meta.json); rerun the same reshard to "
+                              "finish it")
         tars = sorted(p.glob("*.tar"))
+        resharded = sorted(d for d in p.iterdir() if d.is_dir() and (d / "meta.json").is_file()) if not tars else []
+        if resharded:  # DataComp's --data_dir PARENT: every subfolder made by a resharder
+            sub_patterns, sub_described = resolve_data([str(d) for d in resharded])
+            patterns.append(sub_patterns)
+            described += sub_described
+            continue
         if not tars:
             raise ConfigError(f"--data {src}: no .tar shards in this folder")
         names = [t.stem for t in tars]
@@ -106,7 +116,9 @@ def build_argv(cfg: TrainConfig, r: Recipe, world_size: int, train_data: str) ->
         "--model", r.model, "--batch-size", str(plan.per_gpu), "--accum-freq", str(plan.accum_freq),
         "--lr", str(r.lr), "--wd", str(r.wd), "--beta2", str(r.beta2), "--warmup", str(r.warmup),
         "--epochs", str(r.checkpoints), "--workers", str(r.workers), "--precision", r.precision,
-        "--save-frequency", "1", "--save-most-recent", "--resume", "latest",
+        # DataComp keeps the latest checkpoint (--save-frequency 0; open_clip still writes the final epoch_N.pt)
+        "--save-frequency", "1" if cfg.keep_checkpoints == "all" else "0", "--save-most-recent",
+        "--resume", "latest",
         "--logs", str(Path(cfg.output).resolve()), "--name", run_name(cfg), "--seed", str(cfg.seed),
         "--log-every-n-steps", "10", "--report-to", "",
     ]
@@ -214,6 +226,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             final = final_checkpoint(run)
             _update(run / "run.json", status="finished", final_checkpoint=str(final) if final else None,
                     finished=time.time())
+            write_info_pkl(run)
         return {"rank": env.rank, "world_size": env.world_size, "node": env.node}
 
 
@@ -226,9 +239,9 @@ def resume_point(run_dir: Path) -> Path | None:
     best = None
     for p in (Path(run_dir) / "checkpoints").glob("epoch_*.pt"):
         try:
-            epoch = int(torch.load(p, map_location="cpu", mmap=True, weights_only=False)["epoch"])
-        except Exception:  # a checkpoint cut short by the kill
-            log.warning("ignoring unreadable checkpoint %s", p)
+            epoch = int(torch.load(p, map_location="cpu", mmap=True, weights_only=True)["epoch"])
+        except Exception:  # a checkpoint cut short by the kill, or one holding more than tensors
+            log.warning("ignoring unreadable checkpoint %s (cut short, or not plain tensors and numbers)", p)
             continue
         key = (epoch, p.name != "epoch_latest.pt")
         if best is None or key > best[0]:
@@ -257,6 +270,35 @@ def final_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def datacomp_info(run_dir: Path, record: dict) -> dict:
+    """DataComp's ``info.pkl`` content (what its train.py saves and its evaluate.py reads):
+    scale, the checkpoint (``checkpoints/epoch_latest.pt``, as DataComp's), the scale config and
+    the data folder. Plain Python and pathlib objects only."""
+    from .recipe import Recipe, datacomp_scale_config
+
+    r = record["recipe"]
+    rec = Recipe(**{k: (tuple(v) if k == "extra_flags" else v) for k, v in r.items() if k != "train_num_samples"})
+    ckpt = Path(run_dir).resolve() / "checkpoints" / "epoch_latest.pt"
+    if not ckpt.exists() and record.get("final_checkpoint"):
+        ckpt = Path(record["final_checkpoint"])
+    sources = [d.get("source", "") for d in record.get("data", [])]
+    return {"scale": record["scale"], "checkpoint": ckpt, "scale_config": datacomp_scale_config(rec),
+            "data_dir": Path("::".join(sources))}
+
+
+def write_info_pkl(run_dir: Path) -> Path:
+    """``RUN/info.pkl`` beside run.json, so that DataComp's evaluate.py takes the run as its own."""
+    import pickle
+
+    from conceptprune.atomic import atomic_open
+
+    run_dir = Path(run_dir)
+    info = datacomp_info(run_dir, json.loads((run_dir / "run.json").read_text()))
+    with atomic_open(run_dir / "info.pkl", "wb") as f:
+        pickle.dump(info, f)
+    return run_dir / "info.pkl"
+
+
 def _append(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -276,7 +318,13 @@ def train(cfg: TrainConfig, *, executor: str = "auto", options: ClusterOptions |
     """Launch (or resume) a run; returns its run.json content."""
     options = options or ClusterOptions()
     r = recipe(cfg.scale, samples_seen=cfg.samples_seen, checkpoints=cfg.checkpoints)
-    kind = "slurm" if dry_run and executor == "slurm" else (executor if dry_run else resolve_executor(executor))
+    if cfg.keep_checkpoints not in ("latest", "all"):
+        raise ConfigError("--keep-checkpoints must be latest or all")
+    if cfg.max_batch_per_gpu is not None and cfg.max_batch_per_gpu < 1:
+        raise ConfigError("--max-batch-per-gpu must be >= 1")
+    kind = executor if dry_run else resolve_executor(executor)
+    if dry_run and kind == "auto":  # a dry run asks no controller: a multi-node job is a SLURM job
+        kind = "slurm" if options.nodes > 1 else "auto"
     if kind in ("local", "debug", "auto") and options.nodes > 1:
         raise ConfigError(f"--nodes {options.nodes} needs SLURM (no controller answers here)")
     tasks_per_node = options.tasks_per_node if options.tasks_per_node > 1 else max(1, options.gpus_per_node)
@@ -289,7 +337,8 @@ def train(cfg: TrainConfig, *, executor: str = "auto", options: ClusterOptions |
     record = {"kind": "training-run", "name": run_name(cfg), "scale": cfg.scale, "recipe": r.as_dict(),
               "data": sources, "train_data": train_data, "world_size": world, "per_gpu_batch": plan.per_gpu,
               "accum_freq": plan.accum_freq, "seed": cfg.seed, "extra_args": list(cfg.extra_args),
-              "open_clip_argv": argv, "conceptprune_version": __version__, "git_revision": git_revision(),
+              "open_clip_argv": argv, "keep_checkpoints": cfg.keep_checkpoints,
+              "conceptprune_version": __version__, "git_revision": git_revision(),
               "executor": kind, "cluster": options.as_dict()}
     if dry_run:
         _print_dry_run(record, argv, options, kind)
@@ -335,6 +384,8 @@ def _check_existing(run_dir: Path, record: dict) -> dict | None:
             raise ConfigError(f"{run_dir} holds a run with another {key.replace('_', ' ')}; nothing was changed. "
                               "Choose another --name, or the same options to resume it")
     if old.get("status") == "finished":
+        if not (run_dir / "info.pkl").exists():  # a run finished before info.pkl was written
+            write_info_pkl(run_dir)
         log.info("%s is finished (final checkpoint %s); not running it again", run_dir, old.get("final_checkpoint"))
         return old
     if old.get("status") in ("submitted", "running") and old.get("job_id") and _job_alive(old["job_id"]):

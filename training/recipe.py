@@ -46,7 +46,8 @@ RECIPES = {
     "small": Recipe("small", "ViT-B-32", 4096, 5e-4, 12_800_000, 500),
     "medium": Recipe("medium", "ViT-B-32", 4096, 5e-4, 128_000_000, 500),
     "large": Recipe("large", "ViT-B-16", 8192, 5e-4, 1_280_000_000, 500),
-    "xlarge": Recipe("xlarge", "ViT-L-14", 90112, 1e-3, 12_800_000_000, 10000, beta2=0.95),
+    # amp_bfloat16 at xlarge, as DataComp's slurm_train.sh ("amp results in a significant performance drop")
+    "xlarge": Recipe("xlarge", "ViT-L-14", 90112, 1e-3, 12_800_000_000, 10000, beta2=0.95, precision="amp_bfloat16"),
 }
 
 
@@ -54,7 +55,19 @@ def recipe(scale: str, **overrides) -> Recipe:
     if scale not in RECIPES:
         raise ConfigError(f"--scale must be one of {', '.join(RECIPES)}")
     r = RECIPES[scale]
-    return Recipe(**{**asdict(r), **{k: v for k, v in overrides.items() if v is not None}})
+    r = Recipe(**{**asdict(r), **{k: v for k, v in overrides.items() if v is not None}})
+    if r.checkpoints < 1:
+        raise ConfigError(f"--checkpoints must be >= 1 (got {r.checkpoints})")
+    if r.samples_seen < r.checkpoints:
+        raise ConfigError(f"--samples-seen must be >= the number of checkpoints ({r.checkpoints}); "
+                          f"got {r.samples_seen}")
+    return r
+
+
+def datacomp_scale_config(r: Recipe) -> dict:
+    """The recipe as DataComp's ``scale_configs.py`` writes a scale (``beta2`` None: open_clip's default)."""
+    return {"batch_size": r.global_batch, "learning_rate": r.lr, "train_num_samples": r.samples_seen,
+            "warmup": r.warmup, "model": r.model, "beta2": None if r.beta2 == 0.98 else r.beta2}
 
 
 @dataclass
