@@ -11,7 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="run DataComp's 38-task evaluation on a trained model",
                        description="Evaluate a training run (or a checkpoint) on DataComp's suite; results go to "
                                    "OUTPUT/eval_results.jsonl in DataComp's format (a rerun resumes). "
-                                   "Actions: download (the evaluation sets), package (a submission bundle), upload.")
+                                   "Actions: download (the evaluation sets), package (a submission bundle), upload, "
+                                   "submit (bundle + leaderboard record).")
     p.add_argument("--list-tasks", action="store_true",
                    help="print the 40 tasks (source, size; with --data-dir also each one's state there) and exit")
     p.add_argument("--model", help="training run folder (run.json) or an open_clip checkpoint")
@@ -42,11 +43,13 @@ def register(sub) -> None:
     q.set_defaults(func=_download)
     q = acts.add_parser("package", help="build DataComp's submission bundle")
     q.add_argument("--results", required=True, help="eval_results.jsonl (all 38 tasks)")
-    q.add_argument("--keep-list", required=True, help="the keep-list that was trained on")
+    q.add_argument("--keep-list", required=True, action="append",
+                   help="the keep-list that was trained on (repeat for several; DataComp's --samples)")
     q.add_argument("--scale", required=True, choices=["small", "medium", "large", "xlarge"], help="DataComp scale")
     q.add_argument("--out", required=True, help="bundle folder")
-    q.add_argument("--checkpoint", help="also include this checkpoint")
+    q.add_argument("--checkpoint", help="also include this checkpoint (as checkpoint.pt, DataComp's name)")
     q.set_defaults(func=_package)
+    _register_submit(acts)
     q = acts.add_parser("upload", help="upload a bundle to a Hugging Face model repo (needs a token)")
     q.add_argument("--bundle", required=True, help="folder made by 'evaluate package'")
     q.add_argument("--repo", required=True, help="Hugging Face repo id (user/name)")
@@ -111,6 +114,50 @@ def _upload(a) -> None:
     from .package import upload
 
     print(upload(a.bundle, a.repo, private=not a.public))
+
+
+def _register_submit(acts) -> None:
+    q = acts.add_parser(
+        "submit", help="DataComp's leaderboard submission: bundle + record (uploaded only with --upload)",
+        description="Build DataComp's submission bundle and leaderboard record (the fields DataComp's evaluate.py "
+                    "--submit sends) into --out. With --upload, push the bundle to the Hugging Face repo "
+                    "HF_USERNAME/HF_REPO_NAME in one commit and PUT the record to DataComp's leaderboard database.")
+    q.add_argument("--run", required=True, help="training run folder (run.json, or DataComp's info.pkl)")
+    q.add_argument("--results", required=True, help="eval_results.jsonl (all 38 tasks)")
+    q.add_argument("--keep-list", required=True, action="append", help="the keep-list(s) trained on (DataComp's "
+                                                                        "--samples); repeat for several")
+    q.add_argument("--out", required=True, help="folder for the bundle and leaderboard_record.json")
+    q.add_argument("--method-name", required=True, help="shown publicly on the leaderboard")
+    q.add_argument("--author", required=True, help="shown publicly")
+    q.add_argument("--email", required=True, help="contact, not shown publicly")
+    q.add_argument("--hf-username", required=True, help="Hugging Face user or organisation of the repo")
+    q.add_argument("--hf-repo-name", required=True, help="Hugging Face model repo (must exist)")
+    q.add_argument("--track", required=True, choices=["filtering", "byod"], help="competition track")
+    q.add_argument("--writeup", help="link to a paper or blog post (public)")
+    q.add_argument("--dataset-size", default=None,
+                   help="DataComp's free-text dataset size (default, as DataComp: the scale's samples seen); "
+                        "'keep-list': the number of keep-list entries")
+    q.add_argument("--upload-checkpoint", action="store_true", help="include the run's checkpoint as checkpoint.pt")
+    q.add_argument("--upload", action="store_true", help="really upload (network and a Hugging Face token)")
+    q.add_argument("--skip-hf", action="store_true", help="with --upload: do not push the bundle")
+    q.add_argument("--skip-db", action="store_true", help="with --upload: do not send the record")
+    q.add_argument("--hf-endpoint", help="Hugging Face endpoint (default: $HF_ENDPOINT, else huggingface.co)")
+    q.add_argument("--db-url", default=None, help="leaderboard database (default: DataComp's)")
+    q.add_argument("--notify-url", help="also PUT DataComp's submission message as {\"text\": ...} to this URL")
+    q.set_defaults(func=_submit)
+
+
+def _submit(a) -> None:
+    from .package import DATACOMP_DB, submit
+
+    res = submit(a.run, a.results, a.keep_list, a.out, method_name=a.method_name, author=a.author, email=a.email,
+                 hf_username=a.hf_username, hf_repo_name=a.hf_repo_name, track=a.track, writeup=a.writeup,
+                 dataset_size=a.dataset_size, upload_checkpoint=a.upload_checkpoint, do_upload=a.upload,
+                 hf_endpoint=a.hf_endpoint, db_url=a.db_url or DATACOMP_DB, skip_hf=a.skip_hf, skip_db=a.skip_db,
+                 notify_url=a.notify_url)
+    print(json.dumps(res, indent=2))
+    if not a.upload:
+        print("nothing was uploaded; pass --upload to submit")
 
 
 def _compare(a) -> None:

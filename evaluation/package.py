@@ -1,30 +1,76 @@
-"""``conceptprune evaluate package``: DataComp's submission bundle (the upload is explicit)."""
+"""``conceptprune evaluate package | upload | submit``: DataComp's submission, as its evaluate.py
+``--submit`` makes it.
+
+- The bundle: ``OUT/{scale}_scale/results.jsonl``, ``samples/<keep-list name>`` (one or more)
+  and, optionally, the checkpoint as ``checkpoint.pt`` (DataComp's ``path_in_repo`` names).
+- The leaderboard record: DataComp's fields exactly (scale, model, dataset_size, checkpoint,
+  batch_size, learning_rate, method_name, author, email, hf_username, hf_repo_name, timestamp,
+  track, writeup) plus one ``<task name>: main metric`` per task with one. ``dataset_size`` is
+  DataComp's: the ``--dataset-size`` text, else the scale's samples seen (its code falls back to
+  ``train_num_samples``, not to the size of the filtered pool); ``dataset_size="keep-list"`` puts
+  the number of keep-list entries instead (what the field means).
+- Upload, only when asked: one Hugging Face commit of the bundle to ``hf_username/hf_repo_name``
+  (the repository must exist, as with DataComp), then the record PUT as JSON to the leaderboard
+  database at ``<db>/<hf_username>__<hf_repo_name>__<timestamp>.json`` (dots as underscores).
+  DataComp's script also posts a Slack message to the organisers' webhook; that address is
+  not built in here (``notify_url`` sends the same message to a URL you give).
+
+The training facts come from the run folder: ``run.json`` (ours) or DataComp's ``info.pkl``,
+read with an unpickler that builds nothing but plain values and paths.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import pickle
 import shutil
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from conceptprune import keeplist as K
-from conceptprune.errors import ConfigError
+from conceptprune.atomic import write_json
+from conceptprune.errors import ConceptPruneError, ConfigError
 
 from .compare import load
 
 SCALES = ("small", "medium", "large", "xlarge")
+TRACKS = ("filtering", "byod")
+DATACOMP_DB = "https://laion-tng-default-rtdb.firebaseio.com"
+RECORD = "leaderboard_record.json"
 
 
-def package(results: str, keep_list: str, scale: str, out: str, checkpoint: str | None = None) -> Path:
-    """``OUT/{scale}_scale/results.jsonl`` + ``samples/<keep-list>.npy`` (+ the checkpoint)."""
+class SubmissionError(ConceptPruneError):
+    pass
+
+
+# -- the bundle ---------------------------------------------------------------------------------
+
+
+def package(results: str, keep_list: str | list, scale: str, out: str, checkpoint: str | None = None) -> Path:
+    """``OUT/{scale}_scale/results.jsonl`` + ``samples/<keep-list>`` (+ ``checkpoint.pt``)."""
     if scale not in SCALES:
         raise ConfigError(f"--scale must be one of {', '.join(SCALES)}")
+    keep_lists = [keep_list] if isinstance(keep_list, (str, Path)) else list(keep_list)
+    if not keep_lists:
+        raise ConfigError("--keep-list: at least one keep-list (the samples trained on) is required")
     load(results)  # all 38 tasks, no duplicates
-    K.read_keep_list(keep_list)  # a valid keep-list
+    names = [Path(k).name for k in keep_lists]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--keep-list: two keep-lists share the file name {names[0]!r} in samples/")
+    for k in keep_lists:
+        K.read_keep_list(k)  # a valid keep-list
+    if checkpoint and not Path(checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {checkpoint}: not found")
     d = Path(out) / f"{scale}_scale"
     (d / "samples").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results, d / "results.jsonl")
-    shutil.copyfile(keep_list, d / "samples" / Path(keep_list).name)
+    for k in keep_lists:
+        shutil.copyfile(k, d / "samples" / Path(k).name)
     if checkpoint:
-        shutil.copyfile(checkpoint, d / Path(checkpoint).name)
+        shutil.copyfile(checkpoint, d / "checkpoint.pt")
     return d
 
 
@@ -35,3 +81,168 @@ def upload(bundle: str, repo_id: str, private: bool = True) -> str:
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     return api.upload_folder(folder_path=bundle, repo_id=repo_id, repo_type="model")
+
+
+# -- the training facts ---------------------------------------------------------------------------
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, numbers, strings and paths only (DataComp's info.pkl holds no more)."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "Path"),
+               ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            import pathlib
+
+            return getattr(pathlib, name)
+        raise pickle.UnpicklingError(f"refusing to build {module}.{name}")
+
+
+def read_info_pkl(path: str | Path) -> dict:
+    try:
+        info = _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+    except Exception as e:
+        raise ConfigError(f"{path}: not a DataComp info.pkl of plain values ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("scale_config"), dict):
+        raise ConfigError(f"{path}: not a DataComp info.pkl (no scale_config)")
+    return info
+
+
+def training_info(run: str | Path) -> dict:
+    """DataComp's training facts (scale, checkpoint, scale_config) of a run folder."""
+    run = Path(run)
+    if (run / "run.json").is_file():
+        from conceptprune.training.launch import datacomp_info
+
+        return datacomp_info(run, json.loads((run / "run.json").read_text()))
+    if (run / "info.pkl").is_file():
+        return read_info_pkl(run / "info.pkl")
+    raise ConfigError(f"--run {run}: neither run.json nor DataComp's info.pkl in this folder")
+
+
+# -- the record -----------------------------------------------------------------------------------
+
+
+def leaderboard_record(results: str | Path, info: dict, *, method_name: str, author: str, email: str,
+                       hf_username: str, hf_repo_name: str, track: str, writeup: str | None = None,
+                       dataset_size: str | None = None, keep_lists: list | None = None,
+                       timestamp: str | None = None) -> dict:
+    """DataComp's leaderboard record (its evaluate.py ``submit_to_firebase`` fields)."""
+    for flag, v in (("--method-name", method_name), ("--author", author), ("--email", email),
+                    ("--hf-username", hf_username), ("--hf-repo-name", hf_repo_name)):
+        if not v or not str(v).strip():
+            raise ConfigError(f"{flag} is required for a submission")
+    if track not in TRACKS:
+        raise ConfigError(f"--track must be one of {', '.join(TRACKS)}")
+    if "scale" not in info or info["scale"] not in SCALES:
+        raise ConfigError(f"the run's scale {info.get('scale')!r} is not a DataComp scale ({', '.join(SCALES)})")
+    rows = load(results)
+    config = info["scale_config"]
+    if dataset_size == "keep-list":
+        if not keep_lists:
+            raise ConfigError("--dataset-size keep-list needs the keep-list(s)")
+        dataset_size = sum(len(K.read_keep_list(k, **_multiset())) for k in keep_lists)
+    record = {
+        "scale": info["scale"], "model": config["model"],
+        "dataset_size": dataset_size or config["train_num_samples"],
+        "checkpoint": str(info["checkpoint"]), "batch_size": config["batch_size"],
+        "learning_rate": config["learning_rate"], "method_name": method_name, "author": author, "email": email,
+        "hf_username": hf_username, "hf_repo_name": hf_repo_name,
+        "timestamp": timestamp or time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime()),
+        "track": track, "writeup": writeup,
+    }
+    for row in rows.values():
+        v = row["metrics"].get("main_metric")
+        if v is not None:
+            record[row["dataset"]] = v
+    return record
+
+
+def _multiset() -> dict:
+    import inspect
+
+    return {"multiset": True} if "multiset" in inspect.signature(K.read_keep_list).parameters else {}
+
+
+def record_key(record: dict) -> str:
+    return f"{record['hf_username']}__{record['hf_repo_name']}__{record['timestamp']}".replace(".", "_")
+
+
+def notification(record: dict, results: dict) -> str:
+    """DataComp's Slack message for a submission."""
+    import numpy as np
+
+    avg = float(np.mean([r["metrics"]["main_metric"] for r in results.values()
+                         if r["metrics"].get("main_metric") is not None]))
+    imagenet = results["imagenet1k"]["metrics"]["acc1"]
+    msg = (f"New submission ({record['scale']} scale, {record['track']} track): {record['method_name']}. "
+           f"ImageNet accuracy: {imagenet:.3f}. Average performance {avg:.3f}. "
+           f"From {record['author']} ({record['email']}), more details at "
+           f"https://huggingface.co/{record['hf_username']}/{record['hf_repo_name']}.")
+    return msg + (f" Writeup: {record['writeup']}" if record.get("writeup") else "")
+
+
+# -- submit ---------------------------------------------------------------------------------------
+
+
+def submit(run: str, results: str, keep_lists: list, out: str, *, method_name: str, author: str, email: str,
+           hf_username: str, hf_repo_name: str, track: str, writeup: str | None = None,
+           dataset_size: str | None = None, upload_checkpoint: bool = False, do_upload: bool = False,
+           hf_endpoint: str | None = None, token: str | None = None, db_url: str = DATACOMP_DB,
+           skip_hf: bool = False, skip_db: bool = False, notify_url: str | None = None) -> dict:
+    """Build the bundle and the record in ``out``; with ``do_upload``, push both as DataComp does."""
+    info = training_info(run)
+    record = leaderboard_record(results, info, method_name=method_name, author=author, email=email,
+                                hf_username=hf_username, hf_repo_name=hf_repo_name, track=track, writeup=writeup,
+                                dataset_size=dataset_size, keep_lists=keep_lists)
+    ckpt = str(info["checkpoint"]) if upload_checkpoint else None
+    if ckpt and not Path(ckpt).is_file():
+        raise ConfigError(f"--upload-checkpoint: the run's checkpoint {ckpt} is not there")
+    bundle = package(results, keep_lists, info["scale"], out, ckpt)
+    write_json(Path(out) / RECORD, record)
+    done = {"bundle": str(bundle), "record": str(Path(out) / RECORD), "key": record_key(record)}
+    if not do_upload:
+        return done
+    if not skip_hf:
+        done["commit"] = _push_bundle(bundle, f"{hf_username}/{hf_repo_name}", info["scale"], hf_endpoint, token)
+    if not skip_db:
+        url = f"{db_url.rstrip('/')}/{record_key(record)}.json"
+        _put_json(url, record, "the leaderboard database")
+        done["db"] = url
+    if notify_url:
+        _put_json(notify_url, {"text": notification(record, load(results))}, "the notification hook")
+    return done
+
+
+def _push_bundle(bundle: Path, repo_id: str, scale: str, endpoint: str | None, token: str | None) -> str:
+    """One commit with the bundle's files under ``{scale}_scale/`` (DataComp's push_files_to_hub)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    ops = [CommitOperationAdd(path_in_repo=f"{scale}_scale/{p.relative_to(bundle).as_posix()}", path_or_fileobj=str(p))
+           for p in sorted(bundle.rglob("*")) if p.is_file()]
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.create_commit(repo_id=repo_id, operations=ops, commit_message=f"Upload artifacts ({scale} scale)")
+    except RepositoryNotFoundError:
+        raise SubmissionError(f"Hugging Face repository {repo_id} not found (create it first, as for DataComp's "
+                              "evaluate.py, and check your token)") from None
+    except HfHubHTTPError as e:
+        raise SubmissionError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}") from None
+    return info.commit_url
+
+
+def _put_json(url: str, obj: dict, what: str) -> None:
+    req = urllib.request.Request(url, data=json.dumps(obj).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        raise SubmissionError(f"cannot reach {what} at {url} ({getattr(e, 'reason', e)})") from None
+    if status != 200:
+        raise SubmissionError(f"{what} at {url} answered HTTP {status}; the submission is not recorded")
