@@ -10,20 +10,32 @@
    so an interrupted assignment resumes where it stopped.
 
 Everything lives in one folder (``--clustering DIR``), reused by any filter that asks for
-the same pool, embedding key, k and seed. Distances are recomputed row by row after faiss
-picks the centroid: faiss's own distances differ in the last bits with the batch a row is
-searched in, which would make results depend on the number of workers.
+the same pool data (``pool_fingerprint``: sizes, mtimes and a content hash of every file),
+embedding key, k and seed. One run at a time builds or resumes it (an flock on
+``DIR/.lock``; a second run waits, then reuses the result).
+
+Worker-count independence: faiss's scores differ in the last bits with the batch a row is
+searched in (up to ~1e-6), so its argmax alone would move near-tied rows between clusters
+with the number of workers. Each row's cluster is therefore the exact argmax of the real
+inner products, ties to the lowest centroid id: faiss returns the top ``SEARCH_K``; a row
+whose runner-up is within ``TIE_TOL`` (relative to the row's norm) of the best is rechecked
+in float64 over its candidates (over all centroids when all ``SEARCH_K`` are that close),
+and scores within 1e-11 of the best are summed exactly (``math.fsum``). Distances are
+recomputed row by row after the centroid is chosen, for the same reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,9 +43,9 @@ import numpy as np
 
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
-from conceptprune.errors import ConfigError
+from conceptprune.errors import ConfigError, PoolError
 from conceptprune.npz import NpyColumn, row_parallel
-from conceptprune.pool import Pool
+from conceptprune.pool import Pool, file_fingerprints, pool_fingerprint
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Stage, run_stage
 
@@ -43,7 +55,40 @@ from .select import grouped_select
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 16_384  # assignment parts start at multiples of this (aligned reads, same chunks)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data fingerprint, bad-embedding counts, exact tie-breaking
+SEARCH_K = 4  # faiss returns this many nearest centroids a row
+TIE_TOL = 1e-4  # x norm: runner-up scores this close to the best are rechecked (faiss errs by ~1e-6)
+EXACT_TOL = 1e-11  # x norm: float64 scores this close to the best are summed exactly
+
+
+def folder_lock(directory: str | os.PathLike, doing: str):
+    """Hold an exclusive lock on ``directory/.lock`` (the folder is created) for a block."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return file_lock(Path(directory) / ".lock", doing)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, doing: str) -> Iterator[None]:
+    """Hold an exclusive flock on the file ``path`` (created, never deleted) for the block.
+
+    flock locks belong to the open file, so the kernel drops one when its process dies: a
+    killed run never leaves a stale lock behind. A second run waits (and says so). Works
+    on local disks and on NFS (Linux emulates flock with NFS byte-range locks)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            log.warning("%s is held by %s; waiting for it before %s", path, holder, doing)
+            t0 = time.time()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.info("%s: got the lock after %.1f s", path, time.time() - t0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({doing})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _faiss():
@@ -85,9 +130,14 @@ class PoolSpec:
                     bad_embeddings=self.bad_embeddings)
 
 
-def pool_fingerprint(pool: Pool) -> dict:
-    return {"files": [[f.parquet.name, f.rows] for f in pool.files], "rows": pool.rows,
-            "embedding_key": pool.embedding_key, "dim": pool.dim}
+def pool_identity(pool: Pool) -> dict:
+    """What a clustering was made from: the data fingerprint plus readable facts for messages."""
+    return {"fingerprint": pool_fingerprint(pool), "rows": pool.rows, "embedding_key": pool.embedding_key,
+            "dim": pool.dim}
+
+
+def _file_names_fingerprints(pool: Pool) -> dict[str, str]:
+    return {Path(path).name: fp for path, fp in file_fingerprints(pool).items()}
 
 
 @dataclass
@@ -124,6 +174,64 @@ def aligned_split(rows: int, rank: int, world_size: int, block: int = BLOCK_ROWS
 # -- the assignment stage ----------------------------------------------------------------
 
 
+def nearest_centroids(index, centroids64: np.ndarray, x: np.ndarray, norms: np.ndarray,
+                      valid: np.ndarray | None) -> np.ndarray:
+    """Each row's nearest centroid by inner product: the exact argmax, ties to the lowest id,
+    whatever batch the rows come in (see the module doc). ``x`` as stored (any norm)."""
+    m = min(SEARCH_K, len(centroids64))
+    scores, ids = index.search(x, m)
+    cluster = ids[:, 0].astype(np.int32)
+    if m == 1:
+        return cluster
+    norms = norms.astype(np.float64)
+    near = scores[:, 1].astype(np.float64) >= scores[:, 0] - TIE_TOL * norms
+    if valid is not None:
+        near &= valid  # invalid rows are zeros: every centroid ties, and they get -1 anyway
+    rows = np.flatnonzero(near)
+    if len(rows):
+        cluster[rows] = _recheck(x[rows], scores[rows], ids[rows], norms[rows], centroids64)
+    return cluster
+
+
+def _recheck(x: np.ndarray, scores: np.ndarray, ids: np.ndarray, norms: np.ndarray, c64: np.ndarray) -> np.ndarray:
+    """The exact nearest centroid of near-tied rows. Candidates: the returned centroids within
+    TIE_TOL of the best faiss score (the true best is among them, as faiss errs by far less
+    than TIE_TOL / 2), or every centroid when all returned ones are that close."""
+    x64 = x.astype(np.float64)
+    tol = TIE_TOL * norms
+    everything = (scores[:, -1] >= scores[:, 0] - tol) & (len(c64) > ids.shape[1])
+    part = np.flatnonzero(~everything)
+    r, j = np.nonzero(scores[part] >= (scores[part, 0] - tol[part])[:, None])
+    pr, pc = [part[r]], [ids[part][r, j].astype(np.int64)]
+    full = np.flatnonzero(everything)
+    for a in range(0, len(full), 256):  # bounded memory: 256 rows x k scores
+        f = full[a:a + 256]
+        s = x64[f] @ c64.T  # float64 errs by ~1e-13: a 1e-9 margin keeps the true best
+        r, j = np.nonzero(s >= s.max(axis=1, keepdims=True) - 1e-9 * norms[f, None])
+        pr.append(f[r])
+        pc.append(j.astype(np.int64))
+    pr, pc = np.concatenate(pr), np.concatenate(pc)
+    exact = np.einsum("ij,ij->i", x64[pr], c64[pc])  # pair by pair: the same bits in any batch
+    best = np.full(len(x), -np.inf)
+    np.maximum.at(best, pr, exact)
+    close = np.flatnonzero(exact >= best[pr] - EXACT_TOL * norms[pr])
+    close = close[np.bincount(pr[close], minlength=len(x))[pr[close]] > 1]
+    for i in close:  # rows with several candidates this close (true ties): sum exactly
+        exact[i] = math.fsum((x64[pr[i]] * c64[pc[i]]).tolist())  # float32 products are exact in float64
+    order = np.lexsort((pc, -exact, pr))  # per row: the best score, then the lowest id
+    first = order[np.r_[True, pr[order][1:] != pr[order][:-1]]]
+    out = np.empty(len(x), dtype=np.int32)
+    out[pr[first]] = pc[first]
+    return out
+
+
+def part_lock(path: Path):
+    """A lock on one part's outputs: a part left running by a killed launcher (an orphaned
+    worker) and its rerun never write the same files at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(path.parent / f".{path.name}.lock", f"writing {path.name}")
+
+
 @dataclass
 class AssignStage(Stage):
     work_dir: str
@@ -136,13 +244,18 @@ class AssignStage(Stage):
         return {c: Path(f"{base}.{c}.npy") for c in ("uid", "cluster", "dist")} | {"progress": Path(f"{base}.progress.json")}
 
     def run(self, rank: int, world_size: int) -> dict:
+        paths = self.part_paths(rank, world_size)
+        with part_lock(paths["progress"]):
+            return self._run(rank, world_size, paths)
+
+    def _run(self, rank: int, world_size: int, paths: dict[str, Path]) -> dict:
         faiss = _faiss()
         pool = self.pool.open()
         a, b = aligned_split(pool.rows, rank, world_size)
-        paths = self.part_paths(rank, world_size)
-        done = 0
+        done, bad = 0, {"nan_or_inf": 0, "zero": 0, "examples": []}
         if paths["progress"].exists():
-            done = json.loads(paths["progress"].read_text())["rows_done"]
+            state = json.loads(paths["progress"].read_text())
+            done, bad = state["rows_done"], state["bad_embeddings"]
             cols = {c: NpyColumn(paths[c], "r+") for c in ("uid", "cluster", "dist")}
             log.info("assign part %d/%d: resuming at row %d of %d", rank, world_size, done, b - a)
         else:
@@ -150,18 +263,17 @@ class AssignStage(Stage):
                     "cluster": NpyColumn.create(paths["cluster"], b - a, np.int32),
                     "dist": NpyColumn.create(paths["dist"], b - a, np.float32)}
         centroids = np.load(Path(self.work_dir) / "centroids.npy")
+        centroids64 = centroids.astype(np.float64)
         index = faiss.IndexFlatIP(centroids.shape[1])
         if use_gpu(self.gpu):
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(centroids)
-        invalid = 0
         try:
             for chunk in pool.iter_chunks(embeddings=True, start=a + done, stop=b, chunk_rows=BLOCK_ROWS,
                                           progress=f"assign {rank + 1}/{world_size}", normalize=False):
                 # the nearest centroid by inner product does not change with a row's norm, so the
                 # rows are searched as stored and only the one distance per row is scaled
-                _, nearest = index.search(chunk.embeddings, 1)
-                cluster = nearest[:, 0].astype(np.int32)
+                cluster = nearest_centroids(index, centroids64, chunk.embeddings, chunk.norms, chunk.valid)
                 sim = np.empty(len(chunk), dtype=np.float32)
                 x = chunk.embeddings
 
@@ -173,18 +285,24 @@ class AssignStage(Stage):
                 if chunk.valid is not None:
                     cluster[~chunk.valid] = -1
                     dist[~chunk.valid] = np.nan
-                    invalid += int((~chunk.valid).sum())
                 at = chunk.start - a
                 cols["uid"].write(at, chunk.uids)
                 cols["cluster"].write(at, cluster)
                 cols["dist"].write(at, dist)
                 for c in cols.values():
                     c.sync()
-                write_json(paths["progress"], {"rows_done": at + len(chunk)})
+                write_json(paths["progress"], {"rows_done": at + len(chunk), "bad_embeddings": _bad_total(bad, pool)})
         finally:
             for c in cols.values():
                 c.close()
-        return {"rows": b - a, "invalid": invalid}
+        return {"rows": b - a, "bad_embeddings": _bad_total(bad, pool)}
+
+
+def _bad_total(before: dict, pool: Pool) -> dict:
+    """Bad-embedding counts of a part: those recorded before a resume plus this run's."""
+    r = pool.report
+    return {"nan_or_inf": before["nan_or_inf"] + r.nan_or_inf, "zero": before["zero"] + r.zero,
+            "examples": (before["examples"] + r.examples)[:5]}
 
 
 # -- the clustering folder ---------------------------------------------------------------
@@ -254,40 +372,83 @@ def within_id(within: Within) -> str:
 
 def build_clustering(directory: str | os.PathLike, pool: Pool, spec: ClusteringSpec, within: Within, *,
                      workers: int = 1, executor: str = "auto", options: ClusterOptions | None = None) -> Clustering:
-    """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment."""
+    """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment.
+
+    One run at a time (``folder_lock``): a concurrent run with the same folder waits, then
+    reuses what the first one built."""
     directory = Path(directory)
-    meta_path = directory / "clustering.json"
-    fingerprint = pool_fingerprint(pool)
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta["pool"] != fingerprint:
-            raise ConfigError(f"--clustering {directory} was made from another pool or embedding key "
-                              f"({meta['pool']['rows']} rows, {meta['pool']['embedding_key']})")
-        asked = {"k": spec.k, "seed": spec.seed, "niter": spec.niter, "train_sample": spec.train_sample}
-        differing = {key: (meta[key], v) for key, v in asked.items() if v is not None and meta[key] != v}
-        if differing:
-            detail = ", ".join(f"{key} {a} (asked {b})" for key, (a, b) in differing.items())
-            raise ConfigError(f"--clustering {directory} holds another clustering: {detail}; "
-                              "use another folder or the same options")
-        if meta["within"] != within_id(within):
-            log.warning("reusing clustering %s trained on another candidate set", directory)
-        log.info("reusing clustering %s (k=%d)", directory, meta["k"])
-    else:
-        meta = _train(directory, pool, spec.filled(), within, fingerprint)
-    assignment = meta.get("assignment", {})
-    if not assignment.get("complete"):
-        world = assignment.get("world_size", workers)
-        if world != workers:
-            log.info("resuming the assignment with its original %d parts", world)
-        t0 = time.time()
-        stage = AssignStage(str(directory), PoolSpec.of(pool), gpu=spec.gpu)
-        run_stage(stage, world, executor=executor, options=options)
-        meta["assignment"] = {"world_size": world, "complete": True, "wall_time_s": round(time.time() - t0, 3)}
-        write_json(meta_path, meta)
+    identity = pool_identity(pool)
+    with folder_lock(directory, "building or checking the clustering"):
+        meta_path = directory / "clustering.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            _check_reusable(directory, meta, identity, spec, within, pool)
+        else:
+            meta = _train(directory, pool, spec.filled(), within, identity)
+        assignment = meta.get("assignment", {})
+        if not assignment.get("complete"):
+            world = assignment.get("world_size", workers)
+            if world != workers:
+                log.info("resuming the assignment with its original %d parts", world)
+            meta["assignment"] = {"world_size": world, "complete": False}
+            write_json(meta_path, meta)  # a resume keeps these parts, whatever --workers it gets
+            t0 = time.time()
+            stage = AssignStage(str(directory), PoolSpec.of(pool), gpu=spec.gpu)
+            result = run_stage(stage, world, executor=executor, options=options)
+            bad = {"nan_or_inf": 0, "zero": 0, "examples": []}
+            for part in result.summaries:
+                for key in ("nan_or_inf", "zero"):
+                    bad[key] += part["bad_embeddings"][key]
+                bad["examples"] = (bad["examples"] + part["bad_embeddings"]["examples"])[:5]
+            meta["assignment"] = {"world_size": world, "complete": True, "wall_time_s": round(time.time() - t0, 3),
+                                  "bad_embeddings": bad}
+            write_json(meta_path, meta)
+    _apply_bad_embeddings(directory, meta["assignment"]["bad_embeddings"], pool)
     return Clustering(directory)
 
 
-def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, fingerprint: dict) -> dict:
+def _check_reusable(directory: Path, meta: dict, identity: dict, spec: ClusteringSpec, within: Within,
+                    pool: Pool) -> None:
+    if meta.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"--clustering {directory} was made by an older conceptprune (format "
+                          f"{meta.get('format')}, now {FORMAT_VERSION}) that cannot tell whether the pool's data "
+                          "changed since; delete the folder or use another one")
+    made = meta["pool"]
+    if made["fingerprint"] != identity["fingerprint"]:
+        facts = ("rows", "embedding_key", "dim")
+        if any(made[key] != identity[key] for key in facts):
+            raise ConfigError(f"--clustering {directory} was made from another pool or embedding key "
+                              f"({made['rows']} rows, {made['embedding_key']}, dim {made['dim']}; this one: "
+                              f"{identity['rows']} rows, {identity['embedding_key']}, dim {identity['dim']})")
+        then, now = meta.get("pool_files", {}), _file_names_fingerprints(pool)
+        changed = sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))
+        raise ConfigError(f"--clustering {directory} was made from other data: {', '.join(changed[:3]) or 'the pool'}"
+                          f"{' and more' if len(changed) > 3 else ''} changed since (size, time or content); "
+                          "delete the folder or use another one to cluster the pool as it is now")
+    asked = {"k": spec.k, "seed": spec.seed, "niter": spec.niter, "train_sample": spec.train_sample}
+    differing = {key: (meta[key], v) for key, v in asked.items() if v is not None and meta[key] != v}
+    if differing:
+        detail = ", ".join(f"{key} {a} (asked {b})" for key, (a, b) in differing.items())
+        raise ConfigError(f"--clustering {directory} holds another clustering: {detail}; "
+                          "use another folder or the same options")
+    if meta["within"] != within_id(within):
+        log.warning("reusing clustering %s trained on another candidate set", directory)
+    log.info("reusing clustering %s (k=%d)", directory, meta["k"])
+
+
+def _apply_bad_embeddings(directory: Path, bad: dict, pool: Pool) -> None:
+    """Enforce --bad-embeddings on the clustering's recorded bad rows and report them."""
+    n = bad["nan_or_inf"] + bad["zero"]
+    if n and pool.bad_embeddings == "error":
+        first = bad["examples"][0] if bad["examples"] else "?"
+        raise PoolError(f"{first}; {n} rows of the pool have NaN, infinite or all-zero embeddings (recorded in "
+                        f"--clustering {directory}). Re-embed, or pass --bad-embeddings drop to leave them out "
+                        "(never kept)")
+    report = pool.report  # the whole pool's count, not just the rows this process read
+    report.nan_or_inf, report.zero, report.examples = bad["nan_or_inf"], bad["zero"], list(bad["examples"])
+
+
+def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, identity: dict) -> dict:
     faiss = _faiss()
     t0 = time.time()
     rows = sample_rows(pool, within, spec)
@@ -317,7 +478,8 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, fi
     meta = {"format": FORMAT_VERSION, "k": spec.k, "seed": spec.seed, "niter": spec.niter,
             "train_sample": int(len(rows)), "trained_on": int(len(x)), "dim": int(x.shape[1]),
             "objective": float(km.obj[-1]) if len(km.obj) else None, "faiss": faiss.__version__,
-            "gpu": gpu, "pool": fingerprint, "pool_path": str(pool.root), "within": within_id(within),
+            "gpu": gpu, "pool": identity, "pool_files": _file_names_fingerprints(pool),
+            "pool_path": str(pool.root), "within": within_id(within),
             "train_wall_time_s": round(time.time() - t0, 3)}
     write_json(directory / "clustering.json", meta)
     return meta

@@ -11,6 +11,13 @@ are computed for the eps asked.
 Two stages on the job layer: ``shuffle`` (row-range parts) writes each candidate's
 embedding into one of up to 256 bucket files by cluster; ``dedup`` (bucket parts) loads a
 bucket, groups it by cluster and computes M (or the rule's keep flags).
+
+The work folder (``CLUSTERING/semdedup/<candidate set>``) is a cache shared by every run on
+that clustering and candidate set (e.g. several target fractions): one run at a time fills
+it (``folder_lock``; the others wait, then reuse the finished results). The shuffle's
+partial files are keyed by its world size (``shuffle.json``): a rerun with another
+``--workers`` discards an unfinished shuffle (a finished one serves any worker count; the
+dedup's per-bucket results never depend on it).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from conceptprune.keeplist import UidCollector
 from conceptprune.slurm.stage import Stage, run_stage
 
 from .base import FilterResult, Within, as_within, check_fraction, target_count
-from .clustering import BLOCK_ROWS, Clustering, PoolSpec, aligned_split, within_id
+from .clustering import BLOCK_ROWS, Clustering, PoolSpec, aligned_split, folder_lock, part_lock, within_id
 from .common import cluster_table, clustering_for, table_writer
 from .dbp import complexity
 from .select import grouped_select
@@ -140,12 +147,15 @@ class ShuffleStage(Stage):
     name: str = "shuffle"
 
     def run(self, rank: int, world_size: int) -> dict:
+        tag = f"p{rank:05d}-of-{world_size:05d}"
+        out = Path(self.work_dir) / "shuffle"
+        with part_lock(out / tag):
+            return self._run(rank, world_size, tag, out)
+
+    def _run(self, rank: int, world_size: int, tag: str, out: Path) -> dict:
         clustering = Clustering(self.clustering_dir)
         pool = self.pool.open()
         within = Within(self.within_path)
-        tag = f"p{rank:05d}-of-{world_size:05d}"
-        out = Path(self.work_dir) / "shuffle"
-        out.mkdir(parents=True, exist_ok=True)
         for leftover in glob.glob(str(out / f"*.{tag}.*")):  # an interrupted earlier try
             os.unlink(leftover)
         a, b = aligned_split(pool.rows, rank, world_size)
@@ -197,6 +207,7 @@ class DedupStage(Stage):
     dim: int
     rule: str = "paper"
     eps: float | None = None
+    shuffle_world: int = 1  # read only the shuffle parts of this world size
     name: str = "dedup"
 
     def run(self, rank: int, world_size: int) -> dict:
@@ -208,10 +219,7 @@ class DedupStage(Stage):
             if target.exists():  # finished before an interruption
                 rows += int(np.load(target, mmap_mode="r").shape[0])
                 continue
-            metas = sorted(glob.glob(str(work / "shuffle" / f"b{bucket:04d}.*.meta")))
-            meta = np.concatenate([np.fromfile(p, META_DTYPE) for p in metas]) if metas else np.empty(0, META_DTYPE)
-            emb = (np.concatenate([np.fromfile(p[:-5] + ".emb", np.float16).reshape(-1, self.dim) for p in metas])
-                   if metas else np.empty((0, self.dim), np.float16))
+            meta, emb = self._read_bucket(work, bucket)
             order = np.lexsort((meta["lo"], meta["hi"], -meta["dist"], meta["cluster"]))
             meta, emb = meta[order], emb[order]
             out = np.empty(len(meta), OUT_DTYPE)
@@ -233,6 +241,22 @@ class DedupStage(Stage):
                 np.save(f, out)
             rows += len(out)
         return {"rows": rows}
+
+
+    def _read_bucket(self, work: Path, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}.meta"
+        metas, embs = [], []
+        for p in sorted(glob.glob(str(work / "shuffle" / pattern))):
+            meta = np.fromfile(p, META_DTYPE)
+            emb = np.fromfile(p[:-5] + ".emb", np.float16)
+            if len(emb) != len(meta) * self.dim:
+                raise ConfigError(f"{p}: {len(meta)} rows but {p[:-5]}.emb holds {len(emb) / self.dim:g}; "
+                                  f"the shuffle was cut short: delete {work} and rerun")
+            metas.append(meta)
+            embs.append(emb.reshape(-1, self.dim))
+        if not metas:
+            return np.empty(0, META_DTYPE), np.empty((0, self.dim), np.float16)
+        return np.concatenate(metas), np.concatenate(embs)
 
 
 def iter_results(work: Path, k: int):
@@ -310,19 +334,46 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
 
 
 def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, eps, workers, clustering_args):
-    done_file = work / "semdedup.json"
-    if done_file.exists():
-        log.info("reusing SemDeDup results in %s", work)
-        return
-    executor = clustering_args.get("executor", "auto")
-    options = clustering_args.get("options")
-    shuffle = ShuffleStage(str(work), str(clustering.dir), PoolSpec.of(pool),
-                           str(within.path) if within else None)
-    run_stage(shuffle, workers, executor=executor, options=options)
-    dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps)
-    run_stage(dedup, min(workers, n_buckets(clustering.k)), executor=executor, options=options)
-    write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k})
-    shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
+    with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
+        done_file = work / "semdedup.json"
+        if done_file.exists():
+            log.info("reusing SemDeDup results in %s", work)
+            shutil.rmtree(work / "shuffle", ignore_errors=True)  # left by a run killed right at its end
+            return
+        executor = clustering_args.get("executor", "auto")
+        options = clustering_args.get("options")
+        shuffle = ShuffleStage(str(work), str(clustering.dir), PoolSpec.of(pool),
+                               str(within.path) if within else None)
+        world = _shuffle_world(work, shuffle, workers)
+        run_stage(shuffle, world, executor=executor, options=options)
+        dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps, shuffle_world=world)
+        dedup_world = min(workers, n_buckets(clustering.k))
+        _forget_other_worlds(dedup, dedup_world)  # its per-bucket results serve any world size
+        run_stage(dedup, dedup_world, executor=executor, options=options)
+        write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k})
+        shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
+
+
+def _shuffle_world(work: Path, shuffle: ShuffleStage, workers: int) -> int:
+    """The world size to shuffle with: a finished shuffle's own (any worker count reads it);
+    otherwise ``workers``, after discarding an unfinished shuffle made with another."""
+    state = work / "shuffle.json"
+    if state.exists():
+        world = int(json.loads(state.read_text())["world_size"])
+        if len(shuffle.done_parts(world)) == world or world == workers:
+            return world  # finished, or resumed part by part (each part clears its own leftovers)
+        log.info("%s: discarding an unfinished shuffle made with %d parts (now %d)", work, world, workers)
+    shutil.rmtree(work / "shuffle", ignore_errors=True)
+    shutil.rmtree(shuffle.marker_dir(), ignore_errors=True)
+    write_json(state, {"world_size": workers})
+    return workers
+
+
+def _forget_other_worlds(stage, world: int) -> None:
+    d = stage.marker_dir()
+    for p in d.glob("*-of-*.json") if d.exists() else ():
+        if not p.name.endswith(f"-of-{world:05d}.json"):
+            p.unlink()
 
 
 semdedup.uses_clustering = True
