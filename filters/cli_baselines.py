@@ -5,7 +5,7 @@ Registered into :mod:`filters.cli`'s table when that module is imported.
 
 from __future__ import annotations
 
-from .cli import _common, method
+from .cli import _clustering_args, _clustering_kwargs, _common, _job_args, method
 
 
 def _assets_args(p):
@@ -43,11 +43,12 @@ def _image_based(p):
     p.add_argument("--embedding-dir", default=None, help="folder of the npz files if not beside the parquet files")
     p.add_argument("--bad-embeddings", choices=["error", "drop"], default="error",
                    help="NaN/zero embeddings: stop with an error (default) or drop those rows (never kept)")
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--scale", choices=["small", "medium", "large", "xlarge"],
                    help="use DataComp's centroids for this pool scale (downloaded once)")
     g.add_argument("--centroids", metavar="FILE",
-                   help="your own centroids (.npy from image-based-centroids, or .pt as DataComp writes them)")
+                   help="your own centroids (.npy from image-based-centroids, or .pt as DataComp writes them); "
+                        "or, instead of both, --clusters K / --clustering DIR: our clustering engine")
     p.add_argument("--reference", nargs="+", default=None, metavar="FILE",
                    help="reference image features (.pt holding image_features, or .npy; default: DataComp's "
                         "ImageNet-1k L/14 features, 5 files)")
@@ -57,10 +58,20 @@ def _image_based(p):
     p.add_argument("--batch-size", type=int, default=1024, help="rows per assignment batch (default 1024)")
     p.add_argument("--device", default="auto", help="torch device for the assignment (default: cuda when present)")
     _assets_args(p)
+    _clustering_args(p, default_k=100)
+    _job_args(p)
 
     def run(a):
+        from conceptprune.errors import ConfigError
+
         from . import image_based, run_filter
+        engine = a.clusters is not None or a.clustering is not None
+        if (a.scale is not None) + (a.centroids is not None) + engine != 1:
+            raise ConfigError("image-based needs one of --scale (DataComp's centroids), --centroids FILE, "
+                              "or --clusters K / --clustering DIR (our clustering engine)")
         extra = {"embedding_dir": a.embedding_dir} if a.embedding_dir else {}
+        if engine:
+            extra.update(_clustering_kwargs(a), clusters=a.clusters, seed=a.seed)
         run_filter(image_based, a.pool, a.out, within=a.within, embedding_key="l14_img",
                    bad_embeddings=a.bad_embeddings, scale=a.scale, centroids=a.centroids, reference=a.reference,
                    assign=a.assign, lid_model=a.lid_model, batch_size=a.batch_size, device=a.device,

@@ -114,12 +114,21 @@ def resolve_reference(reference, assets_dir=None, assets_url=None) -> list[Path]
 
 def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=None, reference=None,
                 assign: str = "dot", lid_model=None, batch_size: int = 1024, device: str = "auto",
-                assets_dir=None, assets_url=None) -> FilterResult:
+                assets_dir=None, assets_url=None, clusters: int | None = None, seed: int | None = None,
+                out=None, **clustering_args) -> FilterResult:
+    """Centroids from DataComp (``scale``), a file (``centroids``), or our clustering engine
+    (``clusters`` / ``clustering_dir``: spherical k-means, GPU, SLURM parts; see ``engine_image_based``)."""
     from .assets import load_centroids, load_reference
 
     within = as_within(within)
     if not pool.embedding_key:
         raise ConfigError("image-based needs the pool's embeddings (embedding key l14_img)")
+    if clusters is not None or clustering_args.get("clustering_dir"):
+        if scale is not None or centroids is not None or assign != "dot":
+            raise ConfigError("--clusters/--clustering (our clustering engine) go without --scale, --centroids "
+                              "and --assign (unit centroids: the dot rule is the nearest centroid)")
+        return engine_image_based(pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url,
+                                  clusters=clusters, seed=seed, out=out, **clustering_args)
     c_path = resolve_centroids(scale, centroids, assets_dir, assets_url)
     r_paths = resolve_reference(reference, assets_dir, assets_url)
     c = load_centroids(c_path)
@@ -146,6 +155,40 @@ def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=
     params = {"scale": scale, "centroids": str(c_path), "k": assigner.k, "reference": [str(p) for p in r_paths],
               "assign": assign, "lid_model": str(lid.path), "device": assigner.device}
     stats = {"target_centroids": int(len(targets)), "caption_filter_passed": passed}
+    return FilterResult("image-based", kept, params, {"pool": pool.rows, "candidates": n}, stats=stats)
+
+
+image_based.uses_clustering = True  # run_filter passes --out: the engine's folder goes beside it
+
+
+def engine_image_based(pool: Pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url, *,
+                       clusters, seed, out, **clustering_args) -> FilterResult:
+    """image-based on a clustering made by our engine (the one SemDeDup, SSL prototypes and DBP
+    share): its unit centroids and its per-row assignment (exact argmax of x.c, ties to the
+    lowest id: DataComp's rule) are reused, so the pool is assigned once, in parallel parts."""
+    from .assets import load_reference
+    from .common import clustering_for
+
+    cl = clustering_for(pool, clusters, seed, within, default_k=100, out=out, **clustering_args)
+    r_paths = resolve_reference(reference, assets_dir, assets_url)
+    assigner = Assigner(cl.centroids, "dot", batch_size, device)
+    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True))
+    is_target = np.zeros(cl.k, dtype=bool)
+    is_target[targets] = True
+    lid = LanguageId(lid_model)
+    caption_ok = np.zeros(pool.rows, dtype=bool)
+    for chunk in pool.iter_chunks(["text"], progress="image-based: captions"):
+        rows = np.flatnonzero(within.mask(chunk.uids))
+        texts = chunk.pylist("text")
+        caption_ok[rows[caption_filter_mask([texts[i] for i in rows], lid)] + chunk.start] = True
+    kept, n = UidCollector(), 0
+    for rows, uids, cluster, _ in cl.candidates(within):
+        n += len(rows)
+        kept.add(uids[caption_ok[rows] & is_target[cluster]])
+    within.check()
+    params = {"clustering": str(cl.dir), "k": cl.k, "seed": cl.meta.get("seed"), "assign": "dot",
+              "reference": [str(p) for p in r_paths], "lid_model": str(lid.path)}
+    stats = {"target_centroids": int(len(targets)), "caption_filter_passed": int(caption_ok.sum())}
     return FilterResult("image-based", kept, params, {"pool": pool.rows, "candidates": n}, stats=stats)
 
 

@@ -332,6 +332,22 @@ def test_build_centroids_is_datacomps_kmeans(pool, tmp_path):
     assert uid_set(K.read_keep_list(tmp_path / "own.npy")) == set(df.uid[_caption_ok(df.text)])
 
 
+def test_image_based_on_our_clustering_engine(pool, tmp_path):
+    emb = read_embeddings(pool)
+    ref = emb[::250].astype(np.float16)  # a reference set: 12 pool images
+    np.save(tmp_path / "ref.npy", ref)
+    _run("filter", "image-based", "--pool", pool, "--out", tmp_path / "eng.npy", "--clusters", "8",
+         "--reference", tmp_path / "ref.npy", "--executor", "inline", "--gpu", "no")
+    c = np.load(tmp_path / "eng.clustering" / "centroids.npy")  # the engine's unit centroids
+    expect = _expected_image_based(pool, c, ref)
+    got = uid_set(K.read_keep_list(tmp_path / "eng.npy"))
+    assert got == expect and 0 < len(expect) < len(set(read_pool_frame(pool).uid[_caption_ok(read_pool_frame(pool).text)]))
+    _run("filter", "image-based", "--pool", pool, "--out", tmp_path / "again.npy", "--clustering",
+         tmp_path / "eng.clustering", "--reference", tmp_path / "ref.npy", "--executor", "inline")
+    assert uid_set(K.read_keep_list(tmp_path / "again.npy")) == expect
+    assert main(["--quiet", "filter", "image-based", "--pool", str(pool), "--out", str(tmp_path / "x.npy")]) == 2
+
+
 # -- laion2b with gcld3 --------------------------------------------------------------------------
 
 def test_laion2b_uses_gcld3(pool, tmp_path):
