@@ -45,6 +45,13 @@ class Asset:
     name: str  # DataComp's key, also its cache file name (<name>.pt)
     filename: str  # the release asset's file name
     sha256: str
+    url: str | None = None  # where it is, when not on the release page
+    cache_name: str | None = None  # DataComp's cache file name, when not <name>.pt
+    cache_root: str | None = None  # DataComp's cache folder, when not ~/.cache/datacomp
+
+    @property
+    def cached_as(self) -> str:
+        return self.cache_name or f"{self.name}.pt"
 
 
 ASSETS = {a.name: a for a in [
@@ -68,12 +75,17 @@ ASSETS = {a.name: a for a in [
           "04eeab1069d3540c246cf7ce69323147351a474017fc472e4c50a018ca32240b"),
     Asset("xlarge_centroids", "xlarge_centroids_l14.pt",
           "3f62e5f8ae3a715ce84e422846fcfce1536d184455ea234790c4a6465c4c6726"),
+    # DataComp's language-ID model (fastText lid.176.bin; DataComp caches it in ~/.cache/fasttext)
+    Asset("fasttext", "lid.176.bin", "7e69ec5451bc261cc7844e49e4792a85d7f09c06789ec800fc4a44aec362764e",
+          url="https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin", cache_name="lid.176.bin",
+          cache_root="~/.cache/fasttext"),
 ]}
 IN1K_PARTS = tuple(f"in1k_clip_vit_l14_{i}" for i in range(5))
 
 
-def cache_dir(root: str | os.PathLike | None = None) -> Path:
-    return Path(os.path.expanduser(str(root or os.environ.get(DIR_ENV) or "~/.cache/datacomp")))
+def cache_dir(root: str | os.PathLike | None = None, asset: Asset | None = None) -> Path:
+    default = (asset.cache_root if asset else None) or "~/.cache/datacomp"
+    return Path(os.path.expanduser(str(root or os.environ.get(DIR_ENV) or default)))
 
 
 def sha256_of(path: Path) -> str:
@@ -89,14 +101,15 @@ def fetch(name: str, root: str | os.PathLike | None = None, base_url: str | None
     if name not in ASSETS:
         raise ConfigError(f"unknown DataComp asset {name!r}; known: {sorted(ASSETS)}")
     asset = ASSETS[name]
-    target = cache_dir(root) / f"{name}.pt"
+    target = cache_dir(root, asset) / asset.cached_as
     if target.exists() and not target.is_file():
         raise ConfigError(f"{target} exists and is not a regular file")
     if target.is_file():
         if sha256_of(target) == asset.sha256:
             return target
         log.warning("%s exists but its SHA-256 does not match; downloading it again", target)
-    url = f"{(base_url or os.environ.get(URL_ENV) or RELEASE_URL).rstrip('/')}/{asset.filename}"
+    mirror = base_url or os.environ.get(URL_ENV)
+    url = f"{(mirror or RELEASE_URL).rstrip('/')}/{asset.filename}" if mirror or not asset.url else asset.url
     _download(url, target)
     got = sha256_of(target)
     if got != asset.sha256:
@@ -221,6 +234,11 @@ def datacomp_centroids(scale: str, root=None, base_url=None) -> Path:
     if scale not in SCALES:
         raise ConfigError(f"--scale must be one of {list(SCALES)}, got {scale!r}")
     return fetch(f"{scale}_centroids", root, base_url)
+
+
+def datacomp_lid_model(root=None, base_url=None) -> Path:
+    """DataComp's exact fastText model, lid.176.bin (126 MB; the bundled default is lid.176.ftz)."""
+    return fetch("fasttext", root, base_url)
 
 
 def in1k_reference(root=None, base_url=None) -> list[Path]:

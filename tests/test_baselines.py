@@ -237,6 +237,16 @@ def test_fetch_downloads_checks_and_reuses(served, tmp_path):
         A.fetch("huge_centroids")
 
 
+def test_lid_model_datacomp_fetches_lid176(served, tmp_path):
+    from conceptprune.filters.langid import LanguageId
+
+    publish, _, _ = served
+    publish("fasttext", bundled_model_path().read_bytes())  # a real fastText model under DataComp's name
+    lid = LanguageId("datacomp")
+    assert lid.path == tmp_path / "cache" / "lid.176.bin"
+    assert lid.predict(["a photo of a dog on the beach", "ein Hund am Strand im Sommer"]) == ["en", "de"]
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
