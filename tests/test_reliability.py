@@ -148,9 +148,12 @@ def test_set_operations_define_multiplicities(tmp_path, capsys, op, expected):
         _save_datacomp_style(tmp_path / f"{name}.npy", _uids(*[u for u, c in counts.items() for _ in range(c)]))
     rc, _, err = _cli(capsys, "keep-list", op, tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "r.npy")
     assert rc == 0, err
-    raw = np.load(tmp_path / "r.npy")  # what DataComp's resharder loads
+    raw = np.load(tmp_path / "r.npy", mmap_mode="r")  # what DataComp's resharder loads
     assert raw.dtype == np.dtype("u8,u8") and (np.sort(raw) == raw).all()
     assert _counter(raw) == collections.Counter({f"{u:032x}": c for u, c in expected.items()})
+    for u in range(1, 6):  # DataComp writes a sample searchsorted(right) - searchsorted(left) times
+        key = np.array([divmod(u, 2**64)], np.dtype("u8,u8"))[0]
+        assert np.searchsorted(raw, key, "right") - np.searchsorted(raw, key, "left") == expected.get(u, 0)
 
 
 def test_sort_and_from_uids_keep_repeats_unless_unique(tmp_path, capsys):
@@ -368,6 +371,20 @@ def test_pool_validate_and_readers_fail_on_npz_crc(pool, capsys):
              match=f"{npz}: member l14_img.npy fails its zip CRC-32 check")
     with pytest.raises(PoolError, match="CRC-32"):
         for _ in Pool(pool, embedding_key="l14_img").iter_chunks(embeddings=True, chunk_rows=64):
+            pass
+
+
+def test_compressed_npz_corruption_names_the_file(tmp_path, capsys):
+    pool_dir = _tiny_pool(tmp_path / "p", files=1)
+    npz = next(pool_dir.glob("*.npz"))
+    np.savez_compressed(npz, l14_img=np.load(npz)["l14_img"])
+    info = zipfile.ZipFile(npz).getinfo("l14_img.npy")
+    data = bytearray(npz.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0x10
+    npz.write_bytes(bytes(data))
+    _refused(capsys, "pool", "validate", pool_dir, match=f"{npz}: member l14_img.npy fails its zip check")
+    with pytest.raises(PoolError, match=f"{npz}.*(CRC-32|corrupt)"):
+        for _ in Pool(pool_dir, embedding_key="l14_img").iter_chunks(embeddings=True):
             pass
 
 
