@@ -19,6 +19,9 @@ def register(sub) -> None:
     q.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="torch.distributed backend (default: nccl with GPUs, else gloo)")
     q.set_defaults(func=_check)
+    from .status import register as register_status
+
+    register_status(sub)
 
 
 def _info(args) -> None:
@@ -30,12 +33,11 @@ def _info(args) -> None:
 
 def _check(args) -> int:
     from .diagnostics import allreduce_check
-    from .stage import run_job
+    from .stage import Executor
 
     kind, opts = options_from_args(args)
-    opts = opts.replace(time=args.time or 10)
-    results = run_job(allreduce_check, args.backend, executor=kind, options=opts, folder=args.folder,
-                      name="cp-cluster-check")
+    executor = Executor.create(kind, opts.replace(time=args.time or 10))
+    results = executor.run_job(allreduce_check, args.backend, folder=args.folder, name="cp-cluster-check")
     for r in sorted(results, key=lambda r: r["rank"]):
         print(f"rank {r['rank']}/{r['world_size']} on {r['node']} (local rank {r['local_rank']}, {r['backend']}): "
               f"all_reduce sum {r['sum']:g} (expected {r['expected']:g}) {'ok' if r['ok'] else 'WRONG'}")

@@ -40,10 +40,11 @@ def slurm_available() -> bool:
 
 def resolve_executor(kind: str) -> str:
     kind = os.environ.get("CONCEPTPRUNE_EXECUTOR", kind) if kind == "auto" else kind
+    kind = "debug" if kind == "inline" else kind
     if kind == "auto":
         return "slurm" if slurm_available() else "local"
     if kind not in ("slurm", "local", "debug"):
-        raise ConfigError(f"--executor must be auto, slurm, local or debug, not {kind!r}")
+        raise ConfigError(f"--executor must be auto, slurm, local or inline, not {kind!r}")
     if kind == "slurm" and not slurm_available():
         raise ConfigError("--executor slurm: no SLURM controller answers 'scontrol ping' "
                           "(is SLURM_CONF set, is slurmctld up?)")

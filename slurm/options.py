@@ -27,7 +27,7 @@ import yaml
 
 from conceptprune.errors import ConfigError
 
-EXECUTORS = ("auto", "slurm", "local", "debug")
+EXECUTORS = ("auto", "slurm", "local", "inline", "debug")  # debug: the old name of inline
 
 
 @dataclass
@@ -134,7 +134,10 @@ def add_cluster_args(parser: argparse.ArgumentParser, *, distributed: bool = Fal
     g = parser.add_argument_group("where it runs (job layer)")
     g.add_argument("--executor", choices=EXECUTORS, default="auto",
                    help="auto (default): SLURM when a controller answers, else local processes; "
-                        "debug runs in this process")
+                        "inline (or debug) runs in this process")
+    g.add_argument("--detach", action="store_true",
+                   help="SLURM: submit the command's whole stage graph (afterok dependencies) and exit; "
+                        "'conceptprune status DIR' follows it, the same command rerun collects the result")
     g.add_argument("--cluster-profile", default=None, metavar="YAML",
                    help="cluster options from a YAML file (flags override it)")
     g.add_argument("--partition", help="SLURM partition")
@@ -171,3 +174,11 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, ClusterOptions]:
                         local_workers=workers, array_parallelism=workers)
     opts.extra = extra
     return args.executor, opts.validate()
+
+
+def executor_from_args(args: argparse.Namespace):
+    """The one Executor a command runs its stages with, from the job-layer flags."""
+    from .stage import Executor
+
+    kind, opts = options_from_args(args)
+    return Executor.create(kind, opts, detach=bool(getattr(args, "detach", False)))

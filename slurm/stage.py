@@ -9,12 +9,16 @@ rerun of the same command skips it, and an interrupted stage resumes where it st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,10 +85,47 @@ def run_part(stage: Stage, rank: int, world_size: int) -> Any:
 
 class PartRunner(submitit.helpers.Checkpointable):
     """Runs parts of a stage; on preemption or time limit submitit requeues the same call,
-    and the stage resumes from its markers and its own partial outputs."""
+    and the stage resumes from its markers and its own partial outputs.
+
+    Under the local executor it also watches the launcher: when that process is gone
+    (killed, even with SIGKILL) the worker exits instead of running on as an orphan, and a
+    Ctrl-C in the terminal ends it quietly (the launcher reports the interruption once)."""
+
+    def __init__(self, launcher: tuple | None = None):
+        self.launcher = launcher
 
     def __call__(self, stage: Stage, ranks: Sequence[int], world_size: int) -> dict:
+        if self.launcher and os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            _watch_launcher(self.launcher)
         return {int(r): run_part(stage, int(r), world_size) for r in ranks}
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def launcher_identity() -> tuple | None:
+    """(pid, start time) of this process: a worker can tell whether it still exists (a pid
+    alone may be reused). None where /proc is missing."""
+    start = _process_start(os.getpid())
+    return (os.getpid(), start) if start else None
+
+
+def _watch_launcher(launcher: tuple, poll_s: float = 0.5) -> None:
+    pid, start = launcher
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # no traceback per worker on Ctrl-C
+
+    def watch():
+        while _process_start(pid) == start:
+            time.sleep(poll_s)
+        os._exit(143)  # the launcher is gone: stop; a rerun resumes from the markers
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 @dataclass
@@ -109,53 +150,32 @@ class StageSubmission:
     def job_ids(self) -> list[str]:
         return [j.job_id for j in self.jobs]
 
+    def pending_job_ids(self) -> list[str]:
+        """The jobs a later stage must wait for (none once they have all finished here)."""
+        return [j.job_id for j in self.jobs if self.executor == "slurm"]
+
     def wait(self, poll_s: float = 1.0) -> StageResult:
         if self.jobs:
-            results = J.wait(self.jobs, desc=self.stage.name, units=[len(g) for g in self.groups], poll_s=poll_s)
+            try:
+                results = J.wait(self.jobs, desc=self.stage.name, units=[len(g) for g in self.groups],
+                                 poll_s=poll_s)
+            except KeyboardInterrupt:
+                if self.executor == "local":  # local workers die with their launcher
+                    for j in self.jobs:
+                        j.cancel(check=False)
+                raise
             for res in results:
                 self.done.update(res)
         ran = [r for g in self.groups for r in g]
         return StageResult([self.done[r] for r in range(self.world_size)], ran, self.executor)
 
 
-def submit_stage(stage: Stage, world_size: int = 1, *, executor: str = "auto",
-                 options: ClusterOptions | None = None, log_folder: str | os.PathLike | None = None) -> StageSubmission:
-    """Submit every unfinished part of ``stage`` (returns at once, except under debug)."""
-    if world_size < 1:
-        raise ConfigError("world size must be >= 1")
-    options = options or ClusterOptions()
-    stage.check_world_size(world_size)
-    done = stage.done_parts(world_size)
-    pending = [r for r in range(world_size) if r not in done]
-    kind = resolve_executor(executor)
-    if not pending:
-        log.info("%s: all %d parts already done; nothing to run", stage.name, world_size)
-        return StageSubmission(stage, world_size, kind, [], [], done)
-    if done:
-        log.info("%s: %d of %d parts already done; running the other %d", stage.name, len(done), world_size,
-                 len(pending))
-    # one job per part on SLURM (an array), a few worker processes locally, one call in-process for debug
-    if kind == "slurm":
-        groups = [[r] for r in pending]
-    elif kind == "local":
-        workers = max(1, min(options.local_workers or os.cpu_count() or 1, len(pending)))
-        groups = [pending[i::workers] for i in range(workers)]
-    else:
-        groups = [pending]
-    runner = PartRunner()
-    if kind == "debug" or (kind == "local" and len(groups) == 1 and not options.local_isolated):
-        # in this process (datatrove runs a single local worker the same way): no interpreter
-        # to start, and a failure raises right here
-        log.info("%s: %d parts in this process", stage.name, len(pending))
-        done.update(run_inline(runner, stage, pending, world_size))
-        return StageSubmission(stage, world_size, kind, [], [pending], done)
-    folder = Path(log_folder or Path(stage.work_dir) / options.log_folder) / stage.name
-    ex = make_executor(kind, options.replace(nodes=1, tasks_per_node=1), folder, name=f"cp-{stage.name}")
-    with ex.batch():
-        jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
-    log.info("%s: %d parts on %s: %s", stage.name, len(pending), kind, J.describe(jobs))
-    return StageSubmission(stage, world_size, kind, jobs, groups, done)
-
+def record_submission(stage: Stage, sub: StageSubmission, log_folder: Path, after: list[str]) -> None:
+    """What ``conceptprune status`` reads: the jobs of the latest submission of a stage."""
+    write_json(stage.marker_dir() / "submission.record",
+               {"stage": stage.name, "world_size": sub.world_size, "executor": sub.executor,
+                "job_ids": sub.job_ids, "groups": sub.groups, "after": after, "log_folder": str(log_folder),
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 def run_inline(fn, *args, **kwargs):
     """Call a job function here. The stage's own clear errors pass through; anything else
@@ -172,19 +192,148 @@ def run_inline(fn, *args, **kwargs):
                                state="FAILED", log_tail="\n".join(tb.splitlines()[-30:])) from e
 
 
+# -- one executor object -----------------------------------------------------------------------
+
+INLINE_NAMES = ("inline", "debug")
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where work runs, decided once: ``inline`` (this process), ``local`` (worker processes
+    on this machine) or ``slurm`` (submitit job arrays). Build it from the CLI or by keyword
+    and pass it as one value; it runs every stage unchanged and owns completion markers.
+
+    ``submit(stage, world_size, after=[...])`` builds a stage graph: on SLURM each stage's
+    array waits for the arrays it comes after (``--dependency=afterok``), so a whole chain
+    can be submitted and the launcher may exit (``detach``); locally the graph runs in order.
+    """
+
+    kind: str = "local"
+    options: ClusterOptions = field(default_factory=ClusterOptions)
+    detach: bool = False
+
+    @classmethod
+    def create(cls, kind: str = "auto", options: ClusterOptions | None = None, *, workers: int | None = None,
+               detach: bool = False) -> "Executor":
+        options = options or ClusterOptions()
+        if workers is not None:
+            if workers < 1:
+                raise ConfigError(f"--workers must be >= 1, not {workers}")
+            options = options.replace(local_workers=workers, array_parallelism=workers)
+        kind = "inline" if kind in INLINE_NAMES else resolve_executor(kind)
+        if detach and kind != "slurm":
+            raise ConfigError(f"--detach needs SLURM (the {kind} executor runs in this process tree, "
+                              "which must stay alive)")
+        return cls(kind, options.validate(), detach)
+
+    @classmethod
+    def coerce(cls, executor: "Executor | str | None", options: ClusterOptions | None = None) -> "Executor":
+        if isinstance(executor, Executor):
+            return executor
+        return cls.create(executor or "auto", options)
+
+    @property
+    def submitit_kind(self) -> str:
+        return "debug" if self.kind == "inline" else self.kind
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def submit(self, stage: Stage, world_size: int = 1, *, after: Sequence["StageSubmission"] = (),
+               log_folder: str | os.PathLike | None = None) -> "StageSubmission":
+        """Submit every unfinished part of ``stage`` after the stages in ``after`` succeed
+        (returns at once on SLURM; locally the earlier stages are waited for first)."""
+        if world_size < 1:
+            raise ConfigError("world size must be >= 1")
+        if self.kind != "slurm":
+            for dep in after:
+                dep.wait()
+        stage.check_world_size(world_size)
+        done = stage.done_parts(world_size)
+        pending = [r for r in range(world_size) if r not in done]
+        if not pending:
+            log.info("%s: all %d parts already done; nothing to run", stage.name, world_size)
+            return StageSubmission(stage, world_size, self.kind, [], [], done)
+        if done:
+            log.info("%s: %d of %d parts already done; running the other %d", stage.name, len(done), world_size,
+                     len(pending))
+        groups = self._groups(pending)
+        runner = PartRunner(launcher=None if self.kind == "slurm" else launcher_identity())
+        if self.kind == "inline" or (self.kind == "local" and len(groups) == 1 and not self.options.local_isolated):
+            # in this process (datatrove runs a single local worker the same way): no interpreter
+            # to start, and a failure raises right here
+            log.info("%s: %d parts in this process", stage.name, len(pending))
+            done.update(run_inline(runner, stage, pending, world_size))
+            return StageSubmission(stage, world_size, self.kind, [], [pending], done)
+        folder = self.log_folder(stage, log_folder)
+        deps = [j for d in after for j in d.pending_job_ids()]
+        ex = self._submitit(folder, f"cp-{stage.name}", nodes=1, tasks_per_node=1, after=deps)
+        with ex.batch():
+            jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
+        sub = StageSubmission(stage, world_size, self.kind, jobs, groups, done)
+        record_submission(stage, sub, folder, deps)
+        log.info("%s: %d parts on %s%s: %s", stage.name, len(pending), self.kind,
+                 f" after {','.join(deps)}" if deps else "", J.describe(jobs))
+        return sub
+
+    def run(self, stage: Stage, world_size: int = 1, **kwargs) -> "StageResult":
+        """Run every unfinished part of ``stage`` and wait; the summaries of all parts."""
+        return self.submit(stage, world_size, **kwargs).wait()
+
+    def finish(self, sub: "StageSubmission") -> "StageResult | None":
+        """Wait for a submission, unless this executor detaches (then None: rerun the same
+        command to collect the result once the jobs are done)."""
+        if self.detach and sub.jobs:
+            log.info("%s: submitted (%s); detached. 'conceptprune status %s' shows progress; rerun the same "
+                     "command to collect the result", sub.stage.name, ",".join(sub.pending_job_ids()),
+                     sub.stage.work_dir)
+            return None
+        return sub.wait()
+
+    def _groups(self, pending: list[int]) -> list[list[int]]:
+        # one job per part on SLURM (an array), a few worker processes locally, one call inline
+        if self.kind == "slurm":
+            return [[r] for r in pending]
+        if self.kind == "local":
+            workers = max(1, min(self.options.local_workers or os.cpu_count() or 1, len(pending)))
+            return [pending[i::workers] for i in range(workers)]
+        return [pending]
+
+    def log_folder(self, stage: Stage, log_folder=None) -> Path:
+        return Path(log_folder or Path(stage.work_dir) / self.options.log_folder) / stage.name
+
+    def _submitit(self, folder, name: str, *, nodes: int, tasks_per_node: int, after=()) -> submitit.Executor:
+        opts = self.options.replace(nodes=nodes, tasks_per_node=tasks_per_node)
+        if after:
+            extra = dict(opts.extra)
+            extra["dependency"] = "afterok:" + ":".join(after)
+            opts = dataclasses.replace(opts, extra=extra)
+        return make_executor(self.submitit_kind, opts, folder, name=name)
+
+    # -- one (multi-node, multi-task) job -----------------------------------------------------
+
+    def run_job(self, fn, *args, folder: str | os.PathLike, name: str, **kwargs) -> list:
+        """Submit one job of ``options.nodes x options.tasks_per_node`` tasks and wait; one
+        result per task."""
+        if self.kind == "inline":
+            return [run_inline(fn, *args, **kwargs)]
+        ex = make_executor(self.submitit_kind, self.options, folder, name=name)
+        job = ex.submit(fn, *args, **kwargs)
+        log.info("%s on %s: %s", name, self.kind, J.describe([job]))
+        return J.wait([job], desc=name, units=[self.options.nodes * self.options.tasks_per_node], all_tasks=True)[0]
+
+
+# -- the call forms used before the Executor object (callers move to it) ------------------------
+
+
+def submit_stage(stage: Stage, world_size: int = 1, *, executor: "Executor | str" = "auto",
+                 options: ClusterOptions | None = None, log_folder=None) -> StageSubmission:
+    return Executor.coerce(executor, options).submit(stage, world_size, log_folder=log_folder)
+
+
 def run_stage(stage: Stage, world_size: int = 1, **kwargs) -> StageResult:
-    """Run every unfinished part of ``stage`` and wait; returns the summaries of all parts."""
     return submit_stage(stage, world_size, **kwargs).wait()
 
 
-def run_job(fn, *args, executor: str = "auto", options: ClusterOptions | None = None,
+def run_job(fn, *args, executor: "Executor | str" = "auto", options: ClusterOptions | None = None,
             folder: str | os.PathLike, name: str, **kwargs) -> list:
-    """Submit one (possibly multi-node, multi-task) job and wait; one result per task."""
-    options = options or ClusterOptions()
-    kind = resolve_executor(executor)
-    ex = make_executor(kind, options, folder, name=name)
-    if kind == "debug":
-        return [run_inline(fn, *args, **kwargs)]
-    job = ex.submit(fn, *args, **kwargs)
-    log.info("%s on %s: %s", name, kind, J.describe([job]))
-    return J.wait([job], desc=name, units=[options.nodes * options.tasks_per_node], all_tasks=True)[0]
+    return Executor.coerce(executor, options).run_job(fn, *args, folder=folder, name=name, **kwargs)

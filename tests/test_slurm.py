@@ -101,3 +101,64 @@ def test_cancelled_job_is_reported_as_cancelled(slurm_cluster, tmp_path):
     subprocess.run(["scancel", sub.job_ids[0].split("_")[0]], check=True)
     with pytest.raises(JobCancelledError, match="cancelled"):
         sub.wait(poll_s=0.3)
+
+
+def test_stage_graph_afterok_with_a_detached_launcher(slurm_cluster, tmp_path):
+    """A launcher submits two stages, the second after the first (afterok), and exits at
+    once; SLURM runs the graph on its own; status follows it; a rerun collects the result."""
+    import os
+    import sys
+    import textwrap
+
+    from conceptprune.slurm.stage import Executor
+    from conceptprune.slurm.status import status
+
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(f"""
+        from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.options import ClusterOptions
+        from conceptprune.slurm.stage import Executor
+        ex = Executor.create("slurm", ClusterOptions(time=5), detach=True)
+        a = CountingStage(work_dir={str(tmp_path)!r}, steps=6, step_seconds=0.3, name="first")
+        b = CountingStage(work_dir={str(tmp_path)!r}, steps=1, step_seconds=0.1, name="second")
+        sa = ex.submit(a, 2)
+        sb = ex.submit(b, 1, after=[sa])
+        assert ex.finish(sb) is None
+        print(" ".join(sa.job_ids), "|", " ".join(sb.job_ids))
+    """))
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert time.time() - t0 < 30  # the launcher did not wait for the 2 s of counting
+    first_ids, second_ids = [s.split() for s in out.stdout.strip().split("|")]
+    second = second_ids[0].split("_")[0]
+    info = _scontrol("show", "job", second)
+    assert "Dependency=afterok:" in info and first_ids[0].split("_")[0] in info
+    a = CountingStage(work_dir=str(tmp_path), steps=6, step_seconds=0.3, name="first")
+    b = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0.1, name="second")
+    _wait_until(lambda: b.marker(0, 1).exists(), 120, "the second stage to finish")
+    assert b.marker(0, 1).stat().st_mtime >= max(a.marker(r, 2).stat().st_mtime for r in range(2))
+    assert {r.stage: r.state for r in status(tmp_path)} == {"first": "done", "second": "done"}
+    res = Executor.create("slurm").run(b, 1)  # collecting afterwards submits nothing
+    assert res.ran == [] and res.summaries[0]["count"] == 1
+
+
+def test_status_shows_a_running_and_a_failed_slurm_stage(slurm_cluster, tmp_path):
+    from conceptprune.slurm.stage import Executor
+    from conceptprune.slurm.status import status
+
+    ex = Executor.create("slurm", ClusterOptions(time=5))
+    slow = CountingStage(work_dir=str(tmp_path / "slow"), steps=100, step_seconds=0.3)
+    bad = CountingStage(work_dir=str(tmp_path / "bad"), steps=3, step_seconds=0.05, fail_at=1)
+    s1 = ex.submit(slow, 1)
+    s2 = ex.submit(bad, 1)
+    _wait_until(lambda: _count(slow) >= 1, what="the slow job to start")
+    with pytest.raises(JobFailedError):
+        s2.wait(poll_s=0.3)
+    def rows():
+        return {r.work_dir.rsplit("/", 1)[1]: r for r in status(tmp_path)}
+    # accounting may lag the job by a poll or two
+    _wait_until(lambda: rows()["slow"].state == "running", 30, "status to show the slow job running")
+    rows = rows()
+    assert rows["bad"].state == "failed" and "failed at step 1, as asked" in rows["bad"].failure
+    subprocess.run(["scancel", s1.job_ids[0].split("_")[0]], check=True)

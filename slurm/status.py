@@ -1,0 +1,128 @@
+"""``conceptprune status DIR``: where the stages under a folder stand, whoever runs them.
+
+Reads only what the executor writes: each stage's completion markers and its latest
+submission record (``.markers/<stage>/``), the controller's view of SLURM jobs (``sacct``)
+and the tails of failed jobs' logs. Works for a detached launcher that has long exited.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .jobs import tail
+
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+@dataclass
+class StageStatus:
+    work_dir: str
+    stage: str
+    world_size: int
+    done: int
+    executor: str = ""
+    job_states: dict = field(default_factory=dict)  # job id -> SLURM state
+    failure: str = ""  # log tail of the first failed job
+
+    @property
+    def state(self) -> str:
+        if self.world_size and self.done >= self.world_size:
+            return "done"
+        if any(s.startswith(FAILED_STATES) for s in self.job_states.values()) or self.failure:
+            return "failed"
+        if any(s in ("RUNNING", "COMPLETING") for s in self.job_states.values()):
+            return "running"
+        if any(s in ("PENDING", "REQUEUED", "CONFIGURING") for s in self.job_states.values()):
+            return "pending"
+        return "incomplete"
+
+    def line(self) -> str:
+        counts = {}
+        for s in self.job_states.values():
+            counts[s] = counts.get(s, 0) + 1
+        jobs = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        return (f"{self.stage:14s} {self.done:>5d}/{self.world_size:<5d} parts done  {self.state:10s}"
+                f"{'  jobs: ' + jobs if jobs else ''}  ({self.work_dir})")
+
+
+def find_stages(root: str | Path) -> list[Path]:
+    """Every stage folder (``.markers/<stage>``) at or below ``root``."""
+    root = Path(root)
+    return sorted({p for m in root.rglob(".markers") if m.is_dir() for p in m.iterdir() if p.is_dir()})
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, str]:
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        jid, _, state = line.partition("|")
+        states[jid.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
+    # an array submitted as 12_[0-3] appears per task once it has started; keep what we asked for
+    return {j: states.get(j, states.get(j.split("_")[0], "PENDING")) for j in job_ids}
+
+
+def _failure_tail(log_folder: str, job_ids: list[str], states: dict[str, str]) -> str:
+    for jid in job_ids:
+        if states and not states.get(jid, "").startswith(FAILED_STATES):
+            continue
+        for p in sorted(Path(log_folder).glob(f"{jid}/{jid}_*_log.err")) + sorted(
+                Path(log_folder).glob(f"*/{jid}_*_log.err")):
+            text = tail(p, 20)
+            if states or "Traceback" in text or "Error" in text:
+                return f"job {jid} ({p}):\n{text}"
+    return ""
+
+
+def stage_status(stage_dir: Path) -> StageStatus:
+    markers = list(stage_dir.glob("*-of-*.json"))
+    sub_path = stage_dir / "submission.record"
+    sub = json.loads(sub_path.read_text()) if sub_path.exists() else {}
+    sizes = {int(re.search(r"-of-(\d+)", p.name).group(1)) for p in markers}
+    world = int(sub.get("world_size") or (max(sizes) if sizes else 0))
+    done = sum(1 for p in markers if p.name.endswith(f"-of-{world:05d}.json"))
+    st = StageStatus(str(stage_dir.parent.parent), stage_dir.name, world, done, sub.get("executor", ""))
+    if sub and done < world:
+        ids = list(sub.get("job_ids", []))
+        if sub.get("executor") == "slurm":
+            st.job_states = _slurm_states(ids)
+        st.failure = _failure_tail(sub.get("log_folder", ""), ids, st.job_states)
+    return st
+
+
+def status(root: str | Path) -> list[StageStatus]:
+    return [stage_status(d) for d in find_stages(root)]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="where the stages under a folder stand (parts done, SLURM jobs, failures)")
+    p.add_argument("dir", help="an output folder (searched recursively for stage markers)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from conceptprune.errors import ConfigError
+
+    if not Path(args.dir).is_dir():
+        raise ConfigError(f"{args.dir}: not a folder")
+    rows = status(args.dir)
+    if args.json:
+        print(json.dumps([dict(r.__dict__, state=r.state) for r in rows], indent=2))
+    elif not rows:
+        print(f"{args.dir}: no stages found (no .markers folders)")
+    for r in rows if not args.json else []:
+        print(r.line())
+        if r.failure:
+            print("  " + r.failure.replace("\n", "\n  "))
+    return 1 if any(r.state == "failed" for r in rows) else 0

@@ -1,0 +1,94 @@
+"""The Executor object: one value that runs every stage, a stage graph, launcher death, status."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conceptprune.errors import ConfigError
+from conceptprune.slurm.diagnostics import CountingStage
+from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.stage import Executor
+from conceptprune.slurm.status import status
+
+
+def _count(stage, rank=0):
+    p = stage.state_path(rank)
+    return json.loads(p.read_text())["count"] if p.exists() else -1
+
+
+def test_executor_is_resolved_once_and_validates(monkeypatch):
+    assert Executor.create("debug").kind == "inline"
+    assert Executor.create("inline").kind == "inline"
+    assert Executor.create("local", workers=3).options.local_workers == 3
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        Executor.create("local", workers=-2)
+    with pytest.raises(ConfigError, match="--detach needs SLURM"):
+        Executor.create("local", detach=True)
+    ex = Executor.create("local")
+    assert Executor.coerce(ex) is ex
+
+
+@pytest.mark.parametrize("kind", ["inline", "local"])
+def test_graph_runs_in_order_locally(tmp_path, kind):
+    ex = Executor.create(kind, ClusterOptions(local_workers=2, local_isolated=True))
+    a = CountingStage(work_dir=str(tmp_path), steps=2, step_seconds=0.01, name="first")
+    b = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0.01, name="second")
+    sa = ex.submit(a, 2)
+    sb = ex.submit(b, 1, after=[sa])
+    # the second stage starts only once every part of the first is marked done
+    first_done = max(a.marker(r, 2).stat().st_mtime for r in range(2))
+    res = sb.wait()
+    assert res.summaries[0]["rank"] == 0
+    assert b.marker(0, 1).stat().st_mtime >= first_done
+    rows = {r.stage: r for r in status(tmp_path)}
+    assert rows["first"].state == "done" and rows["first"].done == 2
+    assert rows["second"].state == "done"
+
+
+def test_killing_the_local_launcher_stops_its_workers(tmp_path):
+    """SIGKILL of the process that started local workers: they stop within seconds, and a
+    rerun finishes the stage from where it stood."""
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(f"""
+        from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.options import ClusterOptions
+        from conceptprune.slurm.stage import Executor
+        stage = CountingStage(work_dir={str(tmp_path)!r}, steps=400, step_seconds=0.05)
+        Executor.create("local", ClusterOptions(local_workers=2, time=5)).run(stage, 2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    stage = CountingStage(work_dir=str(tmp_path), steps=400, step_seconds=0.05)
+    t0 = time.time()
+    while min(_count(stage, 0), _count(stage, 1)) < 1:
+        assert time.time() - t0 < 60, "workers never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    before = [_count(stage, r) for r in range(2)]
+    time.sleep(1.5)
+    after = [_count(stage, r) for r in range(2)]
+    assert before == after, f"workers still counting after their launcher died: {before} -> {after}"
+    assert max(after) < 400
+
+
+def test_status_reports_a_failed_part_with_its_log(tmp_path, capsys):
+    from conceptprune.cli import main
+    from conceptprune.slurm.jobs import JobFailedError
+
+    ex = Executor.create("local", ClusterOptions(local_isolated=True, time=5))
+    stage = CountingStage(work_dir=str(tmp_path), steps=3, step_seconds=0.01, fail_at=1)
+    with pytest.raises(JobFailedError):
+        ex.run(stage, 1)
+    rows = status(tmp_path)
+    assert [r.state for r in rows] == ["failed"]
+    assert "failed at step 1, as asked" in rows[0].failure
+    assert main(["status", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "0/1" in out and "failed" in out and "as asked" in out
