@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -340,6 +341,19 @@ def test_build_centroids_is_datacomps_kmeans(pool, tmp_path):
     _run("filter", "image-based", "--pool", pool, "--out", tmp_path / "own.npy", "--centroids", tmp_path / "c.npy",
          "--reference", tmp_path / "c.npy")  # every centroid is a target: the caption filter alone remains
     assert uid_set(K.read_keep_list(tmp_path / "own.npy")) == set(df.uid[_caption_ok(df.text)])
+
+    feats = x[::7].astype(np.float16)  # a reference set instead of a pool
+    torch.save({"image_features": torch.from_numpy(feats)}, tmp_path / "feats.pt")
+    _run("filter", "image-based-centroids", "--features", tmp_path / "feats.pt", "--out", tmp_path / "f.npy",
+         "--clusters", "3", "--gpu", "no")
+    cl = faiss.Clustering(x.shape[1], 3)
+    cl.niter, cl.seed, cl.max_points_per_centroid = 20, 0, 10_000_000
+    cl.train(np.ascontiguousarray(feats.astype(np.float32)), faiss.IndexFlatL2(x.shape[1]))
+    assert np.allclose(np.load(tmp_path / "f.npy"), faiss.vector_float_to_array(cl.centroids).reshape(3, -1), atol=1e-5)
+    _run("filter", "image-based-centroids", "--pool", pool, "--out", tmp_path / "s.npy", "--clusters", "4",
+         "--train-sample", "500", "--gpu", "no")
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert np.load(tmp_path / "s.npy").shape == (4, 768) and meta["trained_on"] == 500 and meta["caption_filter"]
 
 
 def test_image_based_on_our_clustering_engine(pool, tmp_path):
