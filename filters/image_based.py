@@ -91,8 +91,11 @@ def _device(device: str) -> str:
     return device
 
 
-def target_centroids(assigner: Assigner, reference: np.ndarray) -> np.ndarray:
+def target_centroids(assigner: Assigner, reference: np.ndarray, paths=()) -> np.ndarray:
     """Sorted ids of the centroids that some reference row is assigned to."""
+    if reference.shape[1] != assigner.dim:
+        where = ", ".join(map(str, paths)) or "reference"
+        raise ConfigError(f"{where}: features are {reference.shape[1]}-d but the centroids are {assigner.dim}-d")
     return np.unique(assigner(reference))
 
 
@@ -135,7 +138,7 @@ def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=
     if pool.dim != c.shape[1]:
         raise ConfigError(f"{c_path}: centroids are {c.shape[1]}-d but {pool.embedding_key} is {pool.dim}-d")
     assigner = Assigner(c, assign, batch_size, device)
-    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True))
+    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True), r_paths)
     is_target = np.zeros(assigner.k, dtype=bool)
     is_target[targets] = True
     lid = LanguageId(lid_model)
@@ -172,7 +175,7 @@ def engine_image_based(pool: Pool, within, reference, lid_model, batch_size, dev
     cl = clustering_for(pool, clusters, seed, within, default_k=100, out=out, **clustering_args)
     r_paths = resolve_reference(reference, assets_dir, assets_url)
     assigner = Assigner(cl.centroids, "dot", batch_size, device)
-    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True))
+    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True), r_paths)
     is_target = np.zeros(cl.k, dtype=bool)
     is_target[targets] = True
     lid = LanguageId(lid_model)
