@@ -178,6 +178,19 @@ def test_overwrite_never_deletes_or_overlaps_the_inputs(shards, tmp_path):
     with pytest.raises(ConfigError, match="is or contains --keep"):
         reshard(data / "shards", keep2, other, overwrite=True, executor="debug")
     assert sorted(p.name for p in (data / "shards").iterdir()) == before and keep.exists() and keep2.exists()
+    # a non-empty --out, a foreign <out>.state folder, an unfinished reshard of other inputs: refused
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is not empty; choose an empty or new folder or pass --overwrite"):
+        reshard(data / "shards", keep, tmp_path / "full", executor="debug")
+    (tmp_path / "o.state").mkdir()
+    with pytest.raises(ConfigError, match="o.state exists and is not a reshard's job folder"):
+        reshard(data / "shards", keep, tmp_path / "o", executor="debug")
+    (tmp_path / "o.state" / ".reshard.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds an unfinished reshard of other inputs"):
+        reshard(data / "shards", keep, tmp_path / "o", executor="debug")
+    assert reshard(data / "shards", keep, tmp_path / "o", executor="debug", overwrite=True)["kept_samples"] == 1
+    assert (tmp_path / "full" / "mine.txt").exists() and not (tmp_path / "o.state").exists()
 
 
 # -- issue 19.10: a reshard killed while assembling leaves nothing train accepts ------------------------
@@ -297,6 +310,20 @@ def test_garbage_tar_header_is_one_line_naming_the_shard(shards, tmp_path):
     (d / "00000000.tar").write_bytes(bytes(hdr) + good[512:])
     with pytest.raises(PoolError, match="00000000.tar: tar header at byte 0 is corrupt"):
         list(iter_samples(d / "00000000.tar"))
+    (d / "00000000.tar").write_bytes(good[:700])
+    with pytest.raises(PoolError, match="00000000.tar: member at byte 0 is truncated"):
+        list(iter_samples(d / "00000000.tar"))
+    pax = tmp_path / "pax.tar"
+    _crafted(pax, [_info("000.jpg", b"x", pax={"comment": "y"})])
+    raw = bytearray(pax.read_bytes())
+    at = raw.index(b"13 comment=y\n")
+    raw[at:at + 2] = b"99"  # a record length past the end of the pax data
+    hdr = raw[:512]
+    hdr[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(hdr)
+    pax.write_bytes(bytes(raw))
+    with pytest.raises(PoolError, match="pax.tar: tar header at byte 0: corrupt pax header record at byte 0"):
+        list(iter_samples(pax))
 
 
 # -- issue 16.4: shuffle buffer and face blur -----------------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub) -> None:
+    from conceptprune.checks import int_arg, seed_arg
     from conceptprune.slurm.options import add_cluster_args
 
     p = sub.add_parser(
@@ -20,12 +21,13 @@ def register(sub) -> None:
                    help="DataComp scale (tiny: a CPU-sized model for tests and the demo)")
     p.add_argument("--output", required=True, help="runs folder; the run goes to OUTPUT/<name>/")
     p.add_argument("--name", help="run name (default <scale>-<data folder>); a rerun with it resumes")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--max-batch-per-gpu", type=int, default=None,
+    p.add_argument("--seed", type=seed_arg(), default=0, help="training seed (default 0)")
+    p.add_argument("--max-batch-per-gpu", type=int_arg("--max-batch-per-gpu", 1), default=None,
                    help="split the per-GPU batch with gradient accumulation above this size")
-    p.add_argument("--samples-seen", type=int, default=None,
+    p.add_argument("--samples-seen", type=int_arg("--samples-seen", 1), default=None,
                    help="override the recipe's samples seen (a deviation, recorded in run.json)")
-    p.add_argument("--checkpoints", type=int, default=None, help="override the recipe's number of checkpoints (8)")
+    p.add_argument("--checkpoints", type=int_arg("--checkpoints", 1), default=None,
+                   help="override the recipe's number of checkpoints (8)")
     p.add_argument("--keep-checkpoints", choices=["latest", "all"], default="latest",
                    help="latest: epoch_latest.pt and the final epoch_N.pt, as DataComp (default); all: every epoch")
     p.add_argument("--dry-run", action="store_true", help="print the open_clip argv per task and the job, then exit")

@@ -38,19 +38,22 @@ def register(sub) -> None:
     add_cluster_args(p)
     p.set_defaults(func=_embed)
 
+    from conceptprune.checks import int_arg, seed_arg
+
     p = sub.add_parser("reshard", help="write the samples of a keep-list into new shards (DataComp's resharder)",
                        description="Stream the downloaded shards, keep the samples whose uid is in the keep-list, "
                                    "write contiguous shards + _stats.json, sizes.json, sample_ids.npy, meta.json.")
     p.add_argument("--shards", required=True, help="downloaded shards (<n>.tar with <n>_stats.json)")
     p.add_argument("--keep", required=True, help="keep-list (.npy)")
     p.add_argument("--out", required=True, help="output folder (empty, or an unfinished reshard of the same inputs)")
-    p.add_argument("--shard-size", type=int, default=10000, help="samples per output shard (default 10000)")
+    p.add_argument("--shard-size", type=int_arg("--shard-size", 1), default=10000,
+                   help="samples per output shard (default 10000)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace whatever --out holds (never allowed when --out is, holds or lies in an input)")
-    p.add_argument("--shuffle-buffer", type=int, default=0, metavar="N",
+    p.add_argument("--shuffle-buffer", type=int_arg("--shuffle-buffer", 0), default=0, metavar="N",
                    help="shuffle each worker's output through a buffer of N samples, seeded by --seed "
                         "(DataComp's --shuffle-bufsize; default 0: input order)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle-buffer (default 0)")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="seed of --shuffle-buffer (default 0)")
     p.add_argument("--blur", metavar="METADATA", default=None,
                    help="blur the faces boxed in this metadata parquet folder's face_bboxes column and re-encode "
                         "those images as WebP (DataComp's --apply-blur)")

@@ -40,6 +40,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,7 @@ import numpy as np
 from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
+from conceptprune.checks import check_seed
 from conceptprune.errors import ConfigError, KeepListError, PoolError
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Stage, run_stage
@@ -322,8 +324,7 @@ class ReshardOptions:
             raise ConfigError("--shard-size must be >= 1")
         if self.shuffle_buffer < 0:
             raise ConfigError("--shuffle-buffer must be >= 0 (0: no shuffle)")
-        if not 0 <= self.seed < 2 ** 63:
-            raise ConfigError("--seed must be in [0, 2**63)")
+        check_seed("--seed", self.seed)
 
 
 def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000, workers: int = 1,
@@ -361,8 +362,19 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     result = run_stage(stage, world, executor=executor, options=options)
     meta = _assemble(out, stage, world, result.summaries, keep, keep_uids, multiplicity, complete, incomplete, state,
                      opts)
-    shutil.rmtree(sd, ignore_errors=True)
+    _remove_state(sd)
     return meta
+
+
+def _remove_state(sd: Path) -> None:
+    """Remove the job state beside the finished output (a local job may still be closing its
+    log files there for a moment after its result arrived)."""
+    for _ in range(50):
+        shutil.rmtree(sd, ignore_errors=True)
+        if not sd.exists():
+            return
+        time.sleep(0.1)
+    log.warning("could not remove the reshard's job folder %s; delete it by hand", sd)
 
 
 def _sha1(path: Path) -> str:
@@ -381,7 +393,7 @@ def _prepare_output(out: Path, state: dict, overwrite: bool) -> dict | None:
         meta = json.loads(meta_path.read_text())
         if meta.get("reshard_state") == state:
             if (sd / STATE).is_file():  # killed after the final rename
-                shutil.rmtree(sd)
+                _remove_state(sd)
             log.info("%s is already complete", out)
             return meta
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
