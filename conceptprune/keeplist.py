@@ -270,11 +270,12 @@ def publish(path: str | os.PathLike, write_body: Callable, manifest: dict | None
     """Write a keep-list with its manifest and extra outputs in a crash-safe order.
 
     1. the keep-list's bytes go to a temporary file (fsynced), hashed on the way;
-    2. each extra output ``suffix -> writer(path)`` is written to a temporary name;
-    3. only then is anything replaced: the old keep-list is removed, the extras are renamed,
-       the manifest (with the new list's sha256) is written, and the keep-list is renamed
-       into place last. A failure in 1-2 (a full disk included) changes nothing on disk; a
-       kill during 3 leaves no keep-list, never an old list beside a new manifest.
+    2. each extra output ``suffix -> writer(path)`` is written to a temporary name, and so
+       is the manifest (with the new list's sha256, entries and distinct uids);
+    3. only then is anything replaced, by removals and renames only: the old keep-list is
+       removed, the extras and the manifest are renamed, and the keep-list is renamed into
+       place last. A failure in 1-2 (a full disk included) changes nothing on disk; a kill
+       during 3 leaves no keep-list, never an old list beside a new manifest.
     ``manifest=None`` removes a manifest left by an earlier list at this path."""
     path = Path(path)
     if path.suffix != ".npy":

@@ -335,6 +335,46 @@ def test_kill_before_the_last_rename_never_leaves_old_list_beside_new_manifest(t
     assert not keep.exists() and K.read_manifest(keep)["method"] == "new"
 
 
+@pytest.mark.parametrize("step", range(1, 6))
+def test_kill_at_every_step_of_publishing(tmp_path, step):
+    """Kill the writer just before its n-th rename or removal (of 4: remove the old list,
+    rename the extra, the manifest, the list; a 5th never comes): the folder then holds the
+    old pair, no list, or the new pair."""
+    keep = tmp_path / "k.npy"
+    K.write_keep_list(keep, _uids(*range(1, 11)), {"method": "old"},
+                      extras={".extra.txt": lambda p: p.write_text("old")})
+    code = f"""
+        import os, time
+        from pathlib import Path
+        from conceptprune import keeplist as K, uids as U
+        calls = [0]
+        def hang(fn):
+            def wrapped(*a, **kw):
+                calls[0] += 1
+                if calls[0] == {step}:
+                    print("hanging", flush=True)
+                    time.sleep(60)
+                return fn(*a, **kw)
+            return wrapped
+        os.replace, os.unlink = hang(os.replace), hang(os.unlink)
+        K.write_keep_list(r"{keep}", U.uids_to_array([f"{{i:032x}}" for i in range(100, 120)]), {{"method": "new"}},
+                          extras={{".extra.txt": lambda p: Path(p).write_text("new")}})
+        print("done", flush=True)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    proc.kill()
+    proc.wait()
+    assert line == ("done" if step == 5 else "hanging")
+    if keep.exists():
+        assert K.manifest_matches(keep) is True
+        m = K.read_manifest(keep)
+        assert (m["method"], len(np.load(keep))) in (("old", 10), ("new", 20))
+        assert (tmp_path / "k.extra.txt").read_text() == m["method"]
+    else:
+        assert 1 < step < 5
+
+
 # -- 19.8: make-pool into a pool; npz checksums ----------------------------------------------
 
 def test_make_pool_into_an_existing_pool_is_refused(tmp_path, capsys):
