@@ -45,9 +45,9 @@ def main():
         if not (pool / "_planted" / "COMPLETE").exists():
             files = args.files or max(1, rows // 1_000_000)
             measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "make-pool", "--out", str(pool),
-                     "--rows", str(rows), "--files", str(files), "--embedding-keys", ""])
+                     "--rows", str(rows), "--files", str(files), "--embedding-keys", "", "--overwrite"])
         ours = measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "filter", "clip-score", "--pool",
-                        str(pool), "--out", str(work / f"ours_{rows}.npy"), "--fraction", "0.3"])
+                        str(pool), "--out", str(work / f"ours_{rows}.npy"), "--fraction", "0.3", "--overwrite"])
         base = measure(python(BASELINE) + [str(pool), str(work / f"base_{rows}.npy")])
         same = np.array_equal(np.load(work / f"ours_{rows}.npy"), np.load(work / f"base_{rows}.npy"))
         results.append({"rows": rows, "ours_wall_s": ours["wall_s"], "ours_peak_rss_mib": ours["peak_rss_mib"],

@@ -68,7 +68,7 @@ def main():
         if not (pool / "_planted" / "COMPLETE").exists():
             measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "make-pool", "--out", str(pool), "--rows",
                      str(rows), "--files", str(max(1, rows // args.rows_per_file)), "--concepts", "200",
-                     "--embedding-keys", "l14_img"])
+                     "--embedding-keys", "l14_img", "--overwrite"])
         out = work / f"{args.method}_{rows}" / "keep.npy"
         shutil.rmtree(out.parent, ignore_errors=True)
         cmd = [sys.executable, "-m", "conceptprune.cli", "--quiet", "filter", args.method, "--pool", str(pool),

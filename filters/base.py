@@ -14,6 +14,7 @@ import numpy as np
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
+from conceptprune.checks import check_seed
 from conceptprune.errors import ConfigError, KeepListError
 from conceptprune.manifest import base_manifest
 from conceptprune.pool import Pool
@@ -146,6 +147,8 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
     allow_empty = policy.allow_empty if allow_empty is None else allow_empty
     pool = as_pool(pool, **{k: params.pop(k) for k in ("embedding_key", "bad_embeddings", "embedding_dir")
                             if k in params})
+    if params.get("seed") is not None:  # every filter's seed: a wrapped one would alias another
+        params["seed"] = check_seed("--seed", params["seed"])
     if out is not None:
         check_filter_output(out, pool, within, overwrite)
     within = as_within(within)

@@ -477,7 +477,7 @@ def test_make_pool_numeric_flags(tmp_path, capsys, argv, message):
 
 
 def test_python_api_checks_the_same_rules(pool, tmp_path):
-    from conceptprune.filters import clip_score, dbp, run_filter
+    from conceptprune.filters import clip_score, dbp, random_subset, run_filter
 
     with pytest.raises(ConfigError, match="--niter must be >= 1"):  # 0 used to become 100
         run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4, niter=0)
@@ -487,6 +487,8 @@ def test_python_api_checks_the_same_rules(pool, tmp_path):
         run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, temperature=float("nan"))
     with pytest.raises(ConfigError, match="--threshold must be a finite number"):
         run_filter(clip_score, pool, tmp_path / "k.npy", threshold=float("nan"))
+    with pytest.raises(ConfigError, match="--seed must be in"):  # 2**64 used to equal seed 0
+        run_filter(random_subset, pool, tmp_path / "k.npy", fraction=0.5, seed=2**64)
     assert not (tmp_path / "k.clustering").exists() and not (tmp_path / "k.npy").exists()
 
 
