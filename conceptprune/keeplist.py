@@ -141,8 +141,8 @@ def _load_raw(path: Path, head: bytes, size: int) -> np.ndarray:
     if size % U.UID_DTYPE.itemsize:
         raise KeepListError(f"{path}: neither an .npy file (no NUMPY header) nor a raw memory-mapped "
                             f"u8,u8 array ({size} bytes is not a multiple of 16)")
-    if size == 0:
-        return np.empty(0, U.UID_DTYPE)
+    if size == 0:  # DataComp's np.memmap refuses it too; an empty list is an .npy with a header
+        raise KeepListError(f"{path}: empty file (0 bytes), not a keep-list (a truncated write?)")
     return np.memmap(path, dtype=np.dtype("<u8,<u8"), mode="r")
 
 

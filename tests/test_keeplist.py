@@ -164,3 +164,43 @@ def test_collector_rejects_duplicates_across_chunks(tmp_path):
     with pytest.raises(KeepListError, match="more than once"):
         col.write(tmp_path / "k.npy")
     assert not (tmp_path / "k.npy").exists()
+
+
+def test_multiplicities_describe_and_combine():
+    arr = K.sort_uids(np.concatenate([_uids_small(1, 2, 2, 2, 5), _uids_small(5)]))
+    uids, counts = K.multiplicities(arr)
+    assert U.array_to_uids(uids) == [f"{i:032x}" for i in (1, 2, 5)] and counts.tolist() == [1, 3, 2]
+    assert K.describe(arr) == {"entries": 6, "distinct": 3, "repeated_uids": 2, "max_multiplicity": 3,
+                               "multiplicities": {"1": 1, "2": 1, "3": 1}}
+    assert K.describe(arr[:0])["entries"] == 0
+    b = _uids_small(2, 7)
+    assert K.combine("union", [arr, b]).tolist() == arr.tolist() + K.sort_uids(_uids_small(7)).tolist()
+    assert K.combine("intersect", [arr, b]).tolist() == K.sort_uids(_uids_small(2, 2, 2)).tolist()
+    assert K.combine("diff", [arr, b]).tolist() == K.sort_uids(_uids_small(1, 5, 5)).tolist()
+    assert len(K.combine("concat", [arr, b, b])) == 10
+    with pytest.raises(K.ConfigError):
+        K.combine("xor", [arr])
+
+
+def _uids_small(*ints):
+    return U.uids_to_array([f"{i:032x}" for i in ints])
+
+
+def test_multiset_write_and_stale_manifest_removed(tmp_path):
+    p = tmp_path / "m.npy"
+    K.write_keep_list(p, _uids_small(3, 1, 3), {"method": "t"}, multiset=True)
+    assert np.load(p).tolist() == K.sort_uids(_uids_small(1, 3, 3)).tolist()
+    m = K.read_manifest(p)
+    assert m["keep_list"]["entries"] == 3 and m["keep_list"]["distinct"] == 2 and m["counts"]["out"] == 3
+    with pytest.raises(KeepListError, match="more than once"):  # a set unless asked
+        K.write_keep_list(tmp_path / "s.npy", _uids_small(3, 3))
+    K.write_keep_list(p, _uids_small(4))  # no manifest: the old one described another list
+    assert K.read_manifest(p) is None and K.manifest_matches(p) is None
+
+
+def test_empty_lists(tmp_path):
+    K.write_keep_list(tmp_path / "e.npy", _uids_small())
+    assert len(K.read_keep_list(tmp_path / "e.npy")) == 0
+    (tmp_path / "zero.bin").write_bytes(b"")
+    with pytest.raises(KeepListError, match="empty file"):
+        K.read_keep_list(tmp_path / "zero.bin")
