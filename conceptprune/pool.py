@@ -308,12 +308,14 @@ class Pool:
         raise IndexError(row)
 
 
-FINGERPRINT_EDGE_BYTES = 1 << 20  # hashed from each end of every file
+# hashed from each end of every file: the parquet footer (schema, row groups, statistics) sits
+# at its end; an npz's content is covered by the CRC-32s in its zip directory
+FINGERPRINT_EDGE_BYTES = 64 << 10
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """A cheap content fingerprint of one file: size, mtime (ns), blake2b of the first and last
-    MiB and, for a zip (npz), of its central directory (every member's name, sizes and CRC-32,
+    64 KiB and, for a zip (npz), of its central directory (every member's name, sizes and CRC-32,
     so a rewrite of any member changes it even when both ends of the file stay the same)."""
     path = Path(path)
     try:
@@ -351,7 +353,7 @@ def file_fingerprints(pool: "Pool") -> dict[str, str]:
 def pool_fingerprint(pool: "Pool") -> str:
     """One hex string that changes when the pool's data changes: every parquet and npz
     (name, size, mtime, a blake2b of both ends and of the npz's zip directory), the row
-    counts, the embedding key and its dimension. Reads ~2 MiB a file; cheap next to any
+    counts, the embedding key and its dimension. Reads ~128 KiB a file; cheap next to any
     pass over the pool. Copying a pool without keeping mtimes changes it (a safe miss)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"rows={pool.rows};key={pool.embedding_key};dim={pool.dim}\n".encode())
