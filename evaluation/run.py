@@ -133,7 +133,7 @@ class Evaluator:
     data_dir: str
     batch_size: int = 64
     device: str = "auto"
-    workers: int = 1
+    workers: int = 1  # data-loading processes (0 or 1)
     precision: str = "amp"  # DataComp's autocast choices on CUDA; "fp32" everywhere else or on request
     _model: tuple | None = field(default=None, repr=False)
 
@@ -460,16 +460,17 @@ def _all_rows(out: Path) -> list[dict]:
 
 def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None, tasks: list[str] | None = None,
              batch_size: int = 64, device: str = "auto", workers: int = 1, executor: str = "auto",
-             options=None, precision: str = "amp") -> dict:
+             options=None, precision: str = "amp", loader_workers: int = 1) -> dict:
     """Evaluate and merge into OUTPUT/eval_results.jsonl; returns {'results', 'errors', 'model', 'run'}.
 
     ``precision``: "amp" (default) uses fp16 autocast where DataComp does, on CUDA only (on CPU
-    everything is fp32); "fp32" never autocasts. What each task ran with is kept in eval_run.json."""
+    everything is fp32); "fp32" never autocasts. What each task ran with is kept in eval_run.json.
+    ``loader_workers``: data-loading processes per task (0 reads in the evaluating process)."""
     arch, ckpt = resolve_model(model, arch)
     chosen = select(tasks, data_dir)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device, precision=precision)
+    evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device, loader_workers, precision=precision)
     done = {r["key"] for r in _all_rows(out)}
     todo = [t.key for t in chosen if t.key not in done]
     errors = {}
