@@ -532,3 +532,25 @@ def test_submit_builds_datacomps_record_and_uploads_only_when_asked(shards, tmp_
     (dc / "info.pkl").write_bytes(pickle.dumps({"scale_config": {}, "x": os.system}))
     with pytest.raises(ConfigError, match="refusing to build"):
         read_info_pkl(dc / "info.pkl")
+
+
+def test_a_member_unsafe_under_any_reading_of_its_headers_is_rejected(tmp_path):
+    """A GNU long name and a pax path for one member: tar programs differ on which wins, so the
+    member is rejected when either is unsafe (here Python's tarfile would say 000.jpg)."""
+    data = _jpg(0)
+    long_name = tarfile.TarInfo("././@LongLink")
+    evil = b"../../evil.jpg\0"
+    long_name.type, long_name.size = tarfile.GNUTYPE_LONGNAME, len(evil)
+    with tarfile.open(tmp_path / "t.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(long_name, io.BytesIO(evil))  # the GNU long name record of the next member
+    buf = bytearray((tmp_path / "t.tar").read_bytes()[:1024])  # header + data block, no end marker
+    info = tarfile.TarInfo("000.jpg")
+    info.size, info.pax_headers = len(data), {"path": "000.jpg"}
+    pax_member = info.tobuf(tarfile.PAX_FORMAT)  # a pax header (path=000.jpg), then the member header
+    block = data + bytes(-len(data) % 512)
+    (tmp_path / "t.tar").write_bytes(bytes(pax_member[:-512]) + bytes(buf) + pax_member[-512:] + block
+                                     + bytes(1024))
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        assert tf.getnames() == ["000.jpg"]  # Python: the outermost record, the pax path
+    unsafe = []
+    assert list(iter_samples(tmp_path / "t.tar", unsafe)) == [] and unsafe == ["../../evil.jpg"]

@@ -114,13 +114,17 @@ class Member:
     kind: str  # "file", "dir" or "special" (a link, device or FIFO)
     data: bytes
     raw: bytes | None  # the member's tar bytes (with its extension headers); None: rewrite its header
+    other_names: tuple = ()  # names another tar program could read from the same headers
 
 
 def _members(f, path) -> Iterator[Member]:
     """Each tar member as Python's tarfile (and so ``extractall``) reads it, headers parsed by
     hand (tarfile's Python header parsing was most of reshard's time). Names come from the
     ustar name and prefix, GNU long names and pax ``path`` records only; pax ``size`` is honoured;
-    global pax headers apply to every later member. Links, devices and FIFOs carry no data."""
+    global pax headers apply to every later member. Links, devices and FIFOs carry no data.
+    Where tar programs could differ (which of several name records wins, whether a prefix field
+    counts), the names they could read are kept in ``other_names``: a member is only safe when
+    all of them are."""
     pending: list[tuple[bytes, dict | str]] = []  # extension headers of the next member, in order
     pending_raw: list[bytes] = []
     global_pax: dict = {}
@@ -180,21 +184,27 @@ def _members(f, path) -> Iterator[Member]:
             kind = b"5"
         if prefix and kind not in (b"L", b"K", b"S"):
             name = prefix + "/" + name
+        candidates = [name, _nts(hdr[0:100])] if prefix else [name]
         if "path" in global_pax:
             name = global_pax["path"].rstrip("/")
+            candidates.append(name)
         for ext_kind, value in reversed(pending):  # the outermost extension header wins, as in tar
             if ext_kind == b"L":
                 name = value
             elif ext_kind == b"x" and "path" in value:
                 name = value["path"].rstrip("/")
+            else:
+                continue
+            candidates.append(name)
+        others = tuple(c for c in candidates if c != name)
         raw = None if "path" in global_pax else b"".join(pending_raw) + hdr + body
         pending, pending_raw = [], []
         if kind == b"5":
-            yield Member(name.rstrip("/"), "dir", b"", raw)
+            yield Member(name.rstrip("/"), "dir", b"", raw, others)
         elif kind in _SPECIAL:
-            yield Member(name, "special", b"", raw)
+            yield Member(name, "special", b"", raw, others)
         else:  # a regular file, or an unknown type, which tar extracts as one
-            yield Member(name, "file", data, raw)
+            yield Member(name, "file", data, raw, others)
 
 
 def iter_samples(path: str | Path, unsafe: list | None = None, special: list | None = None) -> Iterator[Sample]:
@@ -211,9 +221,9 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
         for m in _members(f, path):
             if m.kind == "dir":
                 continue
-            if is_unsafe(m.name):
+            if is_unsafe(m.name) or any(is_unsafe(n) for n in m.other_names):  # unsafe to any tar program
                 if unsafe is not None:
-                    unsafe.append(m.name)
+                    unsafe.append(next(n for n in (m.name, *m.other_names) if is_unsafe(n)))
                 continue
             key, ext = split_name(m.name)
             if current is None or key != current.key:
