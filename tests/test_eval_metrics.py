@@ -639,3 +639,25 @@ def test_cli_fp32_all_done_and_torn_lines(full_run, all_sets, tiny_checkpoint, t
     capsys.readouterr()
     assert main(base) == 2
     assert "eval_results.jsonl: line 2 is not a JSON object" in capsys.readouterr().err
+
+
+def test_own_grouped_task(tiny_checkpoint, tmp_path, ref):
+    """A task of your own with group metadata (task.json): DataComp-style accuracy per value of
+    each named npy column."""
+    from conceptprune.evaluation.run import evaluate, read_results
+    from conceptprune.evaluation.wds import write_classification
+
+    ims, y = images(20, 7)
+    site = [i % 3 for i in range(20)]
+    d = write_classification(tmp_path / "data" / "mine-sites", ims, y, COLORS, TEMPLATES,
+                             metadata=[[s, 0] for s in site])
+    (d / "task.json").write_text(json.dumps({"key": "mine/sites", "name": "Sites", "type": "wilds",
+                                             "main_metric": "acc_worst_site", "metadata": {"0": "site"}}))
+    res = evaluate(str(tiny_checkpoint), str(tmp_path / "data"), str(tmp_path / "out"), arch="cp-tiny-vit",
+                   tasks=["mine/sites"], executor="local", loader_workers=0)
+    assert res["errors"] == {}
+    m = read_results(tmp_path / "out" / "eval_results.jsonl")[0]["metrics"]
+    pred = [argmax(r) for r in ref.logits(ims, COLORS, TEMPLATES)]
+    per = [mean32([int(p == t) for p, t, s in zip(pred, y, site) if s == g]) for g in range(3)]
+    assert [m[f"acc_site:{g}"] for g in range(3)] == per and m["count_site:1"] == 7.0
+    assert m["main_metric"] == m["acc_worst_site"] == min(per)
