@@ -44,11 +44,13 @@ def register(sub) -> None:
     q = psub.add_parser("info", help="files, rows, columns, embedding keys")
     q.add_argument("pool")
     q.set_defaults(func=_pool_info)
-    q = psub.add_parser("validate", help="check uids (format, duplicates), row counts, npz checksums and embeddings")
+    q = psub.add_parser("validate", help="check uids (format, duplicates), row counts, every parquet page, npz "
+                                         "checksums and embeddings")
     q.add_argument("pool")
     q.add_argument("--embedding-key", default=None, help="also check this npz array (e.g. l14_img)")
     q.add_argument("--skip-checksums", action="store_true",
-                   help="do not verify the CRC-32 of every npz member (reads every npz once in full)")
+                   help="skip the full read of every file: decoding every parquet column and checking the "
+                        "CRC-32 of every npz member")
     q.set_defaults(func=_pool_validate)
 
     p = sub.add_parser("keep-list", help="inspect and combine keep-lists (sorted u8,u8 uid .npy)",
@@ -104,7 +106,7 @@ def _pool_info(args) -> None:
 
 def _pool_validate(args) -> None:
     from .npz import verify_npz
-    from .pool import Pool
+    from .pool import Pool, verify_parquet
 
     pool = Pool(args.pool, embedding_key=args.embedding_key)
     n = pool.check_unique_uids()
@@ -113,11 +115,14 @@ def _pool_validate(args) -> None:
             pass
     npz = [f.npz for f in pool.files if f.npz is not None]
     if not args.skip_checksums:
+        for f in pool.files:
+            verify_parquet(f.parquet)
         for path in npz:
             verify_npz(path, skip=(args.embedding_key,) if args.embedding_key else ())
     print(f"ok: {len(pool.files)} files, {n} rows, uids valid and unique"
           + (f", {args.embedding_key} ({pool.dim}-d) finite and non-zero" if args.embedding_key else "")
-          + ("" if args.skip_checksums or not npz else f", CRC-32 of every array in {len(npz)} npz files ok"))
+          + ("" if args.skip_checksums else ", every parquet column decodes"
+             + (f", CRC-32 of every array in {len(npz)} npz files ok" if npz else "")))
 
 
 def _kl_info(args) -> None:

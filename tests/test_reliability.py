@@ -546,6 +546,20 @@ def test_corrupt_parquet_page_names_the_file(pool, tmp_path, capsys):
     assert "thrift" in line
 
 
+def test_pool_validate_decodes_every_parquet_column(pool, capsys):
+    import pyarrow.parquet as pq
+
+    path = sorted(pool.glob("*.parquet"))[1]
+    md = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == "text")
+    data = bytearray(path.read_bytes())
+    for k in range(col.data_page_offset, col.data_page_offset + 8):
+        data[k] ^= 0xFF  # the captions' page: not read by the uid checks
+    path.write_bytes(bytes(data))
+    assert _cli(capsys, "pool", "validate", pool, "--skip-checksums")[0] == 0
+    _refused(capsys, "pool", "validate", pool, match=f"{path}: corrupt parquet data")
+
+
 # -- 19.6 (filters/cli.py part): --embedding-dir reaches the concept filters --------------------
 
 def test_embedding_dir_is_used_by_concept_filters(pool, tmp_path, capsys):
