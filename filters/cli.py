@@ -46,15 +46,35 @@ def register(sub) -> None:
         q.set_defaults(func=_with_output_policy(run))
 
 
+# Integer options shared by several filters (including ones registered elsewhere, and --workers
+# from the job options): each must be >= 1 when given. Checked for every filter command before
+# it runs, on top of the per-flag argparse types.
+POSITIVE_INTS = ("workers", "clusters", "niter", "train_sample", "neighbors", "batch_size")
+
+
+def check_common_numbers(a) -> None:
+    from conceptprune.checks import check_float, check_int, check_seed
+
+    for dest in POSITIVE_INTS:
+        if getattr(a, dest, None) is not None:
+            check_int(f"--{dest.replace('_', '-')}", getattr(a, dest), min=1)
+    if getattr(a, "seed", None) is not None:
+        check_seed("--seed", a.seed)
+    for dest in ("fraction", "target_fraction"):
+        if getattr(a, dest, None) is not None:
+            check_float(f"--{dest.replace('_', '-')}", getattr(a, dest), min=0.0, max=1.0, min_open=True)
+    if getattr(a, "threshold", None) is not None:
+        check_float("--threshold", a.threshold)
+
+
 def _with_output_policy(run):
-    """Every filter command: check --workers before any work, and run under the CLI's output
-    policy (an existing --out needs --overwrite; an empty result needs --allow-empty)."""
+    """Every filter command: check the shared numeric options before any work, and run under
+    the CLI's output policy (an existing --out needs --overwrite; an empty result needs
+    --allow-empty)."""
     def wrapped(a):
-        from conceptprune.checks import check_int
         from conceptprune.filters.base import OUTPUT_POLICY, OutputPolicy
 
-        if getattr(a, "workers", None) is not None:
-            check_int("--workers", a.workers, min=1)
+        check_common_numbers(a)
         token = OUTPUT_POLICY.set(OutputPolicy(overwrite=bool(getattr(a, "overwrite", False)),
                                                allow_empty=bool(getattr(a, "allow_empty", False))))
         try:

@@ -455,6 +455,11 @@ BAD_FLAGS = [
     (["filter", "ssl-prototypes", "--fraction", "0.5", "--clusters", "0"], "--clusters must be >= 1"),
     (["filter", "random", "--fraction", "0.5", "--seed", str(2**64)], "--seed must be in"),
     (["filter", "laion2b", "--threshold", "inf"], "--threshold must be a finite number"),
+    # flags of filter commands registered elsewhere get the same checks (filters/cli.py)
+    (["filter", "image-based-centroids", "--clusters", "0"], "--clusters must be >= 1"),
+    (["filter", "image-based-centroids", "--clusters", "4", "--niter", "-1"], "--niter must be >= 1"),
+    (["filter", "image-based-centroids", "--clusters", "4", "--seed", str(2**64)], "--seed must be in"),
+    (["filter", "image-based", "--scale", "small", "--batch-size", "0"], "--batch-size must be >= 1"),
 ]
 
 
