@@ -115,6 +115,36 @@ def test_cluster_ids_do_not_depend_on_the_batching(tmp_path):
         assert (got != expected).sum() == 0, f"world {world}: {(got != expected).sum()} rows differ"
 
 
+def test_many_tied_centroids_go_to_the_lowest_id_in_any_batch():
+    """More exactly tied centroids than faiss's recheck returns (20 > RECHECK_K): the full
+    float64 recheck; the answer is the lowest tied id whatever the batch size."""
+    import faiss
+
+    from conceptprune.filters.clustering import RECHECK_K, nearest_centroids
+
+    d, rng = 64, np.random.default_rng(2)
+    c0 = np.abs(rng.standard_normal(d))
+    tied = []
+    for m in range(20):  # c0 with pair m swapped: the same score for any x with x[2m] == x[2m+1]
+        c = c0.copy()
+        c[2 * m], c[2 * m + 1] = c0[2 * m + 1], c0[2 * m]
+        tied.append(c)
+    centroids = np.concatenate([rng.standard_normal((3, d)), tied, -c0[None]]).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    assert len(tied) > RECHECK_K
+    x = np.repeat(rng.standard_normal((500, d // 2)) * 0.3 + 1.0, 2, axis=1).astype(np.float32)
+    x[::5] = rng.standard_normal((100, d))  # and some free rows
+    expected = _exact_nearest(x, centroids)
+    assert (expected[x[:, 0] == x[:, 1]] == 3).all()
+    index = faiss.IndexFlatIP(d)
+    index.add(centroids)
+    norms = np.linalg.norm(x, axis=1)
+    for batch in (len(x), 64, 7, 1):
+        got = np.concatenate([nearest_centroids(index, centroids.astype(np.float64), x[a:a + batch],
+                                                norms[a:a + batch], None) for a in range(0, len(x), batch)])
+        assert (got == expected).all(), f"batch {batch}: {(got != expected).sum()} rows differ"
+
+
 def test_identical_vectors_same_result_with_one_and_two_workers(tmp_path):
     """A pool of copies of 24 vectors clustered with k = 40: faiss's k-means splits clusters
     into centroid pairs the copies are near-tied between (~1e-7), so before the exact
@@ -204,12 +234,15 @@ elif kind == "bucket":  # a dedup bucket's result written, not yet renamed into 
 """
 
 
-@pytest.mark.parametrize("kill,rerun_workers", [("shuffle-write:7", 1), ("marker:1", 3), ("bucket:2", 1)])
-def test_kill_anywhere_then_rerun_with_other_workers(pool_dir, tmp_path, kill, rerun_workers):
+@pytest.mark.parametrize("kill,rerun_workers,stage", [
+    ("shuffle-write:7", 1, "shuffle"), ("marker:1", 3, "shuffle"), ("bucket:2", 1, "dedup"),
+    ("marker:1", 1, "assign")])
+def test_kill_anywhere_then_rerun_with_other_workers(pool_dir, tmp_path, kill, rerun_workers, stage):
     ref_out, ref_clus = tmp_path / "ref.npy", tmp_path / "ref.clustering"
     assert main(_semdedup_args(pool_dir, ref_out, ref_clus, "--eps", "0.02", "--workers", "1")) == 0
     clus = tmp_path / "c"
-    shutil.copytree(ref_clus, clus, ignore=shutil.ignore_patterns("semdedup"))  # the same clustering
+    if stage != "assign":  # the same clustering, without SemDeDup's work
+        shutil.copytree(ref_clus, clus, ignore=shutil.ignore_patterns("semdedup"))
     p = _cli(_semdedup_args(pool_dir, tmp_path / "out.npy", clus, "--eps", "0.02", "--workers", "2"), KILL,
              CP_KILL=kill)
     _, err = p.communicate(timeout=300)
