@@ -348,12 +348,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def _folder(t):
-    try:
-        from conceptprune.evaluation import layout  # noqa: F401  (DataComp's folder names, once accepted)
-
-        return t.datacomp_folder or t.folder
-    except ImportError:
-        return t.folder
+    """DataComp's folder names (download_evalsets.py's wds_<name>_test/); ours for the nlphuji sets."""
+    return t.datacomp_folder or t.folder
 
 
 @pytest.fixture(scope="module")
@@ -584,6 +580,14 @@ def test_forty_rows_compare_and_package(full_run, tmp_path):
     K.write_keep_list(tmp_path / "keep.npy", U.uids_to_array(["ab" * 16, "cd" * 16]))
     d = package(str(out / "eval_results.jsonl"), str(tmp_path / "keep.npy"), "medium", str(tmp_path / "bundle"))
     assert (d / "results.jsonl").read_text() == (out / "eval_results.jsonl").read_text()
+    # the same through the commands
+    from conceptprune.cli import main
+
+    assert main(["compare", str(out / "eval_results.jsonl"), "--names", "tiny", "--out", str(tmp_path / "cmp")]) == 0
+    assert "| tiny |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert main(["evaluate", "package", "--results", str(out / "eval_results.jsonl"), "--keep-list",
+                 str(tmp_path / "keep.npy"), "--scale", "medium", "--out", str(tmp_path / "bundle2")]) == 0
+    assert (tmp_path / "bundle2" / "medium_scale" / "results.jsonl").read_text() == (d / "results.jsonl").read_text()
     # what each task ran with: the default precision, on CPU with no autocast anywhere
     run = json.loads((out / "eval_run.json").read_text())
     assert list(run) == [t.key for t in TASKS]
