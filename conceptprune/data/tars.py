@@ -64,6 +64,7 @@ IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})  # what open_clip's loade
 _REGULAR = frozenset({b"0", b"\0", b"7"})
 _SPECIAL = frozenset({b"1", b"2", b"3", b"4", b"6"})  # hard link, symlink, char/block device, FIFO
 _KNOWN = _REGULAR | _SPECIAL | {b"5", b"L", b"K", b"S", b"x", b"g", b"X"}
+_NO_DATA = _SPECIAL | {b"5"}  # tar reads no data blocks after these headers
 
 
 def _nts(field: bytes) -> str:
@@ -108,17 +109,10 @@ def _pax_records(data: bytes, where: str) -> dict:
     return out
 
 
-@dataclass
-class Member:
-    name: str
-    kind: str  # "file", "dir" or "special" (a link, device or FIFO)
-    data: bytes
-    raw: bytes | None  # the member's tar bytes (with its extension headers); None: rewrite its header
-    other_names: tuple = ()  # names another tar program could read from the same headers
-
-
-def _members(f, path) -> Iterator[Member]:
-    """Each tar member as Python's tarfile (and so ``extractall``) reads it, headers parsed by
+def _members(f, path) -> Iterator[tuple]:
+    """``(name, kind, data, raw, other_names)`` of each tar member as Python's tarfile (and so
+    ``extractall``) reads it: kind "file", "dir" or "special" (a link, device or FIFO); raw the
+    member's tar bytes with its extension headers (None: its header must be rewritten). Headers parsed by
     hand (tarfile's Python header parsing was most of reshard's time). Names come from the
     ustar name and prefix, GNU long names and pax ``path`` records only; pax ``size`` is honoured;
     global pax headers apply to every later member. Links, devices and FIFOs carry no data.
@@ -128,83 +122,97 @@ def _members(f, path) -> Iterator[Member]:
     pending: list[tuple[bytes, dict | str]] = []  # extension headers of the next member, in order
     pending_raw: list[bytes] = []
     global_pax: dict = {}
-    offset = 0
+    offset = start = 0
+
+    def where() -> str:  # only formatted for an error message
+        return f"{path}: tar header at byte {start}"
+
     while True:
+        start = offset
         hdr = f.read(_BLOCK)
-        where = f"{path}: tar header at byte {offset}"
         if len(hdr) < _BLOCK:
             if hdr.strip(b"\0"):
-                raise PoolError(f"{where} is truncated")
+                raise PoolError(f"{where()} is truncated")
             return
         if hdr == _ZERO:
             return
         try:
             if not _checksum_ok(hdr):
-                raise PoolError(f"{where} is corrupt (bad checksum)")
+                raise PoolError(f"{where()} is corrupt (bad checksum)")
             size = _number(hdr[124:136])
         except ValueError:
-            raise PoolError(f"{where} is corrupt (not a tar header)") from None
+            raise PoolError(f"{where()} is corrupt (not a tar header)") from None
         kind = hdr[156:157]
-        sized = [v["size"] for k, v in pending if k == b"x" and "size" in v]  # the outermost one wins
-        if sized and (kind in _REGULAR or kind not in _KNOWN):
+        sized = [v["size"] for k, v in pending if k == b"x" and "size" in v] if pending else ()
+        if sized and (kind in _REGULAR or kind not in _KNOWN):  # the outermost pax size wins
             try:
                 size = int(sized[0])
             except ValueError:
-                raise PoolError(f"{where}: pax size {sized[0]!r} is not a number") from None
+                raise PoolError(f"{where()}: pax size {sized[0]!r} is not a number") from None
         if size < 0:
-            raise PoolError(f"{where} is corrupt (negative size)")
-        carries_data = kind in _REGULAR or kind not in _KNOWN or kind in (b"L", b"K", b"x", b"g", b"X", b"S")
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK if carries_data else 0
+            raise PoolError(f"{where()} is corrupt (negative size)")
+        padded = 0 if kind in _NO_DATA else (size + _BLOCK - 1) // _BLOCK * _BLOCK
         body = f.read(padded)
         if len(body) < padded:
             raise PoolError(f"{path}: member at byte {offset} is truncated")
         offset += _BLOCK + padded
         data = body[:size]
-        if kind == b"S" or any(k.startswith("GNU.sparse.") for k in global_pax):
-            raise PoolError(f"{where}: GNU sparse members are not supported")
+        if kind == b"S":
+            raise PoolError(f"{where()}: GNU sparse members are not supported")
         if kind in (b"L", b"K"):
             pending.append((kind, _nts(data)))
             pending_raw.append(hdr + body)
             continue
         if kind in (b"x", b"X", b"g"):
-            records = _pax_records(data, where)
+            records = _pax_records(data, where())
             if any(k.startswith("GNU.sparse.") for k in records):
-                raise PoolError(f"{where}: GNU sparse members are not supported")
+                raise PoolError(f"{where()}: GNU sparse members are not supported")
             if kind == b"g":
                 if "size" in records:
-                    raise PoolError(f"{where}: a global pax header may not set a size")
+                    raise PoolError(f"{where()}: a global pax header may not set a size")
                 global_pax.update(records)
             else:
                 pending.append((b"x", {**global_pax, **records}))
                 pending_raw.append(hdr + body)
             continue
         name = _nts(hdr[0:100])
-        prefix = _nts(hdr[345:500])
+        prefix = _nts(hdr[345:500]) if hdr[345] else ""
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"
-        if prefix and kind not in (b"L", b"K", b"S"):
-            name = prefix + "/" + name
-        candidates = [name, _nts(hdr[0:100])] if prefix else [name]
-        if "path" in global_pax:
-            name = global_pax["path"].rstrip("/")
-            candidates.append(name)
-        for ext_kind, value in reversed(pending):  # the outermost extension header wins, as in tar
-            if ext_kind == b"L":
-                name = value
-            elif ext_kind == b"x" and "path" in value:
-                name = value["path"].rstrip("/")
-            else:
-                continue
-            candidates.append(name)
-        others = tuple(c for c in candidates if c != name)
-        raw = None if "path" in global_pax else b"".join(pending_raw) + hdr + body
-        pending, pending_raw = [], []
+        others = ()
+        if prefix or pending or global_pax:
+            name, others = _renamed(name, prefix, pending, global_pax)
+            raw = None if "path" in global_pax else b"".join(pending_raw) + hdr + body
+            pending, pending_raw = [], []
+        else:
+            raw = hdr + body
         if kind == b"5":
-            yield Member(name.rstrip("/"), "dir", b"", raw, others)
+            yield name.rstrip("/"), "dir", b"", raw, others
         elif kind in _SPECIAL:
-            yield Member(name, "special", b"", raw, others)
+            yield name, "special", b"", raw, others
         else:  # a regular file, or an unknown type, which tar extracts as one
-            yield Member(name, "file", data, raw, others)
+            yield name, "file", data, raw, others
+
+
+def _renamed(name: str, prefix: str, pending: list, global_pax: dict) -> tuple[str, tuple]:
+    """The member's name after its prefix field, global pax path and extension headers (the
+    outermost wins, as in Python's tarfile), and the other names tar programs could read."""
+    candidates = [name]
+    if prefix:
+        name = prefix + "/" + name
+        candidates.append(name)
+    if "path" in global_pax:
+        name = global_pax["path"].rstrip("/")
+        candidates.append(name)
+    for ext_kind, value in reversed(pending):
+        if ext_kind == b"L":
+            name = value
+        elif ext_kind == b"x" and "path" in value:
+            name = value["path"].rstrip("/")
+        else:
+            continue
+        candidates.append(name)
+    return name, tuple(c for c in candidates if c != name)
 
 
 def iter_samples(path: str | Path, unsafe: list | None = None, special: list | None = None) -> Iterator[Sample]:
@@ -218,28 +226,28 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
         raise PoolError(f"{path}: not a readable tar shard ({e})") from None
     current: Sample | None = None
     with f:
-        for m in _members(f, path):
-            if m.kind == "dir":
+        for name, kind, data, raw, others in _members(f, path):
+            if kind == "dir":
                 continue
-            if is_unsafe(m.name) or any(is_unsafe(n) for n in m.other_names):  # unsafe to any tar program
+            if is_unsafe(name) or (others and any(map(is_unsafe, others))):  # unsafe to any tar program
                 if unsafe is not None:
-                    unsafe.append(next(n for n in (m.name, *m.other_names) if is_unsafe(n)))
+                    unsafe.append(next(n for n in (name, *others) if is_unsafe(n)))
                 continue
-            key, ext = split_name(m.name)
+            key, ext = split_name(name)
             if current is None or key != current.key:
                 if current is not None:
                     yield current
                 current = Sample(key)
-            if m.kind == "special":
+            if kind == "special":
                 if special is not None:
-                    special.append(m.name)
+                    special.append(name)
                 current.dropped += 1
                 continue
-            current.parts[ext] = m.data
-            if m.raw is None or current.raw is None:
+            current.parts[ext] = data
+            if raw is None or current.raw is None:
                 current.raw = None  # rewritten from its parts
             else:
-                current.raw.append(m.raw)
+                current.raw.append(raw)
         if current is not None:
             yield current
 
