@@ -444,8 +444,13 @@ def _close(got: dict, want: dict, tol=1e-9):
 def test_classification_as_datacomp(full_run, all_sets, ref):
     out, res = full_run
     rows, spec = _rows(out), all_sets[1]
-    for key, fmt in (("cifar10", "jpg"), ("vtab/pets", "jpg"), ("sun397", "webp"), ("imagenet1k", "jpg")):
+    from conceptprune.evaluation.tasks import TASKS
+
+    keys = [t.key for t in TASKS if t.type == "zeroshot_classification"]
+    assert len(keys) == 30
+    for key in keys:
         s = spec[key]
+        fmt = "webp" if key == "sun397" else "jpg"
         want = ref_classification(ref.logits(s["images"], s["classes"], TEMPLATES, fmt), s["labels"])
         m = rows[key]["metrics"]
         assert list(m) == ["acc1", "acc5", "mean_per_class_recall", "main_metric"]
