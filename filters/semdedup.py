@@ -242,7 +242,6 @@ class DedupStage(Stage):
             rows += len(out)
         return {"rows": rows}
 
-
     def _read_bucket(self, work: Path, bucket: int) -> tuple[np.ndarray, np.ndarray]:
         pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}.meta"
         metas, embs = [], []
@@ -293,10 +292,15 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
     kept_per = np.zeros(clustering.k, np.int64)
     m_total = int(size.sum())
     eps_table = {e: 0 for e in PAPER_EPS}
+    stored = 0
     for res in iter_results(work, clustering.k):
+        stored += len(res)
         if rule == "paper":
             for e in PAPER_EPS:
                 eps_table[e] += int((res["M"] <= np.float32(1 - e)).sum())
+    if stored != m_total:  # e.g. a cache filled by two runs at once before it was locked
+        raise ConfigError(f"the SemDeDup results in {work} hold {stored:,} rows for {m_total:,} candidates; "
+                          f"delete {work} and rerun")
     kept = UidCollector()
     if rule == "paper" and target_fraction is not None:
         n_keep = target_count(target_fraction, m_total)

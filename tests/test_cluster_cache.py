@@ -328,3 +328,17 @@ def test_embedding_dir_is_used_by_every_cluster_filter(small_pool_dir, tmp_path)
     with pytest.raises(PoolError, match=r"no embeddings file .*\.npz"):
         Pool(pool, embedding_key="l14_img", embedding_dir=tmp_path / "empty")
     assert K.read_keep_list(tmp_path / "got" / "dbp.npy").size
+
+
+def test_a_corrupt_semdedup_cache_is_named_not_used(small_pool_dir, tmp_path):
+    """A cache filled twice (what two unlocked runs did) is refused with the folder to delete."""
+    from conceptprune.filters import semdedup
+
+    run_filter(semdedup, small_pool_dir, tmp_path / "a.npy", embedding_key="l14_img", eps=0.02, clusters=6, **FAST)
+    work = tmp_path / "a.clustering" / "semdedup" / "all"
+    bucket = sorted((work / "m").glob("b*.npy"))[0]
+    res = np.load(bucket)
+    np.save(bucket, np.concatenate([res, res]))
+    with pytest.raises(ConfigError, match=f"hold {4000 + len(res):,} rows for 4,000 candidates; delete {work}"):
+        run_filter(semdedup, small_pool_dir, tmp_path / "b.npy", embedding_key="l14_img", eps=0.02,
+                   clustering_dir=tmp_path / "a.clustering", executor="debug")
