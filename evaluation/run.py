@@ -34,7 +34,7 @@ from conceptprune.errors import ConceptPruneError, ConfigError
 from conceptprune.slurm.stage import Stage, run_stage
 
 from . import metrics as M
-from .tasks import Task, select
+from .tasks import BY_KEY, Task, select
 
 log = logging.getLogger(__name__)
 RESULTS = "eval_results.jsonl"
@@ -276,6 +276,9 @@ class Evaluator:
         ks = [k for k in (1, 5, 10) if k <= n]  # DataComp: [1, 5, 10] (clip_benchmark needs k <= images)
         out = zeroshot_retrieval.evaluate(model, self.loader(ds), tokenizer, device, amp=self.amp, recall_k_list=ks)
         out["mean_recall@1"] = 0.5 * (out["text_retrieval_recall@1"] + out["image_retrieval_recall@1"])
+        if task.key not in BY_KEY:  # your own retrieval task: mean recall at every k (DataComp writes @1 only)
+            for k in ks[1:]:
+                out[f"mean_recall@{k}"] = 0.5 * (out[f"text_retrieval_recall@{k}"] + out[f"image_retrieval_recall@{k}"])
         return out
 
     def _winogavil(self, task: Task, d: Path) -> dict:

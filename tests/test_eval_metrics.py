@@ -670,3 +670,20 @@ def test_own_grouped_task(tiny_checkpoint, tmp_path, ref):
     per = [mean32([int(p == t) for p, t, s in zip(pred, y, site) if s == g]) for g in range(3)]
     assert [m[f"acc_site:{g}"] for g in range(3)] == per and m["count_site:1"] == 7.0
     assert m["main_metric"] == m["acc_worst_site"] == min(per)
+
+
+def test_own_retrieval_task_has_mean_recall_at_every_k(tiny_checkpoint, tmp_path):
+    """The demo's caption task reads mean_recall@5; DataComp's Flickr/MSCOCO rows write @1 only."""
+    from conceptprune.evaluation.run import evaluate, read_results
+    from conceptprune.evaluation.wds import write_retrieval
+
+    ims, y = images(10, 3)
+    d = write_retrieval(tmp_path / "data" / "mine-caps", ims, [[f"a {COLORS[c]} square"] for c in y])
+    (d / "task.json").write_text(json.dumps({"key": "mine/caps", "name": "Caps", "type": "retrieval",
+                                             "main_metric": "mean_recall@5"}))
+    evaluate(str(tiny_checkpoint), str(tmp_path / "data"), str(tmp_path / "out"), arch="cp-tiny-vit",
+             tasks=["mine/caps"], executor="local", loader_workers=0)
+    m = read_results(tmp_path / "out" / "eval_results.jsonl")[0]["metrics"]
+    assert m["main_metric"] == m["mean_recall@5"] == pytest.approx(
+        (m["text_retrieval_recall@5"] + m["image_retrieval_recall@5"]) / 2)
+    assert "mean_recall@10" in m
