@@ -143,7 +143,7 @@ def leaderboard_record(results: str | Path, info: dict, *, method_name: str, aut
     if dataset_size == "keep-list":
         if not keep_lists:
             raise ConfigError("--dataset-size keep-list needs the keep-list(s)")
-        dataset_size = sum(len(K.read_keep_list(k, **_multiset())) for k in keep_lists)
+        dataset_size = sum(len(K.read_keep_list(k, multiset=True)) for k in keep_lists)
     record = {
         "scale": info["scale"], "model": config["model"],
         "dataset_size": dataset_size or config["train_num_samples"],
@@ -158,12 +158,6 @@ def leaderboard_record(results: str | Path, info: dict, *, method_name: str, aut
         if v is not None:
             record[row["dataset"]] = v
     return record
-
-
-def _multiset() -> dict:
-    import inspect
-
-    return {"multiset": True} if "multiset" in inspect.signature(K.read_keep_list).parameters else {}
 
 
 def record_key(record: dict) -> str:

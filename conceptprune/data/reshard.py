@@ -51,7 +51,7 @@ from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
 from conceptprune.checks import check_seed
-from conceptprune.errors import ConfigError, KeepListError, PoolError
+from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Stage, run_stage
 
@@ -75,46 +75,9 @@ def state_dir(out: str | Path) -> Path:
 
 
 def read_keep_counts(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique uids, how many times each is listed) of a keep-list: a ``.npy`` file or a
-    raw memory-mapped array of ``u8,u8`` records (DataComp's resharder reads both). It must be
-    sorted (DataComp's resharder uses searchsorted and silently selects wrong samples otherwise);
-    a uid listed k times is written k times."""
-    path = Path(path)
-    if hasattr(K, "multiplicities"):  # keeplist's multiset reader
-        return K.multiplicities(K.read_keep_list(path, multiset=True))
-    if not path.is_file():
-        raise KeepListError(f"{path}: keep-list not found")
-    with open(path, "rb") as f:
-        is_npy = f.read(6) == b"\x93NUMPY"
-    try:
-        if is_npy:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
-            size = path.stat().st_size
-            if size % U.UID_DTYPE.itemsize:
-                raise KeepListError(f"{path}: neither a .npy file nor a raw array of 16-byte uids "
-                                    f"({size} bytes is not a multiple of 16)")
-            arr = np.memmap(path, U.UID_DTYPE, mode="r") if size else np.empty(0, U.UID_DTYPE)
-    except KeepListError:
-        raise
-    except Exception as e:  # numpy raises several types for a damaged file
-        raise KeepListError(f"{path}: not a readable keep-list ({type(e).__name__}: {e})") from None
-    if arr.ndim != 1 or arr.dtype.names is None or len(arr.dtype.names) != 2 or any(
-            arr.dtype.fields[n][0] != np.dtype("<u8") for n in arr.dtype.names):
-        raise KeepListError(f"{path}: a {arr.ndim}-D array of dtype {arr.dtype}, expected DataComp's 1-D "
-                            "np.dtype('u8,u8')")
-    hi, lo = (np.ascontiguousarray(arr[n]) for n in arr.dtype.names)
-    if len(hi) > 1:
-        ok = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0]) + 1
-            raise KeepListError(f"{path}: not sorted at entry {i}; DataComp's resharder uses searchsorted and "
-                                "would select the wrong samples (fix: conceptprune keep-list sort)")
-    new = np.ones(len(hi), dtype=bool)
-    new[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, len(hi))).astype(np.int64)
-    return U.make_array(hi[starts], lo[starts]), counts
+    """(sorted distinct uids, how many times each is listed) of a keep-list (``.npy`` or
+    DataComp's raw memory-mapped array; sorted, as DataComp's searchsorted needs)."""
+    return K.multiplicities(K.read_keep_list(path, multiset=True))
 
 
 # -- input and output folders -------------------------------------------------------------------
