@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "conceptprune.slurm.cli",          # cluster
     "conceptprune.scaling_cli",        # scaling
     "conceptprune.demo_cli",           # demo
+    "conceptprune.report.cli",         # report, explain
 )
 
 log = logging.getLogger("conceptprune")
