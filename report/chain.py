@@ -88,7 +88,12 @@ class Step:
         rule = self.params.get("rule", "paper")
         name = wid + ("" if rule == "paper" else f"-{rule}-{self.params.get('eps'):g}")
         d = self.clustering_dir / "semdedup" / name / "m"
-        return d if d.is_dir() else None
+        if d.is_dir():
+            return d
+        found = sorted(self.clustering_dir.glob("semdedup/*/m"))  # e.g. --within not the previous step
+        if len(found) == 1:
+            return found[0]
+        return None
 
 
 @dataclass

@@ -111,8 +111,7 @@ class Thumbs:
                 cap = s.parts.get("txt", b"").decode("utf-8", "replace")
                 if ext:
                     p = self.dir / f"{uid}.{ext.lower()}"
-                    with atomic_open(p, "wb") as f:
-                        f.write(s.parts[ext])
+                    p.write_bytes(s.parts[ext])  # index.html, written last and atomically, links it
                     res = (f"thumbs/{p.name}", cap)
                 else:
                     res = (None, cap)
@@ -159,6 +158,17 @@ def _funnel_plot(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def pca2(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """The rows of ``x`` projected on their first two principal axes, and the share of the
+    variance kept (eigen-decomposition of the smaller of the Gram and covariance matrices)."""
+    xc = x - x.mean(axis=0)
+    small = xc @ xc.T if len(xc) <= xc.shape[1] else xc.T @ xc
+    w, v = np.linalg.eigh(small)
+    w, v = w[::-1], v[:, ::-1]
+    xy = v[:, :2] * np.sqrt(np.maximum(w[:2], 0)) if len(xc) <= xc.shape[1] else xc @ v[:, :2]
+    return xy, float(w[:2].sum() / max(w.sum(), 1e-30))
+
+
 def _cluster_plots(step, table, tag: str, out: Path) -> list[str]:
     plt = _plt()
     size = table["size"].to_numpy(float)
@@ -187,10 +197,7 @@ def _cluster_plots(step, table, tag: str, out: Path) -> list[str]:
     if step.clustering_dir is not None:
         c = step.clustering().centroids.astype(np.float64)
         if len(c) >= 2:
-            xc = c - c.mean(axis=0)
-            _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-            xy = xc @ vt[:2].T
-            var = (sv[:2] ** 2).sum() / max((sv ** 2).sum(), 1e-30)
+            xy, var = pca2(c)
             fig, ax = plt.subplots(figsize=(5, 4.2))
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=frac, cmap="RdYlGn", vmin=0, vmax=1,
                             s=12 + 200 * np.sqrt(size / lim), edgecolors="k", linewidths=0.3)

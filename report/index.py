@@ -136,9 +136,10 @@ def index_folder(shards: Path, fallback: Path | None) -> Path:
 
 
 def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = None, *,
-                fallback: str | os.PathLike | None = None) -> ShardIndex:
+                fallback: str | os.PathLike | None = None, workers: int | None = None) -> ShardIndex:
     """Load the index of ``shards`` from ``folder`` (default ``SHARDS/_uid_index``), building
-    it when absent or when the shards changed."""
+    it when absent or when the shards changed (``workers`` processes scan the shards;
+    default: one per CPU)."""
     shards = Path(shards)
     tars = _shard_list(shards)
     folder = Path(folder) if folder else index_folder(shards, Path(fallback) if fallback else None)
@@ -151,8 +152,15 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
         log.info("%s: the shards changed; rebuilding the uid index", folder)
     t0 = time.time()
     parts_u, parts_l = [], []
-    for i, p in enumerate(tars):
-        u, o, s = scan_shard(p)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tars)))
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:  # one shard per task, results in shard order
+            scans = list(ex.map(scan_shard, tars, chunksize=max(1, len(tars) // (8 * workers))))
+    else:
+        scans = (scan_shard(p) for p in tars)
+    for i, (u, o, s) in enumerate(scans):
         loc = np.empty(len(u), LOC_DTYPE)
         loc["shard"], loc["offset"], loc["size"] = i, o, s
         parts_u.append(u)
@@ -173,6 +181,6 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
         with atomic_open(folder / name, "wb") as f:
             np.save(f, arr)
     write_json(meta_path, {"format": FORMAT, "shards_dir": str(shards.resolve()), "shards": sig,
-                           "samples": int(len(uids)), "build_s": round(build_s, 3),
+                           "samples": int(len(uids)), "build_s": round(build_s, 3), "workers": workers,
                            "uids_per_s": round(len(uids) / max(build_s, 1e-9))})
     return ShardIndex(folder, tars, uids, loc, build_s)
