@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def main():
             cmd += ["--niter", str(args.niter)]
         runs_ours, runs_floor = [], []
         clus = out.with_suffix(".clustering")
+        load = [round(v, 2) for v in os.getloadavg()]  # the machine may be shared: say how busy it was
         for _ in range(args.repeat):  # alternate, so that machine noise hits both alike
             shutil.rmtree(out.parent, ignore_errors=True)
             runs_ours.append(measure(cmd))
@@ -96,14 +98,16 @@ def main():
                         "ratio_ours_over_floor": round(ours["wall_s"] / floor_s, 3),
                         "samples_per_s": round(rows / ours["wall_s"]),
                         "all_ours_wall_s": [r["wall_s"] for r in runs_ours],
-                        "all_floor_s": [round(r["train_s"] + r["search_s"], 2) for r in runs_floor]})
+                        "all_floor_s": [round(r["train_s"] + r["search_s"], 2) for r in runs_floor],
+                        "load_avg_before": load, "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+                        "cpus": os.cpu_count(), "command": " ".join(sys.argv)})
         print(json.dumps(results[-1]), flush=True)
         if not args.keep_pools and rows != int(args.rows.split(",")[-1]):
             pass
     if len(results) > 1:
         growth = results[-1]["ours_peak_rss_mib"] / results[0]["ours_peak_rss_mib"]
         print(f"our peak RSS: x{growth:.3f} from {results[0]['rows']:,} to {results[-1]['rows']:,} rows")
-    print(table(results, [c for c in results[0] if not c.startswith('all_')]))
+    print(table(results, [c for c in results[0] if not c.startswith(('all_', 'load_', 'command'))]))
     print("saved", save(f"{args.method}_k{args.clusters}", {"benchmark": f"filter {args.method}", "results": results}))
 
 

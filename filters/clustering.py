@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 BLOCK_ROWS = 16_384  # assignment parts start at multiples of this (aligned reads, same chunks)
 FORMAT_VERSION = 2  # 2: data fingerprint, bad-embedding counts, exact tie-breaking
 RECHECK_K = 16  # candidates faiss returns for a near-tied row (all centroids if all are near)
+KMEANS_MEMORY = 8 * 2**30  # default budget of the k-means training sample (float32 rows)
+POINTS_PER_CENTROID = 64  # the default sample's minimum per centroid (faiss warns below 39)
 TIE_TOL = 1e-4  # x norm: runner-up scores this close to the best are rechecked (faiss errs by ~1e-6)
 EXACT_TOL = 1e-11  # x norm: float64 scores this close to the best are summed exactly
 
@@ -156,20 +158,48 @@ class ClusteringSpec:
     k: int | None = None
     seed: int | None = None  # default 1234, the reference code's
     niter: int | None = None  # default 100
-    train_sample: int | None = None  # default min(candidates, 1000 k, 500k)
+    train_sample: int | None = None  # default: see resolved_sample
     gpu: str = "auto"
     default_k: int = 100
+    kmeans_memory: int = KMEANS_MEMORY  # bytes the default sample may take as float32
 
     def filled(self) -> "ClusteringSpec":
         return ClusteringSpec(k=self.k or self.default_k, seed=1234 if self.seed is None else self.seed,
-                              niter=self.niter or 100, train_sample=self.train_sample, gpu=self.gpu)
+                              niter=self.niter or 100, train_sample=self.train_sample, gpu=self.gpu,
+                              kmeans_memory=self.kmeans_memory)
 
-    def resolved_sample(self, candidates: int) -> int:
+    def resolved_sample(self, candidates: int, dim: int) -> int:
+        """--train-sample if given; else min(candidates, max(min(1000 k, 500k), 64 k), budget / (4 dim)):
+        DataComp-sized defaults for small k, 64 points a centroid for large k (faiss warns
+        below 39), and never more float32 rows than --kmeans-memory holds."""
         if self.train_sample is not None:
             if self.train_sample < self.k:
                 raise ConfigError(f"--train-sample {self.train_sample} is smaller than --clusters {self.k}")
             return min(self.train_sample, candidates)
-        return min(candidates, 1000 * self.k, 500_000)
+        cap = self.kmeans_memory // (4 * dim)
+        if cap < self.k:
+            raise ConfigError(f"--kmeans-memory {format_bytes(self.kmeans_memory)} holds {cap} float32 rows of "
+                              f"dim {dim}, fewer than --clusters {self.k}")
+        return min(candidates, max(min(1000 * self.k, 500_000), POINTS_PER_CENTROID * self.k), cap)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '1.5GiB' or a plain byte count -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ConfigError(f"--kmeans-memory: expected a size such as 8G or 512M, got {text!r}")
+    return int(value * scale)
 
 
 def aligned_split(rows: int, rank: int, world_size: int, block: int = BLOCK_ROWS) -> tuple[int, int]:
@@ -470,8 +500,12 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, id
     if len(x) < 39 * spec.k:
         log.warning("only %d training points for %d clusters (faiss suggests >= %d)", len(x), spec.k, 39 * spec.k)
     gpu = use_gpu(spec.gpu)
-    log.info("k-means: k=%d on %d x %d sample, %d iterations, seed %d, %s", spec.k, len(x), x.shape[1],
-             spec.niter, spec.seed, "GPU" if gpu else "CPU")
+    rule = ("--train-sample" if spec.train_sample is not None else
+            f"min(candidates, max(min(1000 k, 500k), {POINTS_PER_CENTROID} k), --kmeans-memory "
+            f"{format_bytes(spec.kmeans_memory)} / (4 x dim))")
+    log.info("k-means: k=%d on %d x %d sample (%.0f a centroid; %s: %.2f GiB), %d iterations, seed %d, %s",
+             spec.k, len(x), x.shape[1], len(x) / spec.k, rule, x.nbytes / 2**30, spec.niter, spec.seed,
+             "GPU" if gpu else "CPU")
     km = faiss.Kmeans(x.shape[1], spec.k, niter=spec.niter, seed=spec.seed, spherical=True, gpu=gpu,
                       max_points_per_centroid=math.ceil(len(x) / spec.k) + 1, min_points_per_centroid=1,
                       verbose=log.isEnabledFor(logging.DEBUG))
@@ -518,7 +552,7 @@ def sample_rows(pool: Pool, within: Within, spec: ClusteringSpec) -> np.ndarray:
     n = len(within.uids) if within else pool.rows
     if n == 0:
         raise ConfigError("no candidate rows to cluster")
-    kept, _ = grouped_select(batches, np.array([spec.resolved_sample(n)]), "hash", clamp=True)
+    kept, _ = grouped_select(batches, np.array([spec.resolved_sample(n, pool.dim)]), "hash", clamp=True)
     return kept.to_array()["f1"].astype(np.int64)
 
 

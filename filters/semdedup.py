@@ -37,6 +37,7 @@ from conceptprune import uids as U
 from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 from conceptprune.keeplist import UidCollector
+from conceptprune.npz import NpzArray, row_parallel, to_float32
 from conceptprune.slurm.stage import Stage, run_stage
 
 from .base import FilterResult, Within, as_within, check_fraction, target_count
@@ -52,7 +53,10 @@ PAPER_EPS = (0.00095, 0.03, 0.07, 0.124, 0.165, 0.205, 0.26)  # LAION-440M: 79.6
 META_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("cluster", "<i4"), ("dist", "<f4")])
 OUT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("cluster", "<i4"), ("dist", "<f4"), ("M", "<f4"),
                       ("keep", "?")])
-PAIR_BLOCK = 1024
+PAIR_BLOCK = 256  # columns a block: the diagonal blocks' wasted half stays small
+DEDUP_THREADS = 8  # buckets at once in a dedup part (memory: this many buckets)
+ROW_BLOCK = 8192  # rows a GEMM against a column block (8192 x 1024 float32: 32 MiB)
+FORMAT = 2  # 2: raw stored embeddings, float32 similarities (1: fp16-rounded normalised vectors)
 
 
 def n_buckets(k: int) -> int:
@@ -66,20 +70,43 @@ def bucket_of(cluster: np.ndarray, k: int) -> np.ndarray:
 # -- the pairwise kernels ------------------------------------------------------------------
 
 
+def normalized(raw: np.ndarray) -> np.ndarray:
+    """Rows as float32 divided by their float32 norms: the same operations, so the same bits,
+    as the pool's own normalisation (``to_float32`` then ``Pool._normalise``)."""
+    norms = np.empty(len(raw), dtype=np.float32)
+    x = to_float32(raw, norms)  # a new array whatever the dtype (norms are asked for)
+    row_parallel(lambda a, b: np.divide(x[a:b], norms[a:b, None], out=x[a:b]), len(x))
+    return x
+
+
+def _lower_mask(n: int) -> np.ndarray:
+    """n x n: True where i >= j (the part of a diagonal block that is not i < j)."""
+    global _TRI
+    if len(_TRI) < n:
+        _TRI = np.tri(max(n, PAIR_BLOCK), dtype=bool)
+    return _TRI[:n, :n]  # the top-left square of a lower-triangle mask is one
+
+
+_TRI = np.zeros((0, 0), dtype=bool)
+
+
 def column_max_upper(e: np.ndarray, block: int = PAIR_BLOCK) -> np.ndarray:
-    """M_j = max_{i<j} <e_i, e_j> (M_0 = -inf), in blocks: memory O(n * block)."""
+    """M_j = max_{i<j} <e_i, e_j> (M_0 = -inf) in float32 GEMM blocks: memory O(n * block).
+
+    ``e`` as float32 (other dtypes are cast). Per column block: its diagonal block, then the
+    rows above it in ROW_BLOCK slices."""
+    e = np.ascontiguousarray(e, dtype=np.float32)
     n = len(e)
-    m = np.full(n, -np.inf, dtype=np.float32)
+    m = np.empty(n, dtype=np.float32)
     for c0 in range(0, n, block):
         c1 = min(n, c0 + block)
-        cols = e[c0:c1].astype(np.float32)
-        best = np.full(c1 - c0, -np.inf, dtype=np.float32)
-        for r0 in range(0, c1, block):
-            r1 = min(c1, r0 + block)
-            s = e[r0:r1].astype(np.float32) @ cols.T
-            if r1 > c0:  # the block touches the diagonal: only i < j counts
-                s[np.arange(r0, r1)[:, None] >= np.arange(c0, c1)[None, :]] = -np.inf
-            np.maximum(best, s.max(axis=0), out=best)
+        cols = e[c0:c1]
+        s = cols @ cols.T
+        np.copyto(s, np.float32(-np.inf), where=_lower_mask(c1 - c0))
+        best = s.max(axis=0)
+        for r0 in range(0, c0, ROW_BLOCK):
+            r1 = min(c0, r0 + ROW_BLOCK)
+            np.maximum(best, (e[r0:r1] @ cols.T).max(axis=0), out=best)
         m[c0:c1] = best
     return m
 
@@ -138,12 +165,15 @@ def components_keep(e: np.ndarray, threshold: float, block: int = PAIR_BLOCK) ->
 
 @dataclass
 class ShuffleStage(Stage):
-    """Writes each candidate (uid, cluster, distance, fp16 embedding) into its cluster's bucket."""
+    """Writes each candidate (uid, cluster, distance, embedding as stored) into its cluster's
+    bucket. Reads the assignment (uids, clusters) and the embedding arrays only: no parquet,
+    no float conversion; rows with bad embeddings already have cluster -1."""
 
     work_dir: str
     clustering_dir: str
     pool: PoolSpec
     within_path: str | None = None
+    emb_dtype: str = "float16"  # what the bucket files hold: the pool's own fp16, else float32
     name: str = "shuffle"
 
     def run(self, rank: int, world_size: int) -> dict:
@@ -159,48 +189,84 @@ class ShuffleStage(Stage):
         for leftover in glob.glob(str(out / f"*.{tag}.*")):  # an interrupted earlier try
             os.unlink(leftover)
         a, b = aligned_split(pool.rows, rank, world_size)
-        assignment = clustering.iter_assignment()
-        block = next(assignment, None)
         written = 0
-        for chunk in pool.iter_chunks(embeddings=True, start=a, stop=b, chunk_rows=BLOCK_ROWS,
-                                      progress=f"shuffle {rank + 1}/{world_size}"):
-            cluster, dist = np.empty(len(chunk), np.int32), np.empty(len(chunk), np.float32)
-            filled = 0
-            while filled < len(chunk):  # the assignment blocks covering this chunk
-                while block[0] + len(block[1]) <= chunk.start + filled:
-                    block = next(assignment)
-                s = chunk.start + filled - block[0]
-                e = min(len(block[1]), s + len(chunk) - filled)
-                cluster[filled:filled + e - s] = block[2][s:e]
-                dist[filled:filled + e - s] = block[3][s:e]
-                filled += e - s
-            keep = cluster >= 0
-            if within:
-                keep &= within.mask(chunk.uids)
-            if not keep.any():
-                continue
-            idx = np.flatnonzero(keep)
-            buckets = bucket_of(cluster[idx], clustering.k)
-            idx = idx[np.argsort(buckets, kind="stable")]
-            buckets = np.sort(buckets, kind="stable")
-            cuts = np.flatnonzero(np.diff(buckets)) + 1
-            for part in np.split(np.arange(len(idx)), cuts):
-                rows = idx[part]
-                meta = np.empty(len(rows), META_DTYPE)
-                meta["hi"], meta["lo"] = U.split(chunk.uids[rows])
-                meta["cluster"], meta["dist"] = cluster[rows], dist[rows]
-                bucket = int(buckets[part[0]])
-                with open(out / f"b{bucket:04d}.{tag}.meta", "ab") as f:
-                    f.write(meta.tobytes())
-                with open(out / f"b{bucket:04d}.{tag}.emb", "ab") as f:
-                    f.write(chunk.embeddings[rows].astype(np.float16).tobytes())
-            written += len(idx)
+        with _RawRows(pool) as raw:
+            for start, uids, cluster, dist in clustering.iter_assignment():
+                if start + len(uids) <= a or start >= b:
+                    continue  # blocks and parts both start at multiples of BLOCK_ROWS
+                keep = cluster >= 0
+                if within:
+                    keep &= within.mask(uids)
+                if keep.any():
+                    written += self._write(out, tag, clustering.k, uids, cluster, dist, keep,
+                                           raw.read(start, start + len(uids)))
         return {"rows": written}
+
+    def _write(self, out: Path, tag: str, k: int, uids, cluster, dist, keep, emb) -> int:
+        idx = np.flatnonzero(keep)
+        buckets = bucket_of(cluster[idx], k)
+        order = np.argsort(buckets, kind="stable")
+        idx, buckets = idx[order], buckets[order]
+        cuts = np.flatnonzero(np.diff(buckets)) + 1
+        for rows in np.split(idx, cuts):
+            meta = np.empty(len(rows), META_DTYPE)
+            meta["hi"], meta["lo"] = U.split(uids[rows])
+            meta["cluster"], meta["dist"] = cluster[rows], dist[rows]
+            bucket = int(bucket_of(cluster[rows[:1]], k)[0])
+            with open(out / f"b{bucket:04d}.{tag}.meta", "ab") as f:
+                f.write(meta.tobytes())
+            with open(out / f"b{bucket:04d}.{tag}.emb", "ab") as f:
+                f.write(emb[rows].astype(self.emb_dtype, copy=False).tobytes())
+        return len(idx)
+
+
+class _RawRows:
+    """Embedding rows [start, stop) of the pool as stored (one npz open at a time)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.current: tuple[int, NpzArray] | None = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for i, f in enumerate(self.pool.files):
+            lo, hi = max(start, f.offset), min(stop, f.offset + f.rows)
+            if lo < hi:
+                parts.append(self._array(i, f).read(lo - f.offset, hi - f.offset))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _array(self, i: int, f) -> NpzArray:
+        if self.current is None or self.current[0] != i:
+            self.close()
+            self.current = (i, NpzArray(f.npz, self.pool.embedding_key))
+        return self.current[1]
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def stored_dtype(pool) -> str:
+    """float16 when every embedding file stores float16 (DataComp's), else float32: the
+    bucket files then hold exactly the values the pool's float32 view is made from."""
+    for f in pool.files:
+        with NpzArray(f.npz, pool.embedding_key) as arr:
+            if arr.dtype != np.float16:
+                return "float32"
+    return "float16"
 
 
 @dataclass
 class DedupStage(Stage):
-    """Per bucket: group by cluster, order by distance (descending), compute M / keep flags."""
+    """Per bucket: group by cluster, order by distance (descending), compute M / keep flags
+    in float32 from the embeddings normalised exactly as the pool normalises them."""
 
     work_dir: str
     k: int
@@ -208,53 +274,70 @@ class DedupStage(Stage):
     rule: str = "paper"
     eps: float | None = None
     shuffle_world: int = 1  # read only the shuffle parts of this world size
+    emb_dtype: str = "float16"
     name: str = "dedup"
 
     def run(self, rank: int, world_size: int) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
         work = Path(self.work_dir)
         (work / "m").mkdir(parents=True, exist_ok=True)
-        rows = 0
-        for bucket in range(rank, n_buckets(self.k), world_size):
-            target = work / "m" / f"b{bucket:04d}.npy"
-            if target.exists():  # finished before an interruption
-                rows += int(np.load(target, mmap_mode="r").shape[0])
+        buckets = sorted(range(rank, n_buckets(self.k), world_size), key=lambda b: -self._bucket_bytes(work, b))
+        # one bucket a core, each with a single-threaded BLAS: most clusters are small GEMMs,
+        # which a multi-threaded BLAS runs far below its speed (and far worse on a busy machine)
+        threads = max(1, min(len(os.sched_getaffinity(0)), DEDUP_THREADS, len(buckets)))
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
+            return {"rows": sum(ex.map(lambda b: self._one(work, b), buckets))}
+
+    def _bucket_bytes(self, work: Path, bucket: int) -> int:
+        """The largest buckets go first, so that no core waits for one at the end."""
+        pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}.emb"
+        return sum(os.path.getsize(p) for p in glob.glob(str(work / "shuffle" / pattern)))
+
+    def _one(self, work: Path, bucket: int) -> int:
+        target = work / "m" / f"b{bucket:04d}.npy"
+        if target.exists():  # finished before an interruption
+            return int(np.load(target, mmap_mode="r").shape[0])
+        out = self._bucket(*self._read_bucket(work, bucket))
+        with atomic_open(target, "wb") as f:
+            np.save(f, out)
+        return len(out)
+
+    def _bucket(self, meta: np.ndarray, emb: np.ndarray) -> np.ndarray:
+        order = np.lexsort((meta["lo"], meta["hi"], -meta["dist"], meta["cluster"]))
+        meta = meta[order]
+        out = np.empty(len(meta), OUT_DTYPE)
+        for name in META_DTYPE.names:
+            out[name] = meta[name]
+        cuts = np.flatnonzero(np.diff(meta["cluster"])) + 1
+        for seg in np.split(np.arange(len(meta)), cuts):
+            if not len(seg):
                 continue
-            meta, emb = self._read_bucket(work, bucket)
-            order = np.lexsort((meta["lo"], meta["hi"], -meta["dist"], meta["cluster"]))
-            meta, emb = meta[order], emb[order]
-            out = np.empty(len(meta), OUT_DTYPE)
-            for name in META_DTYPE.names:
-                out[name] = meta[name]
-            cuts = np.flatnonzero(np.diff(meta["cluster"])) + 1
-            for seg in np.split(np.arange(len(meta)), cuts):
-                if not len(seg):
-                    continue
-                e = emb[seg[0]:seg[-1] + 1]
-                if self.rule == "paper":
-                    out["M"][seg] = column_max_upper(e)
-                    out["keep"][seg] = True  # decided later from M and eps
-                else:
-                    out["M"][seg] = np.nan
-                    fn = greedy_keep if self.rule == "greedy" else components_keep
-                    out["keep"][seg] = fn(e, 1.0 - self.eps)
-            with atomic_open(target, "wb") as f:
-                np.save(f, out)
-            rows += len(out)
-        return {"rows": rows}
+            e = normalized(emb[order[seg[0]:seg[-1] + 1]])
+            if self.rule == "paper":
+                out["M"][seg] = column_max_upper(e)
+                out["keep"][seg] = True  # decided later from M and eps
+            else:
+                out["M"][seg] = np.nan
+                fn = greedy_keep if self.rule == "greedy" else components_keep
+                out["keep"][seg] = fn(e, 1.0 - self.eps)
+        return out
 
     def _read_bucket(self, work: Path, bucket: int) -> tuple[np.ndarray, np.ndarray]:
         pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}.meta"
         metas, embs = [], []
         for p in sorted(glob.glob(str(work / "shuffle" / pattern))):
             meta = np.fromfile(p, META_DTYPE)
-            emb = np.fromfile(p[:-5] + ".emb", np.float16)
+            emb = np.fromfile(p[:-5] + ".emb", self.emb_dtype)
             if len(emb) != len(meta) * self.dim:
                 raise ConfigError(f"{p}: {len(meta)} rows but {p[:-5]}.emb holds {len(emb) / self.dim:g}; "
                                   f"the shuffle was cut short: delete {work} and rerun")
             metas.append(meta)
             embs.append(emb.reshape(-1, self.dim))
         if not metas:
-            return np.empty(0, META_DTYPE), np.empty((0, self.dim), np.float16)
+            return np.empty(0, META_DTYPE), np.empty((0, self.dim), self.emb_dtype)
         return np.concatenate(metas), np.concatenate(embs)
 
 
@@ -340,21 +423,24 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
 def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, eps, workers, clustering_args):
     with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
         done_file = work / "semdedup.json"
+        _discard_older_format(work)
         if done_file.exists():
             log.info("reusing SemDeDup results in %s", work)
             shutil.rmtree(work / "shuffle", ignore_errors=True)  # left by a run killed right at its end
             return
         executor = clustering_args.get("executor", "auto")
         options = clustering_args.get("options")
+        emb_dtype = stored_dtype(pool)
         shuffle = ShuffleStage(str(work), str(clustering.dir), PoolSpec.of(pool),
-                               str(within.path) if within else None)
+                               str(within.path) if within else None, emb_dtype)
         world = _shuffle_world(work, shuffle, workers)
         run_stage(shuffle, world, executor=executor, options=options)
-        dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps, shuffle_world=world)
+        dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps, shuffle_world=world,
+                           emb_dtype=emb_dtype)
         dedup_world = min(workers, n_buckets(clustering.k))
         _forget_other_worlds(dedup, dedup_world)  # its per-bucket results serve any world size
         run_stage(dedup, dedup_world, executor=executor, options=options)
-        write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k})
+        write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k, "format": FORMAT})
         shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
 
 
@@ -363,14 +449,30 @@ def _shuffle_world(work: Path, shuffle: ShuffleStage, workers: int) -> int:
     otherwise ``workers``, after discarding an unfinished shuffle made with another."""
     state = work / "shuffle.json"
     if state.exists():
-        world = int(json.loads(state.read_text())["world_size"])
-        if len(shuffle.done_parts(world)) == world or world == workers:
+        made = json.loads(state.read_text())
+        world = int(made["world_size"])
+        if made.get("emb_dtype") != shuffle.emb_dtype:
+            log.info("%s: discarding a shuffle that stored %s embeddings", work, made.get("emb_dtype"))
+        elif len(shuffle.done_parts(world)) == world or world == workers:
             return world  # finished, or resumed part by part (each part clears its own leftovers)
         log.info("%s: discarding an unfinished shuffle made with %d parts (now %d)", work, world, workers)
     shutil.rmtree(work / "shuffle", ignore_errors=True)
     shutil.rmtree(shuffle.marker_dir(), ignore_errors=True)
-    write_json(state, {"world_size": workers})
+    write_json(state, {"world_size": workers, "emb_dtype": shuffle.emb_dtype, "format": FORMAT})
     return workers
+
+
+def _discard_older_format(work: Path) -> None:
+    """Results or a shuffle made by an older SemDeDup (e.g. similarities of fp16-rounded
+    vectors) are removed, so that they are computed again in float32."""
+    made = [json.loads(p.read_text()).get("format") for p in (work / "semdedup.json", work / "shuffle.json")
+            if p.exists()]
+    if all(f == FORMAT for f in made):
+        return
+    log.info("%s: discarding SemDeDup results of an older format (%s, now %d)", work, made, FORMAT)
+    for p in work.iterdir():
+        if p.name != ".lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _forget_other_worlds(stage, world: int) -> None:
