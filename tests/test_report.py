@@ -198,3 +198,29 @@ def test_explain_names_the_step_and_the_reason(chain, capsys):
     assert r["steps"][0]["score"] >= r["steps"][0]["threshold"]
 
     assert main(["explain", "xyz", "--chain", str(chain["chain"][0])]) == 2
+
+
+def test_index_rebuilds_when_a_shard_changes_and_bad_inputs_are_one_line_errors(chain, tmp_path, capsys):
+    from conceptprune.report.fixtures import write_shards
+    from conceptprune.report.index import build_index
+
+    shards = tmp_path / "shards"
+    write_shards(chain["pool"], shards, rows=np.arange(0, 40), per_shard=15)
+    a = build_index(shards, workers=2)
+    assert len(a) == 40 and len(a.shards) == 3
+    write_shards(chain["pool"], shards, rows=np.arange(100, 130), per_shard=15)  # rewrites shards 0 and 1
+    b = build_index(shards)
+    assert b.build_s > 0 and len(b) == 30 + 10  # 30 new samples + the old third shard's 10
+    pool = pd.concat([pd.read_parquet(p) for p in sorted(chain["pool"].glob("*.parquet"))], ignore_index=True)
+    assert b.read(pool["uid"][105]).parts["txt"].decode() == pool["text"][105]
+    assert b.read(pool["uid"][5]) is None and b.read(pool["uid"][35]) is not None
+
+    bare = tmp_path / "bare.npy"
+    np.save(bare, K.read_keep_list(chain["k"] / "cs.npy"))
+    capsys.readouterr()
+    assert main(["report", str(bare), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no manifest" in err and len(err.splitlines()) == 1
+    assert main(["report", str(chain["k"] / "cs.npy"), "--shards", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "not a folder" in capsys.readouterr().err
