@@ -1,13 +1,17 @@
 """reshard throughput on generated shards with a 30% keep-list, 1 vs 2 workers, next to plain
-``tar`` reading the same files (the I/O floor). Samples/s and MB/s.
+``tar`` reading the same files (the I/O floor). Samples/s and MB/s. The default (fast) path
+copies kept samples as byte ranges of each tar; the output is byte-compared with the
+member-by-member reference path (run once, 1 worker) and the comparison is reported.
 Usage: python bench/bench_reshard.py [--shards 96 --per-shard 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -62,22 +66,63 @@ def main():
     total_mb = sum(p.stat().st_size for p in (work / "in").glob("*.tar")) / 2**20
     n = len(uids)
     rows = []
+    load_before = os.getloadavg()
     floor = measure(["bash", "-c", f"for f in {work}/in/*.tar; do tar -xOf $f > /dev/null; done"])
     rows.append({"what": "tar -xO (I/O floor)", "wall_s": floor["wall_s"],
                  "samples_per_s": round(n / floor["wall_s"]), "MB_per_s": round(total_mb / floor["wall_s"], 1)})
-    for workers in (1, 2):
-        out = work / f"out{workers}"
+    runs = [(1, "out1", {}), (2, "out2", {}), (1, "ref", {"CONCEPTPRUNE_RESHARD_REFERENCE": "1"})]
+    for workers, name, env in runs:
+        out = work / name
         r = measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "reshard", "--shards", str(work / "in"),
                      "--keep", str(work / "keep.npy"), "--out", str(out), "--workers", str(workers),
-                     "--executor", "local"])
+                     "--executor", "local"], env=env)
         meta = json.loads((out / "meta.json").read_text())
         assert meta["kept_samples"] == len(keep)
-        rows.append({"what": f"conceptprune reshard, {workers} worker(s)", "wall_s": r["wall_s"],
+        what = f"conceptprune reshard, {workers} worker(s)" + (" (reference member-by-member path)" if env else "")
+        rows.append({"what": what, "wall_s": r["wall_s"],
                      "samples_per_s": round(n / r["wall_s"]), "MB_per_s": round(total_mb / r["wall_s"], 1),
                      "peak_rss_mib": r["peak_rss_mib"], "ratio_to_tar": round(floor["wall_s"] / r["wall_s"], 3)})
+    identical = {"out1 (files)": same_output(work / "ref", work / "out1"),
+                 "out2 (sample stream; its shards split differently)": same_stream(work / "ref", work / "out2")}
+    load_after = os.getloadavg()
     print(f"{n} samples in {args.shards} shards ({total_mb:.0f} MB), keep-list of {len(keep)} (30%)")
     print(table(rows, ["what", "wall_s", "samples_per_s", "MB_per_s", "peak_rss_mib", "ratio_to_tar"]))
-    print("saved", save("reshard", {"samples": n, "megabytes": round(total_mb, 1), "kept": len(keep), "results": rows}))
+    print("byte-identical to the reference path:", identical, "load average before/after:", load_before, load_after)
+    print("saved", save("reshard", {"samples": n, "megabytes": round(total_mb, 1), "kept": len(keep),
+                                    "byte_identical_to_reference": identical,
+                                    "loadavg_before": [round(x, 2) for x in load_before],
+                                    "loadavg_after": [round(x, 2) for x in load_after],
+                                    "cpus": os.cpu_count(), "results": rows}))
+    if not all(identical.values()):
+        sys.exit("the fast output differs from the reference path")
+
+
+def stream_digest(folder: Path) -> str:
+    """sha256 of the output's samples in order: each shard's bytes up to its end-of-archive."""
+    import hashlib
+    import mmap
+
+    from conceptprune.data.tars import index_plain
+
+    h = hashlib.sha256()
+    for tar in sorted(folder.glob("*.tar")):
+        with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            index = index_plain(tar, buf)
+            assert index is not None, f"{tar} is not a plain tar"
+            h.update(buf[:index.end[-1]] if len(index) else b"")
+    return h.hexdigest()
+
+
+def same_stream(a: Path, b: Path) -> bool:
+    return stream_digest(a) == stream_digest(b)
+
+
+def same_output(a: Path, b: Path) -> bool:
+    """Every file but meta.json (which names its own folder) is byte-identical."""
+    names = sorted(p.name for p in a.iterdir() if p.name != "meta.json")
+    if names != sorted(p.name for p in b.iterdir() if p.name != "meta.json"):
+        return False
+    return all(filecmp.cmp(a / x, b / x, shallow=False) for x in names)
 
 
 if __name__ == "__main__":

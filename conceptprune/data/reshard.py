@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -55,12 +56,13 @@ from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Stage, run_stage
 
-from .tars import IMAGE_EXTS, Sample, ShardWriter, iter_samples
+from .tars import IMAGE_EXTS, Sample, ShardWriter, index_plain, iter_samples
 
 log = logging.getLogger(__name__)
 STATE = ".reshard.json"
 OUTPUT_SHARD_FORMAT = "{:08d}.tar"  # DataComp's defaults, recorded in meta.json
 OUTPUT_STATS_FORMAT = "{:08d}_stats.json"
+_REFERENCE_ENV = "CONCEPTPRUNE_RESHARD_REFERENCE"  # private: "1" forces the member-by-member path
 _COUNTS = ("samples_read", "kept", "unsafe_members", "special_members", "no_uid", "without_image",
            "samples_with_dropped_members", "blurred")
 
@@ -159,6 +161,81 @@ def _load_boxes(path: str | None) -> dict:
     return {(int(h), int(l_)): b for h, l_, b in zip(t["hi"], t["lo"], t["face_bboxes"])}
 
 
+def _open_plain(shard: str):
+    """(open file, its map, its TarIndex) of a plain tar; (None, None, None) for any other
+    (unreadable, empty, or needing the member-by-member reader, which reports what is wrong)."""
+    f = buf = None
+    try:
+        f = open(shard, "rb")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        index = index_plain(shard, buf)
+    except (OSError, ValueError):
+        index = None
+    if index is None:
+        if buf is not None:
+            buf.close()
+        if f is not None:
+            f.close()
+        return None, None, None
+    return f, buf, index
+
+
+class _PartWriter:
+    """One worker's output shards, ``shard_size`` samples each."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.out, self.shard_size = out, shard_size
+        self.written: list[int] = []
+        self.writer: ShardWriter | None = None
+        self.total = 0
+
+    def _current(self) -> ShardWriter:
+        if self.writer is None:
+            self.writer = ShardWriter(self.out / f"{len(self.written):08d}.tar")
+        return self.writer
+
+    def _rotate(self) -> None:
+        if self.writer.count == self.shard_size:
+            self.writer.close()
+            self.written.append(self.writer.count)
+            self.writer = None
+
+    def sample(self, sample: Sample, key: str | None) -> None:
+        self._current().write(sample, key)
+        self.total += 1
+        self._rotate()
+
+    def ranges(self, fd: int, spans: list) -> None:
+        """Whole samples given as byte ranges of ``fd``, one per sample, in order; adjacent
+        ranges within one output shard go out as one copy."""
+        i = 0
+        while i < len(spans):
+            writer = self._current()
+            chunk = spans[i:i + self.shard_size - writer.count]
+            start, end, n = chunk[0][0], chunk[0][1], 1
+            for s, e in chunk[1:]:
+                if s == end:
+                    end, n = e, n + 1
+                else:
+                    writer.write_range(fd, start, end, n)
+                    start, end, n = s, e, 1
+            writer.write_range(fd, start, end, n)
+            i += len(chunk)
+            self.total += len(chunk)
+            self._rotate()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.written.append(self.writer.count)
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
 @dataclass
 class ReshardStage(Stage):
     work_dir: str  # the state folder beside the output
@@ -182,31 +259,24 @@ class ReshardStage(Stage):
         out.mkdir(parents=True)
         seen = np.zeros(len(keep), dtype=bool)
         counts = dict.fromkeys(_COUNTS, 0)
-        unsafe, special, written = [], [], []
+        unsafe, special = [], []
         boxes = _load_boxes(self.boxes_path)
         bar = progress_bar(total=len(mine), desc=f"reshard {rank + 1}/{world_size}", unit="shards")
-        selected = self._select(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar)
-        if self.shuffle_buffer > 0:
-            selected = _buffer_shuffle(selected, self.shuffle_buffer, random.Random(f"{self.seed}:{rank}"))
-        writer = None
+        parts = _PartWriter(out, self.shard_size)
         try:
-            for sample, key in selected:
-                if writer is None:
-                    writer = ShardWriter(out / f"{len(written):08d}.tar")
-                writer.write(sample, key)
-                counts["kept"] += 1
-                if writer.count == self.shard_size:
-                    writer.close()
-                    written.append(writer.count)
-                    writer = None
-            if writer is not None:
-                writer.close()
-                written.append(writer.count)
-                writer = None
+            if self._fast():
+                self._copy_pass(mine, keep, multiplicity, seen, counts, unsafe, special, parts, bar)
+            else:
+                selected = self._select(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar)
+                if self.shuffle_buffer > 0:
+                    selected = _buffer_shuffle(selected, self.shuffle_buffer, random.Random(f"{self.seed}:{rank}"))
+                for sample, key in selected:
+                    parts.sample(sample, key)
+            parts.close()
         finally:
-            if writer is not None:
-                writer.abort()
+            parts.abort()
             bar.close()
+        counts["kept"] = parts.total
         counts["unsafe_members"], counts["special_members"] = len(unsafe), len(special)
         if unsafe:
             log.warning("reshard part %d: rejected %d tar members with unsafe names (e.g. %r)", rank, len(unsafe),
@@ -215,7 +285,60 @@ class ReshardStage(Stage):
             log.warning("reshard part %d: dropped %d links, devices or FIFOs (e.g. %r)", rank, len(special),
                         special[0])
         np.save(out / "seen.npy", np.flatnonzero(seen))
-        return {**counts, "input_shards": len(mine), "output_sizes": written}
+        return {**counts, "input_shards": len(mine), "output_sizes": parts.written}
+
+    def _fast(self) -> bool:
+        """Whether samples may be copied as byte ranges (the default options). The environment
+        variable is private: the benchmark byte-compares the fast output with the reference path."""
+        return (not self.shuffle_buffer and not self.datacomp_keys and not self.boxes_path
+                and os.environ.get(_REFERENCE_ENV) != "1")
+
+    def _copy_pass(self, shards, keep, multiplicity, seen, counts, unsafe, special, parts, bar) -> None:
+        """The default options: each plain tar indexed by its headers, kept samples copied as
+        contiguous byte ranges; any other tar goes through the member-by-member path."""
+        for shard in shards:
+            f, buf, index = _open_plain(shard)
+            if index is not None:
+                with f, buf:
+                    self._copy_indexed(index, f.fileno(), keep, multiplicity, seen, counts, parts)
+            else:
+                batch = []
+                for sample in iter_samples(shard, unsafe, special):
+                    counts["samples_read"] += 1
+                    counts["samples_with_dropped_members"] += sample.dropped > 0
+                    batch.append(sample)
+                    if len(batch) == 512:
+                        for copy in self._copies(batch, keep, multiplicity, seen, counts, {}, None, shard):
+                            parts.sample(*copy)
+                        batch = []
+                for copy in self._copies(batch, keep, multiplicity, seen, counts, {}, None, shard):
+                    parts.sample(*copy)
+            bar.update(1)
+
+    def _copy_indexed(self, index, fd, keep, multiplicity, seen, counts, parts) -> None:
+        counts["samples_read"] += len(index)
+        has_uid, pairs = index.uid_pairs()
+        counts["no_uid"] += int((~has_uid).sum())
+        rows = np.flatnonzero(has_uid)
+        if not len(rows):
+            return
+        found, at = K.member(keep, pairs[rows])
+        spans = []
+        for i, hit, k in zip(rows.tolist(), found.tolist(), at.tolist()):
+            if not hit:
+                continue
+            if not index.has_image[i]:
+                counts["without_image"] += 1
+                continue
+            seen[k] = True
+            spans.append((index.start[i], index.end[i]))
+            if multiplicity[k] > 1:  # the extra copies are renamed: new headers
+                parts.ranges(fd, spans)
+                spans = []
+                sample = index.sample(i)
+                for j in range(1, int(multiplicity[k])):
+                    parts.sample(sample, f"{sample.key}-{j}")
+        parts.ranges(fd, spans)
 
     def _select(self, shards, keep, multiplicity, seen, counts, unsafe, special, boxes, bar) -> Iterator:
         """(sample, key) for each copy to write, in input order (key None: the sample's own)."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import mmap
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from conceptprune.atomic import atomic_open
 from conceptprune.errors import PoolError
@@ -29,17 +34,21 @@ class Sample:
         return json.loads(raw) if raw else {}
 
     def uid(self) -> str:
-        """The json's "uid" ('' if none). A regex when "uid" occurs once (DataComp's jsons are
-        flat), since parsing every json was a tenth of reshard's time."""
-        raw = self.parts.get("json")
-        if not raw:
-            return ""
-        m = _UID.search(raw) if raw.count(b'"uid"') == 1 else None  # a nested "uid" goes to the parser
-        if m:
-            return m.group(1).decode()
-        obj = json.loads(raw)
-        uid = obj.get("uid") if isinstance(obj, dict) else None
-        return uid if isinstance(uid, str) else ""
+        """The json's "uid" ('' if none); see :func:`json_uid`."""
+        return json_uid(self.parts.get("json"))
+
+
+def json_uid(raw: bytes | None) -> str:
+    """The "uid" of a sample's json bytes ('' if none). A regex when "uid" occurs once (DataComp's
+    jsons are flat), since parsing every json was a tenth of reshard's time."""
+    if not raw:
+        return ""
+    m = _UID.search(raw) if raw.count(b'"uid"') == 1 else None  # a nested "uid" goes to the parser
+    if m:
+        return m.group(1).decode()
+    obj = json.loads(raw)
+    uid = obj.get("uid") if isinstance(obj, dict) else None
+    return uid if isinstance(uid, str) else ""
 
 
 _UID = re.compile(rb'"uid"\s*:\s*"([0-9A-Fa-f]{32})"')
@@ -252,6 +261,270 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
             yield current
 
 
+# -- the fast path: an offset index of a plain tar, samples copied as byte ranges -------------------
+
+_OCTAL6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+_OCTAL11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_UID_OR_END = re.compile(rb'"uid"\s*:\s*"([0-9A-Fa-f]{32})"|\0')  # _UID, or the end of a json
+_LITERAL_OR_END = re.compile(rb'("uid")|\0')
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _NIBBLE[_c] = 10 + _i
+_BYTE_WEIGHTS = (1 << (8 * np.arange(4))).astype(np.uint32)
+_MAGIC_TAIL = np.frombuffer(b"star", np.uint8)
+_SHIFTS = (4 * np.arange(15, -1, -1)).astype(np.uint64)
+
+
+@dataclass
+class TarIndex:
+    """The samples of a *plain* tar (regular ustar members only: no extension headers, prefix
+    fields, links, directories or unsafe names; what webdataset's writers and our own write),
+    found from its headers alone. Sample ``i`` is the byte range ``[start[i], end[i])`` of the
+    tar: exactly the members ``iter_samples`` would return for it, in order."""
+
+    path: str
+    buf: mmap.mmap
+    names: list  # member names (bytes)
+    offsets: np.ndarray  # member header offsets
+    sizes: np.ndarray  # member data sizes
+    ext_at: np.ndarray  # where each name's extension starts (len(name) + 1 when it has none)
+    first: np.ndarray  # first member of each sample, plus the member count at the end
+    start: list  # byte range of each sample
+    end: list
+    has_image: list  # bool per sample
+    json_member: np.ndarray  # each sample's last ``.json`` member (-1: none)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def _data(self, m: int) -> bytes:
+        o = int(self.offsets[m]) + _BLOCK
+        return self.buf[o:o + int(self.sizes[m])]
+
+    def sample(self, i: int) -> Sample:
+        """Sample i with its parts read, as ``iter_samples`` returns it."""
+        dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
+        first = int(self.first[i])
+        parts = {}
+        for m in range(first, int(self.first[i + 1])):
+            parts[dec(self.names[m][int(self.ext_at[m]):])] = self._data(m)
+        key = self.names[first][:int(self.ext_at[first]) - 1]
+        return Sample(dec(key), parts, raw=[self.buf[self.start[i]:self.end[i]]])
+
+    def uid_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(whether sample i has a uid, the uids as a ``u8,u8`` array), as ``uid_to_pair(json_uid(
+        sample.parts["json"]))`` reads them (a sample whose json has none, or is not JSON, has none).
+        The jsons are searched in one pass; one that is not a flat record with one "uid" is parsed."""
+        from conceptprune import uids as U
+
+        n = len(self)
+        ok = np.zeros(n, dtype=bool)
+        hi = np.zeros(n, dtype=np.uint64)
+        lo = np.zeros(n, dtype=np.uint64)
+        rows = np.flatnonzero(self.json_member >= 0)
+        members = self.json_member[rows]
+        found, hexes = self._scan_uids(members)
+        if len(found):
+            nib = _NIBBLE[hexes.view(np.uint8).reshape(-1, 32)].astype(np.uint64)
+            r = rows[found]
+            ok[r] = True
+            hi[r] = np.bitwise_or.reduce(nib[:, :16] << _SHIFTS, axis=1)
+            lo[r] = np.bitwise_or.reduce(nib[:, 16:] << _SHIFTS, axis=1)
+        slow = np.ones(len(rows), dtype=bool)
+        slow[found] = False
+        for k in np.flatnonzero(slow).tolist():  # no match, or not exactly one "uid": the parser decides
+            try:
+                h, l_ = U.uid_to_pair(json_uid(self._data(int(members[k]))))
+            except ValueError:
+                continue
+            ok[rows[k]], hi[rows[k]], lo[rows[k]] = True, h, l_
+        return ok, U.make_array(hi, lo)
+
+    def _scan_uids(self, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which of the json ``members`` have exactly one "uid" and the regex's match in it, its
+        32 hex digits) from one regex pass over the jsons joined by NULs (no match spans one).
+        Anything unusual (a NUL inside a json, a json with several "uid") is left to the parser."""
+        offsets, sizes = (self.offsets[members] + _BLOCK).tolist(), self.sizes[members].tolist()
+        blob = b"\0".join([self.buf[o:o + n] for o, n in zip(offsets, sizes)]) + b"\0"
+        none = np.zeros(0, dtype=np.int64), np.zeros(0, dtype="S32")
+        if blob.count(b"\0") != len(members):
+            return none
+        tokens = np.array(_UID_OR_END.findall(blob), dtype="S32")
+        end = tokens == b""
+        json_of = np.cumsum(end) - end
+        hit = ~end
+        found = json_of[hit]
+        if blob.count(b'"uid"') == len(found) and (np.diff(found) > 0).all():
+            return found, tokens[hit]  # each "uid" literal is in a match, one match per json at most
+        literals = np.array(_LITERAL_OR_END.findall(blob), dtype="S5")
+        lit_end = literals == b""
+        count = np.bincount((np.cumsum(lit_end) - lit_end)[~lit_end], minlength=len(members))
+        once = count[found] == 1
+        return found[once], tokens[hit][once]
+
+
+def index_plain(path: str | Path, buf: mmap.mmap) -> TarIndex | None:
+    """The :class:`TarIndex` of a mapped tar, or None when it is not plain or is damaged: the
+    caller then reads it with :func:`iter_samples`, which handles (or reports) everything else.
+    Nothing is parsed member by member in Python: the blocks carrying ustar's magic are the
+    candidate headers, their size fields give each one's successor, the chain from block 0
+    is followed, and its headers' checksums, types and names are checked all at once."""
+    if not len(buf) or len(buf) % _BLOCK:
+        return None
+    a = np.frombuffer(buf, np.uint8)
+    try:
+        blocks = a.reshape(-1, _BLOCK)
+        nblocks = len(blocks)
+        cand = np.flatnonzero(blocks[:, 257] == 0x75)
+        cand = cand[(blocks[cand, 258:262] == _MAGIC_TAIL).all(axis=1)]  # "ustar"
+        heads = np.take(blocks, cand, axis=0)
+        digits = heads[:, 124:135].astype(np.int64) - 0x30
+        good = ((digits >= 0) & (digits <= 7)).all(axis=1) & (heads[:, 135] == 0)
+        size = np.where(good, digits @ _OCTAL11, 0)
+        succ = np.where(good, cand + 1 + (size + _BLOCK - 1) // _BLOCK, 1 << 62)
+        if len(cand) and cand[0] == 0 and (succ[:-1] == cand[1:]).all():
+            chain, b = np.arange(len(cand)), int(succ[-1])  # the usual case: every candidate is a header
+        else:  # a candidate inside some member's data: follow the chain from block 0
+            chain, b = _follow(cand, succ.tolist(), nblocks)
+        if b > nblocks or (b < nblocks and blocks[b].any()):
+            return None  # truncated, or a header that is not a plain ustar one: iter_samples decides
+    finally:
+        del a
+        blocks = None
+    if len(chain) < len(cand):
+        heads, size = heads[chain], size[chain]
+    offsets = cand[chain] * _BLOCK
+    checked = _plain_names(heads)
+    if checked is None:
+        return None
+    return _group(str(path), buf, *checked, offsets, size)
+
+
+def _follow(cand: np.ndarray, succ: list, nblocks: int) -> tuple[np.ndarray, int]:
+    """The candidates on the header chain from block 0, and the block after the last."""
+    row = dict(zip(cand.tolist(), range(len(cand))))
+    chain = []
+    b = 0
+    while b < nblocks:
+        r = row.get(b)
+        if r is None:
+            break
+        chain.append(r)
+        b = succ[r]
+    return np.array(chain, dtype=np.int64), b
+
+
+def _plain_names(h: np.ndarray) -> tuple | None:
+    """(name fields, name lengths) of headers ``h`` (m, 512) if every one is a plain regular
+    member with a valid checksum and a safe name that ends at its first NUL; else None."""
+    if not len(h):
+        return h[:, :100], np.zeros(0, dtype=np.int64)
+    if not np.isin(h[:, 156], (0x30, 0, 0x37)).all() or h[:, 345].any():
+        return None
+    digits = h[:, 148:154].astype(np.int64) - 0x30
+    if (digits < 0).any() or (digits > 7).any() or h[:, 154].any() or (h[:, 155] != 0x20).any():
+        return None
+    stored = digits @ _OCTAL6
+    if (h.sum(axis=1, dtype=np.uint32).astype(np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
+            != stored).any():
+        return None
+    name = np.ascontiguousarray(h[:, :100])
+    length = np.char.str_len(name.view("S100").ravel())  # up to the last non-NUL byte
+    if (length == 0).any() or np.count_nonzero(name) != length.sum():
+        return None  # an empty name, or a NUL inside one (a row never has more non-NULs than its length)
+    if np.isin(name[:, 0], (0x2F, 0x5C)).any() or (name[np.arange(len(name)), length - 1] == 0x2F).any():
+        return None  # absolute, or a directory
+    if b".." in name.tobytes():
+        return None  # '..' anywhere (iter_samples decides which are unsafe)
+    return name, length
+
+
+def _lower(x: np.ndarray) -> np.ndarray:
+    return np.where((x >= 0x41) & (x <= 0x5A), x | 0x20, x)
+
+
+def _group(path, buf, name: np.ndarray, length: np.ndarray, offsets: np.ndarray, size: np.ndarray) -> TarIndex:
+    """Consecutive members with one key form a sample (webdataset's rule, as ``split_name``:
+    key = the path up to the first dot of the file name)."""
+    m, width = name.shape
+    if not m:
+        none = np.zeros(0, dtype=np.int64)
+        return TarIndex(path, buf, [], none, none, none, np.zeros(1, np.int64), [], [], [], none)
+    col = np.arange(width)
+    rows = np.arange(m)
+    names = name.view("S100").ravel().tolist()
+    if b"/" in name.tobytes():
+        slash = np.where(name == 0x2F, col, -1).max(axis=1)
+        dots = (name == 0x2E) & (col > slash[:, None])
+    else:
+        dots = name == 0x2E
+    first_dot = np.argmax(dots, axis=1)
+    keylen = np.where(dots[rows, first_dot], first_dot, length)
+    ext_at = keylen + 1  # == length + 1 when there is no extension
+    new = np.ones(m, dtype=bool)
+    if m > 1:
+        k = int(keylen.max())
+        differs = name[1:, :k] != name[:-1, :k]
+        if (keylen != keylen[0]).any():
+            differs &= col[:k] < keylen[1:, None]
+        new[1:] = (keylen[1:] != keylen[:-1]) | differs.any(axis=1)
+    first = np.flatnonzero(new)
+    extlen = np.maximum(length - ext_at, 0)
+    ext = name[rows[:, None], np.minimum(ext_at[:, None] + np.arange(4), width - 1)]
+    ext = np.where(np.arange(4) < extlen[:, None], ext, 0)
+    low = _lower(ext)
+    as_int = lambda e: int.from_bytes(e.ljust(4, b"\0"), "little")  # noqa: E731
+    code = low.astype(np.uint32) @ _BYTE_WEIGHTS
+    raw_code = ext.astype(np.uint32) @ _BYTE_WEIGHTS
+    image = np.isin(code, [as_int(e) for e in (b"jpg", b"png", b"jpeg", b"webp")]) & (extlen <= 4)
+    image &= ~((extlen == 3) & np.isin(code, [as_int(b"jpeg"), as_int(b"webp")]))  # lengths must match
+    is_json = (raw_code == as_int(b"json")) & (extlen == 4)
+    sample_of = np.cumsum(new) - 1
+    nsamples = len(first)
+    has_image = np.zeros(nsamples, dtype=bool)
+    has_image[sample_of[image]] = True
+    json_member = np.full(nsamples, -1, dtype=np.int64)
+    jm = np.flatnonzero(is_json)
+    if len(jm):  # the last json member of each sample (Sample.parts keeps the last)
+        rev = jm[::-1]
+        uniq, pos = np.unique(sample_of[rev], return_index=True)
+        json_member[uniq] = rev[pos]
+    ends = offsets + _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+    last = np.append(first[1:], m) - 1
+    return TarIndex(path, buf, names, offsets, size, ext_at, np.append(first, m), offsets[first].tolist(),
+                    ends[last].tolist(), has_image.tolist(), json_member)
+
+
+_COPY_MODE = ["copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"]
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes of ``src_fd`` from ``offset`` at ``dst_fd``'s position: one
+    copy_file_range (or sendfile) call where the kernel has it, else read and write."""
+    while length > 0:
+        mode = _COPY_MODE[0]
+        try:
+            if mode == "copy_file_range":
+                done = os.copy_file_range(src_fd, dst_fd, length, offset)
+            elif mode == "sendfile":
+                done = os.sendfile(dst_fd, src_fd, offset, length)
+            else:
+                data = os.pread(src_fd, min(length, 1 << 22), offset)
+                done = os.write(dst_fd, data) if data else 0
+        except OSError as e:
+            if mode == "readwrite" or e.errno not in _NO_KERNEL_COPY:
+                raise
+            _COPY_MODE[0] = "sendfile" if mode == "copy_file_range" else "readwrite"
+            continue
+        if done == 0:
+            raise PoolError(f"input ended {length} bytes early while copying at byte {offset}")
+        offset += done
+        length -= done
+
+
 class ShardWriter:
     """Writes samples into one tar atomically (temporary file, renamed on close)."""
 
@@ -273,6 +546,14 @@ class ShardWriter:
                 info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
                 self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
+
+    def write_range(self, src_fd: int, start: int, end: int, samples: int) -> None:
+        """Append ``samples`` whole samples stored as bytes ``[start, end)`` of another tar,
+        copied by the kernel (see :func:`copy_range`)."""
+        self._f.flush()
+        copy_range(src_fd, self._f.fileno(), start, end - start)
+        self._tar.offset += end - start
+        self.count += samples
 
     def close(self) -> None:
         self._tar.close()
