@@ -259,7 +259,8 @@ def semdedup_results(step: Step, candidates: np.ndarray | None):
 def near_duplicates(chain: Chain, step: Step, candidates, removed: np.ndarray):
     """For removed uids: (partner uid array, similarity) where partner = argmax_{i<j} S_ij in
     the SemDeDup order of j's cluster (distance to the centroid descending, then uid), with
-    the embeddings as SemDeDup used them (normalised, float16)."""
+    the embeddings as SemDeDup used them (normalised by the pool, in float32; float16-rounded
+    for results of SemDeDup's format 1)."""
     want = K.sort_uids(removed)
     rows = [r for r in semdedup_results(step, candidates)]
     if not rows:
@@ -277,11 +278,14 @@ def near_duplicates(chain: Chain, step: Step, candidates, removed: np.ndarray):
     order = np.argsort(prow)
     emb = np.empty((len(prow), pool.dim), np.float32)
     emb[order] = pool.read_embedding_rows(prow[order])[0]
-    emb = emb.astype(np.float16).astype(np.float32)
+    import json
+
+    done = (step.semdedup_dir(candidates).parent / "semdedup.json")
+    fmt = json.loads(done.read_text()).get("format", 1) if done.exists() else 1
+    if fmt < 2:  # results of format 1 compared fp16-rounded unit vectors; format 2 float32 ones
+        emb = emb.astype(np.float16).astype(np.float32)
     partner = np.empty(len(removed), U.UID_DTYPE)
     sim = np.full(len(removed), np.nan, np.float32)
-    mpos = K.member(K.sort_uids(muids), muids)[1]  # not needed for order; members keep theirs
-    del mpos
     for qi, u in enumerate(removed):
         j = int(np.flatnonzero((members["hi"] == u["f0"]) & (members["lo"] == u["f1"]))[0])
         c = members["cluster"][j]

@@ -92,6 +92,14 @@ def test_funnel_and_cluster_tables_match_the_keep_lists(chain):
     for png in ("funnel.png", "step3_frac_vs_complexity.png", "step3_budget_vs_size.png", "step3_centroid_map.png",
                 "diff.png"):
         assert png in page and Image.open(chain["out"] / png).size[0] > 100
+    groups = json.loads((chain["out"] / "report.json").read_text())["semdedup"]["step2"]
+    cs, sd = K.read_keep_list(chain["k"] / "cs.npy"), K.read_keep_list(chain["k"] / "sd.npy")
+    assert len(groups) == 8
+    for g in groups:  # the similarity to the member that removed it is its stored M_j, above 1 - eps
+        assert g["similarity"] == pytest.approx(g["M"], abs=1e-5)
+        r, by = U.uids_to_array([g["removed"]]), U.uids_to_array([g["by"]])
+        assert not K.member(sd, r)[0][0] and K.member(cs, by)[0][0]
+        assert K.member(sd, by)[0][0] == g["by_kept"]
     diff = json.loads((chain["out"] / "report.json").read_text())["diff"]
     rows = diff["per_cluster"]["rows"]
     assert sum(r[2] for r in rows) == len(K.read_keep_list(chain["k"] / "dbp.npy"))
@@ -183,7 +191,7 @@ def test_explain_names_the_step_and_the_reason(chain, capsys):
     r = _explain(chain, pool["uid"][pick["semdedup"]], capsys)
     s = r["steps"][1]
     assert r["fate"] == "dropped at step 2 (semdedup)"
-    assert s["M"] > 1 - s["eps"] and s["similarity"] == pytest.approx(s["M"], abs=1e-4)
+    assert s["M"] > 1 - s["eps"] and s["similarity"] == pytest.approx(s["M"], abs=1e-5)
     assert K.member(cs, U.uids_to_array([s["removed_by"]]))[0][0]  # a fellow candidate removed it
 
     r = _explain(chain, pool["uid"][pick["dbp"]], capsys)
