@@ -281,6 +281,11 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 
     path = write_report(out, cfg, counts, timings, results, pool["kinds"])
     print(f"\nreport: {path} (and report.md); total {timings['total']:.0f} s")
+    from conceptprune.report.html import write_report as write_chain_report  # the chain's own report
+
+    chain = write_chain_report([filt / "semdedup.npy", filt / "clipscore.npy", filt / "dbp.npy"],
+                               out / "chain_report", shards=shards, compare=[filt / "random.npy"])
+    print(f"chain report: {out / 'chain_report' / 'index.html'} ({chain['bytes'] / 1e6:.1f} MB)")
     return path
 
 
