@@ -189,7 +189,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     from conceptprune.data.reshard import reshard
     from conceptprune.evaluation.run import evaluate
     from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup
-    from conceptprune.slurm.stage import run_stage
+    from conceptprune.slurm.stage import Executor
     from conceptprune.training.launch import TrainConfig, train
 
     cfg = (cfg or DemoConfig()).scaled()
@@ -236,8 +236,8 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 
     _step(4, "embed images and captions with that model")
     emb = out / "embeddings"
-    timed("embed", lambda: run_stage(EmbedStage(str(emb), str(shards), "cp-tiny-vit", full["final_checkpoint"],
-                                                batch_size=256, text=True), 1, executor="auto"))
+    timed("embed", lambda: Executor.create("auto").run(EmbedStage(str(emb), str(shards), "cp-tiny-vit", full["final_checkpoint"],
+                                                batch_size=256, text=True), 1))
 
     _step(5, "filter: SemDeDup -> CLIP score -> DBP (the DBP paper's DataComp pipeline), and random")
     filt = out / "filters"

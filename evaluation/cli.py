@@ -77,14 +77,12 @@ def _evaluate(a) -> int:
         return 0
     if not (a.model and a.data_dir and a.output):
         raise ConfigError("evaluate needs --model, --data-dir and --output (or --list-tasks)")
-    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.options import executor_from_args
 
     from .run import evaluate
 
-    executor, options = options_from_args(a)
     res = evaluate(a.model, a.data_dir, a.output, arch=a.arch, tasks=a.tasks, batch_size=a.batch_size,
-                   device=a.device, workers=a.workers or 1, executor=executor, options=options,
-                   precision=a.precision)
+                   device=a.device, executor=executor_from_args(a), precision=a.precision)
     for r in res["results"]:
         v = r["metrics"]["main_metric"]
         print(f"{r['dataset']:28s} {'-' if v is None else f'{v:.4f}'}")

@@ -31,7 +31,7 @@ import numpy as np
 
 from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
-from conceptprune.slurm.stage import Stage, run_stage
+from conceptprune.slurm.stage import Executor, Stage
 
 from . import metrics as M
 from .tasks import BY_KEY, Task, select
@@ -156,6 +156,10 @@ class Evaluator:
     def precision_record(self, task: Task) -> dict:
         return {"precision": self.precision, "device": self.resolved_device(),
                 "fp16_autocast": AUTOCAST_PARTS.get(task.type) if self.amp else None}
+
+    def __getstate__(self) -> dict:
+        """A job gets the recipe, never the loaded weights (each job loads the model itself)."""
+        return {**self.__dict__, "_model": None}
 
     def model(self):
         if self._model is None:
@@ -462,13 +466,14 @@ def _all_rows(out: Path) -> list[dict]:
 
 
 def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None, tasks: list[str] | None = None,
-             batch_size: int = 64, device: str = "auto", workers: int = 1, executor: str = "auto",
-             options=None, precision: str = "amp", loader_workers: int = 1) -> dict:
+             batch_size: int = 64, device: str = "auto", executor: "Executor | str | None" = None,
+             precision: str = "amp", loader_workers: int = 1) -> dict:
     """Evaluate and merge into OUTPUT/eval_results.jsonl; returns {'results', 'errors', 'model', 'run'}.
 
     ``precision``: "amp" (default) uses fp16 autocast where DataComp does, on CUDA only (on CPU
     everything is fp32); "fp32" never autocasts. What each task ran with is kept in eval_run.json.
     ``loader_workers``: data-loading processes per task (0 reads in the evaluating process)."""
+    executor = Executor.coerce(executor)
     arch, ckpt = resolve_model(model, arch)
     chosen = select(tasks, data_dir)
     out = Path(output)
@@ -478,11 +483,11 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     todo = [t.key for t in chosen if t.key not in done]
     errors = {}
     if todo:
-        if executor == "auto" and workers <= 1:
+        if executor.kind != "slurm" and executor.workers <= 1:
             evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
-        stage = EvalStage(str(out), evaluator, todo)
-        shutil.rmtree(stage.marker_dir(), ignore_errors=True)  # resume is per task, from the results
-        res = run_stage(stage, max(1, min(workers, len(todo))), executor=executor, options=options)
+        # resume is per task, from the results: a stage is named after the tasks still to do
+        stage = EvalStage(str(out), evaluator, todo, name=f"evaluate-{_tasks_id(todo)}")
+        res = executor.run(stage, executor.parts(len(todo)))
         errors = {k: v for s in res.summaries for k, v in s["failed"].items()}
     else:
         log.info("all %d task(s) already in %s", len(chosen), out / RESULTS)
@@ -491,6 +496,12 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     if errors:
         log.warning("%d task(s) failed: %s (see %s)", len(errors), ", ".join(errors), out / "eval_errors.json")
     return {"results": rows, "errors": errors, "model": {"arch": arch, "checkpoint": ckpt}, "run": run_info}
+
+
+def _tasks_id(keys: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:10]
 
 
 def _merge(out: Path) -> tuple[list[dict], dict]:

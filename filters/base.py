@@ -152,8 +152,8 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
     if out is not None:
         check_filter_output(out, pool, within, overwrite)
     within = as_within(within)
-    if getattr(fn, "uses_clustering", False) and out is not None:
-        params.setdefault("out", out)  # the clustering goes next to the keep-list by default
+    if (getattr(fn, "uses_clustering", False) or getattr(fn, "uses_rows", False)) and out is not None:
+        params.setdefault("out", out)  # the clustering or the parts go next to the keep-list by default
     result = fn(pool, within=within, **params)
     if len(result.kept) == 0 and not allow_empty:
         raise ConfigError(f"{result.method} kept no uid of its {result.counts.get('candidates', '?')} candidates "

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
-from .base import FilterResult, as_within
+from .base import FilterResult
 from .langid import LanguageId, language_id
+from .rows import RowRule, run_rows, work_dir_for
 
 
 def caption_mask(texts: list, lid: LanguageId) -> tuple[np.ndarray, np.ndarray]:
@@ -34,36 +34,51 @@ def image_mask(width: np.ndarray, height: np.ndarray) -> np.ndarray:
     return (short >= 200) & (ratio <= 3)
 
 
-def basic(pool: Pool, *, within=None, lid_model=None) -> FilterResult:
-    within = as_within(within)
-    lid = LanguageId(lid_model)
-    kept, n = UidCollector(), 0
-    reasons = {"not_english": 0, "caption_too_short": 0, "image_too_small_or_thin": 0}
-    for chunk in pool.iter_chunks(["text", "original_width", "original_height"], progress="basic filter"):
-        cand = within.mask(chunk.uids)
-        n += int(cand.sum())
-        english, long_enough = caption_mask(chunk.pylist("text"), lid)
+class BasicRule(RowRule):
+    columns = ("text", "original_width", "original_height")
+
+    def __init__(self, lid_model=None):
+        self.lid_model = str(lid_model) if lid_model else None
+        self.lid_path = str(LanguageId(lid_model).path)  # fails here, before any part runs
+
+    def judge(self, chunk, cand):
+        if getattr(self, "_lid", None) is None:
+            self._lid = LanguageId(self.lid_model)
+        english, long_enough = caption_mask(chunk.pylist("text"), self._lid)
         size_ok = image_mask(chunk.column("original_width"), chunk.column("original_height"))
-        reasons["not_english"] += int((cand & ~english).sum())
-        reasons["caption_too_short"] += int((cand & ~long_enough).sum())
-        reasons["image_too_small_or_thin"] += int((cand & ~size_ok).sum())
-        kept.add(chunk.uids[cand & english & long_enough & size_ok])
-    within.check()
-    return FilterResult("basic", kept, {"lid_model": str(lid.path)},
-                        {"pool": pool.rows, "candidates": n}, stats={"rejected_by": reasons})
+        return english & long_enough & size_ok, {
+            "not_english": (cand & ~english).sum(), "caption_too_short": (cand & ~long_enough).sum(),
+            "image_too_small_or_thin": (cand & ~size_ok).sum()}
+
+
+def basic(pool: Pool, *, within=None, lid_model=None, executor=None, out=None) -> FilterResult:
+    rule = BasicRule(lid_model)
+    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "basic"))
+    reasons = {k: res.counters.get(k, 0) for k in ("not_english", "caption_too_short", "image_too_small_or_thin")}
+    return FilterResult("basic", res.kept, {"lid_model": rule.lid_path},
+                        {"pool": pool.rows, "candidates": res.candidates}, stats={"rejected_by": reasons})
+
+
+class Laion2bRule(RowRule):
+    columns = ("text", "clip_b32_similarity_score")
+
+    def __init__(self, langid: str, lid_model, threshold: float):
+        self.langid, self.lid_model, self.threshold = langid, str(lid_model) if lid_model else None, threshold
+        self.lid_path = str(language_id(langid, lid_model).path)  # fails here, before any part runs
+
+    def judge(self, chunk, cand):
+        if getattr(self, "_lid", None) is None:
+            self._lid = language_id(self.langid, self.lid_model)
+        english = np.array([lang == "en" for lang in self._lid.predict(chunk.pylist("text"))], dtype=bool)
+        return english & (chunk.column("clip_b32_similarity_score") >= np.float32(self.threshold)), {}
 
 
 def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28,
-            langid: str = "gcld3") -> FilterResult:
-    within = as_within(within)
-    lid = language_id(langid, lid_model)
-    kept, n = UidCollector(), 0
-    for chunk in pool.iter_chunks(["text", "clip_b32_similarity_score"], progress="laion2b filter"):
-        cand = within.mask(chunk.uids)
-        n += int(cand.sum())
-        english = np.array([lang == "en" for lang in lid.predict(chunk.pylist("text"))], dtype=bool)
-        score_ok = chunk.column("clip_b32_similarity_score") >= np.float32(threshold)
-        kept.add(chunk.uids[cand & english & score_ok])
-    within.check()
-    return FilterResult("laion2b", kept, {"langid": langid, "lid_model": str(lid.path), "threshold": threshold},
-                        {"pool": pool.rows, "candidates": n})
+            langid: str = "gcld3", executor=None, out=None) -> FilterResult:
+    rule = Laion2bRule(langid, lid_model, threshold)
+    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "laion2b"))
+    return FilterResult("laion2b", res.kept, {"langid": langid, "lid_model": rule.lid_path, "threshold": threshold},
+                        {"pool": pool.rows, "candidates": res.candidates})
+
+
+basic.uses_rows = laion2b.uses_rows = True

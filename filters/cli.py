@@ -87,10 +87,13 @@ def _with_output_policy(run):
 @method("none", "keep every uid of the pool (or of --within)")
 def _none(p):
     _common(p)
+    _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import keep_all, run_filter
-        run_filter(keep_all, a.pool, a.out, within=a.within)
+        run_filter(keep_all, a.pool, a.out, within=a.within, executor=executor_from_args(a))
     return run
 
 
@@ -130,9 +133,13 @@ def _basic(p):
     p.add_argument("--lid-model", default=None,
                    help="fastText language-ID model (default: the bundled lid.176.ftz; DataComp used lid.176.bin)")
 
+    _job_args(p)
+
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import basic, run_filter
-        run_filter(basic, a.pool, a.out, within=a.within, lid_model=a.lid_model)
+        run_filter(basic, a.pool, a.out, within=a.within, lid_model=a.lid_model, executor=executor_from_args(a))
     return run
 
 
@@ -144,10 +151,14 @@ def _laion(p):
     p.add_argument("--lid-model", default=None, help="with --langid fasttext: the model (default: bundled lid.176.ftz)")
     p.add_argument("--threshold", type=float_arg("--threshold"), default=0.28, help="minimum CLIP B/32 score (default 0.28)")
 
+    _job_args(p)
+
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import laion2b, run_filter
         run_filter(laion2b, a.pool, a.out, within=a.within, lid_model=a.lid_model, threshold=a.threshold,
-                   langid=a.langid)
+                   langid=a.langid, executor=executor_from_args(a))
     return run
 
 
@@ -163,17 +174,18 @@ def _clustering_args(p, default_k=None):
                    help="k-means and sampling seed, in [0, 2^31-1] (default 1234, the reference's)")
     g.add_argument("--niter", type=int_arg("--niter", 1), default=None, help="k-means iterations, >= 1 (default 100)")
     g.add_argument("--train-sample", type=int_arg("--train-sample", 1), default=None,
-                   help="k-means training sample size (default min(candidates, 1000 k, 500000)); faiss is "
-                        "made to use all of it")
+                   help="k-means training sample size (default min(candidates, max(min(1000 k, 500000), 64 k), "
+                        "--kmeans-memory / (4 x dim))); faiss is made to use all of it")
+    g.add_argument("--kmeans-memory", default="8G", metavar="SIZE",
+                   help="memory the default training sample may take as float32 rows, e.g. 8G or 512M (default 8G)")
     g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when available)")
 
 
 def _clustering_kwargs(a):
-    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.options import executor_from_args
 
-    executor, options = options_from_args(a)
     return {"clustering_dir": a.clustering, "niter": a.niter, "train_sample": a.train_sample, "gpu": a.gpu,
-            "workers": a.workers or 1, "executor": executor, "options": options}
+            "kmeans_memory": a.kmeans_memory, "executor": executor_from_args(a)}
 
 
 def _job_args(p):

@@ -48,8 +48,7 @@ from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.npz import NpyColumn, row_parallel
 from conceptprune.pool import Pool, file_fingerprints, pool_fingerprint
-from conceptprune.slurm.options import ClusterOptions
-from conceptprune.slurm.stage import Stage, run_stage
+from conceptprune.slurm.stage import Executor, Stage
 
 from .base import Within
 from .select import grouped_select
@@ -411,12 +410,14 @@ def within_id(within: Within) -> str:
 
 
 def build_clustering(directory: str | os.PathLike, pool: Pool, spec: ClusteringSpec, within: Within, *,
-                     workers: int = 1, executor: str = "auto", options: ClusterOptions | None = None) -> Clustering:
+                     executor: "Executor | str | None" = None) -> Clustering:
     """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment.
 
     One run at a time (``folder_lock``): a concurrent run with the same folder waits, then
     reuses what the first one built."""
     directory = Path(directory)
+    executor = Executor.coerce(executor)
+    workers = executor.workers
     identity = pool_identity(pool)
     with folder_lock(directory, "building or checking the clustering"):
         meta_path = directory / "clustering.json"
@@ -434,7 +435,7 @@ def build_clustering(directory: str | os.PathLike, pool: Pool, spec: ClusteringS
             write_json(meta_path, meta)  # a resume keeps these parts, whatever --workers it gets
             t0 = time.time()
             stage = AssignStage(str(directory), PoolSpec.of(pool), gpu=spec.gpu)
-            result = run_stage(stage, world, executor=executor, options=options)
+            result = executor.run(stage, world)
             bad = {"nan_or_inf": 0, "zero": 0, "examples": []}
             for part in result.summaries:
                 for key in ("nan_or_inf", "zero"):

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .clustering import Clustering, ClusteringSpec, build_clustering
+from .clustering import Clustering, ClusteringSpec, build_clustering, parse_bytes
 
 
 def clustering_for(pool, clusters: int | None, seed: int | None, within, *, default_k: int = 100,
-                   clustering_dir=None, niter: int | None = None, train_sample: int | None = None, workers: int = 1,
-                   executor: str = "auto", options=None, gpu: str = "auto", out=None) -> Clustering:
+                   clustering_dir=None, niter: int | None = None, train_sample: int | None = None,
+                   executor=None, gpu: str = "auto", out=None, kmeans_memory="8G") -> Clustering:
     """Build or reuse the clustering: in ``clustering_dir``, else next to the output
     (``KEEP.clustering/``), else in a folder named after the pool and the spec."""
     from conceptprune.checks import check_int, check_optional, check_seed
@@ -21,7 +21,6 @@ def clustering_for(pool, clusters: int | None, seed: int | None, within, *, defa
     niter = check_optional(check_int, "--niter", niter, min=1)
     train_sample = check_optional(check_int, "--train-sample", train_sample, min=1)
     seed = check_optional(check_seed, "--seed", seed)
-    workers = check_int("--workers", workers, min=1)
     if clustering_dir is None:
         if out is not None:
             clustering_dir = Path(out).with_suffix(".clustering")
@@ -33,8 +32,9 @@ def clustering_for(pool, clusters: int | None, seed: int | None, within, *, defa
                                      clusters or default_k, seed, niter, train_sample)).encode()).hexdigest()[:16]
             cache = Path(os.environ.get("CONCEPTPRUNE_CACHE", Path.home() / ".cache" / "conceptprune"))
             clustering_dir = cache / "clusterings" / key
-    spec = ClusteringSpec(k=clusters, seed=seed, niter=niter, train_sample=train_sample, gpu=gpu, default_k=default_k)
-    return build_clustering(clustering_dir, pool, spec, within, workers=workers, executor=executor, options=options)
+    spec = ClusteringSpec(k=clusters, seed=seed, niter=niter, train_sample=train_sample, gpu=gpu, default_k=default_k,
+                          kmeans_memory=parse_bytes(kmeans_memory))
+    return build_clustering(clustering_dir, pool, spec, within, executor=executor)
 
 
 def cluster_table(size, d_intra, d_inter, cx, p, kept, **extra):

@@ -38,7 +38,7 @@ from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 from conceptprune.keeplist import UidCollector
 from conceptprune.npz import NpzArray, row_parallel, to_float32
-from conceptprune.slurm.stage import Stage, run_stage
+from conceptprune.slurm.stage import Executor, Stage
 
 from .base import FilterResult, Within, as_within, check_fraction, target_count
 from .clustering import BLOCK_ROWS, Clustering, PoolSpec, aligned_split, folder_lock, part_lock, within_id
@@ -364,12 +364,12 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
             raise ConfigError("--target-fraction needs --rule paper (the other rules depend on eps)")
     within = as_within(within)
     default_k = max(1, round((len(within.uids) if within else pool.rows) / 10_000))  # paper: ~9k a cluster
-    workers = clustering_args.get("workers", 1)
+    executor = clustering_args["executor"] = Executor.coerce(clustering_args.get("executor"))
     clustering = clustering_for(pool, clusters, seed, within, default_k=default_k, **clustering_args)
     seed = clustering.meta["seed"]
     size, d_intra = clustering.cluster_stats(within)  # also checks --within against the pool
     work = clustering.dir / "semdedup" / (within_id(within) + ("" if rule == "paper" else f"-{rule}-{eps:g}"))
-    _run_stages(work, clustering, pool, within, rule, eps, workers, clustering_args)
+    _run_stages(work, clustering, pool, within, rule, eps, executor)
 
     # one pass over the stored results for the eps table, then the selection
     kept_per = np.zeros(clustering.k, np.int64)
@@ -420,7 +420,7 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
                                                    f"{m_total:,}, k={clustering.k}"))
 
 
-def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, eps, workers, clustering_args):
+def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, eps, executor: Executor):
     with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
         done_file = work / "semdedup.json"
         _discard_older_format(work)
@@ -428,18 +428,17 @@ def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, 
             log.info("reusing SemDeDup results in %s", work)
             shutil.rmtree(work / "shuffle", ignore_errors=True)  # left by a run killed right at its end
             return
-        executor = clustering_args.get("executor", "auto")
-        options = clustering_args.get("options")
+        workers = executor.workers
         emb_dtype = stored_dtype(pool)
         shuffle = ShuffleStage(str(work), str(clustering.dir), PoolSpec.of(pool),
                                str(within.path) if within else None, emb_dtype)
         world = _shuffle_world(work, shuffle, workers)
-        run_stage(shuffle, world, executor=executor, options=options)
+        executor.run(shuffle, world)
         dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps, shuffle_world=world,
                            emb_dtype=emb_dtype)
         dedup_world = min(workers, n_buckets(clustering.k))
         _forget_other_worlds(dedup, dedup_world)  # its per-bucket results serve any world size
-        run_stage(dedup, dedup_world, executor=executor, options=options)
+        executor.run(dedup, dedup_world)
         write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k, "format": FORMAT})
         shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
 

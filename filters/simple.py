@@ -9,15 +9,20 @@ from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, Within, as_within, target_count
+from .rows import RowRule, run_rows, work_dir_for
 
 
-def keep_all(pool: Pool, *, within=None) -> FilterResult:
-    within = as_within(within)
-    kept = UidCollector()
-    for chunk in pool.iter_chunks(progress="reading uids"):
-        kept.add(chunk.uids[within.mask(chunk.uids)])
-    within.check()
-    return FilterResult("none", kept, {}, {"pool": pool.rows, "candidates": len(kept)})
+class KeepAllRule(RowRule):
+    def judge(self, chunk, cand):
+        return np.ones(len(cand), bool), {}
+
+
+def keep_all(pool: Pool, *, within=None, executor=None, out=None) -> FilterResult:
+    res = run_rows(pool, KeepAllRule(), within, executor, work_dir_for(out, pool, "none"))
+    return FilterResult("none", res.kept, {}, {"pool": pool.rows, "candidates": res.candidates})
+
+
+keep_all.uses_rows = True
 
 
 def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None) -> FilterResult:

@@ -181,4 +181,5 @@ def executor_from_args(args: argparse.Namespace):
     from .stage import Executor
 
     kind, opts = options_from_args(args)
-    return Executor.create(kind, opts, detach=bool(getattr(args, "detach", False)))
+    return Executor.create(kind, opts, workers=getattr(args, "workers", None),
+                           detach=bool(getattr(args, "detach", False)))

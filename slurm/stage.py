@@ -210,6 +210,7 @@ class Executor:
 
     kind: str = "local"
     options: ClusterOptions = field(default_factory=ClusterOptions)
+    workers: int = 1  # parts a stage is cut into (--workers); also how many run at once locally
     detach: bool = False
 
     @classmethod
@@ -217,20 +218,26 @@ class Executor:
                detach: bool = False) -> "Executor":
         options = options or ClusterOptions()
         if workers is not None:
-            if workers < 1:
-                raise ConfigError(f"--workers must be >= 1, not {workers}")
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise ConfigError(f"--workers must be an integer >= 1, not {workers!r}")
             options = options.replace(local_workers=workers, array_parallelism=workers)
         kind = "inline" if kind in INLINE_NAMES else resolve_executor(kind)
         if detach and kind != "slurm":
             raise ConfigError(f"--detach needs SLURM (the {kind} executor runs in this process tree, "
                               "which must stay alive)")
-        return cls(kind, options.validate(), detach)
+        return cls(kind, options.validate(), workers or 1, detach)
 
     @classmethod
     def coerce(cls, executor: "Executor | str | None", options: ClusterOptions | None = None) -> "Executor":
+        """An Executor as given, or one built from a kind name ("auto", "local", ...)."""
         if isinstance(executor, Executor):
             return executor
         return cls.create(executor or "auto", options)
+
+    def parts(self, available: int) -> int:
+        """How many parts to cut ``available`` units of work into: ``workers``, at most one
+        unit a part, at least one part."""
+        return max(1, min(self.workers, available))
 
     @property
     def submitit_kind(self) -> str:
@@ -311,29 +318,19 @@ class Executor:
 
     # -- one (multi-node, multi-task) job -----------------------------------------------------
 
+    def submit_job(self, fn, *args, folder: str | os.PathLike, name: str, **kwargs) -> submitit.Job:
+        """Submit one job of ``options.nodes x options.tasks_per_node`` tasks (each runs ``fn``;
+        ``slurm.dist.export_torch_env`` gives them a torch rendezvous); returns at once."""
+        if self.kind == "inline":
+            raise ConfigError(f"{name}: a multi-task job runs in its own processes; use the local or slurm executor")
+        job = make_executor(self.submitit_kind, self.options, folder, name=name).submit(fn, *args, **kwargs)
+        log.info("%s on %s: %s", name, self.kind, J.describe([job]))
+        return job
+
     def run_job(self, fn, *args, folder: str | os.PathLike, name: str, **kwargs) -> list:
-        """Submit one job of ``options.nodes x options.tasks_per_node`` tasks and wait; one
-        result per task."""
+        """``submit_job`` and wait; one result per task (inline: one call in this process)."""
         if self.kind == "inline":
             return [run_inline(fn, *args, **kwargs)]
-        ex = make_executor(self.submitit_kind, self.options, folder, name=name)
-        job = ex.submit(fn, *args, **kwargs)
-        log.info("%s on %s: %s", name, self.kind, J.describe([job]))
+        job = self.submit_job(fn, *args, folder=folder, name=name, **kwargs)
         return J.wait([job], desc=name, units=[self.options.nodes * self.options.tasks_per_node], all_tasks=True)[0]
 
-
-# -- the call forms used before the Executor object (callers move to it) ------------------------
-
-
-def submit_stage(stage: Stage, world_size: int = 1, *, executor: "Executor | str" = "auto",
-                 options: ClusterOptions | None = None, log_folder=None) -> StageSubmission:
-    return Executor.coerce(executor, options).submit(stage, world_size, log_folder=log_folder)
-
-
-def run_stage(stage: Stage, world_size: int = 1, **kwargs) -> StageResult:
-    return submit_stage(stage, world_size, **kwargs).wait()
-
-
-def run_job(fn, *args, executor: "Executor | str" = "auto", options: ClusterOptions | None = None,
-            folder: str | os.PathLike, name: str, **kwargs) -> list:
-    return Executor.coerce(executor, options).run_job(fn, *args, folder=folder, name=name, **kwargs)

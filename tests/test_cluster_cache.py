@@ -23,7 +23,7 @@ from conceptprune.errors import ConfigError, PoolError
 from conceptprune.filters import dbp, run_filter
 from conceptprune.filters.clustering import AssignStage, Clustering, PoolSpec
 from conceptprune.pool import Pool
-from conceptprune.slurm.stage import run_stage
+from conceptprune.slurm.stage import Executor
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
 FAST = {"niter": 10, "executor": "debug"}
@@ -108,7 +108,7 @@ def test_cluster_ids_do_not_depend_on_the_batching(tmp_path):
         work = tmp_path / f"w{world}"
         work.mkdir()
         np.save(work / "centroids.npy", centroids)
-        run_stage(AssignStage(str(work), PoolSpec.of(pool), gpu="no"), world, executor="debug")
+        Executor.create("inline").run(AssignStage(str(work), PoolSpec.of(pool), gpu="no"), world)
         (work / "clustering.json").write_text(json.dumps(
             {"k": len(centroids), "pool": {"rows": pool.rows}, "assignment": {"world_size": world, "complete": True}}))
         got = np.concatenate([b[2] for b in Clustering(work).iter_assignment()])
@@ -162,11 +162,11 @@ def test_identical_vectors_same_result_with_one_and_two_workers(tmp_path):
     outs = {}
     for workers in (1, 2):
         d = tmp_path / f"w{workers}"
-        run_filter(dbp, pool, d / "dbp.npy", embedding_key="l14_img", fraction=0.3, clusters=40, workers=workers,
-                   **FAST)
+        run_filter(dbp, pool, d / "dbp.npy", embedding_key="l14_img", fraction=0.3, clusters=40, niter=10,
+                   executor=Executor.create("inline", workers=workers))
         from conceptprune.filters import semdedup
         run_filter(semdedup, pool, d / "sd.npy", embedding_key="l14_img", eps=0.01,
-                   clustering_dir=d / "dbp.clustering", workers=workers, executor="debug")
+                   clustering_dir=d / "dbp.clustering", executor=Executor.create("inline", workers=workers))
         outs[workers] = [(d / n).read_bytes() for n in ("dbp.npy", "sd.npy")]
     assert outs[1] == outs[2]
 

@@ -16,6 +16,7 @@ from conceptprune.filters.budget import allocate, objective
 from conceptprune.filters.clustering import Clustering
 from conceptprune.filters.select import grouped_select
 from conceptprune.filters.semdedup import column_max_upper, components_keep, greedy_keep
+from conceptprune.slurm.stage import Executor
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
 from conftest import read_embeddings, read_planted, read_pool_frame, uid_set
@@ -270,9 +271,9 @@ def test_bit_identical_with_one_and_two_workers(concept_pool, tmp_path):
     for workers in (1, 2):
         d = tmp_path / f"w{workers}"
         run_filter(dbp, concept_pool, d / "dbp.npy", embedding_key="l14_img", fraction=0.3, clusters=8, niter=20,
-                   workers=workers, executor="local")
+                   executor=Executor.create("local", workers=workers))
         run_filter(semdedup, concept_pool, d / "sd.npy", embedding_key="l14_img", eps=0.05,
-                   clustering_dir=d / "dbp.clustering", workers=workers, executor="local")
+                   clustering_dir=d / "dbp.clustering", executor=Executor.create("local", workers=workers))
         assert json.loads((d / "dbp.clustering" / "clustering.json").read_text())["assignment"]["world_size"] == workers
         outs[workers] = {n: (d / n).read_bytes() for n in ("dbp.npy", "sd.npy")}
     assert outs[1] == outs[2]

@@ -127,24 +127,24 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
 
     # embed with a tiny random open_clip model: the output is a pool the filters read
     from conceptprune.data.embed import EmbedStage
-    from conceptprune.slurm.stage import run_stage
+    from conceptprune.slurm.stage import Executor
 
     emb = EmbedStage(str(tmp_path / "emb"), str(shards), "cp-tiny-vit", batch_size=16, text=True)
-    res = run_stage(emb, 2, executor="local")
+    res = Executor.create("local").run(emb, 2)
     assert sum(s["embedded"] for s in res.summaries) == N - len(bad)
     pool = Pool(tmp_path / "emb", embedding_key="img")
     assert pool.rows == N - len(bad) and pool.dim == 32
     assert set(U.array_to_uids(pool.read_uids())) == downloaded
     for chunk in pool.iter_chunks(["similarity_score"], embeddings=True):
         assert np.allclose(np.linalg.norm(chunk.embeddings, axis=1), 1, atol=1e-5)
-    again = run_stage(EmbedStage(str(tmp_path / "emb"), str(shards), "cp-tiny-vit"), 2, executor="local")
+    again = Executor.create("local").run(EmbedStage(str(tmp_path / "emb"), str(shards), "cp-tiny-vit"), 2)
     assert again.ran == []
 
     # reshard a keep-list: half of the metadata uids, some of which never downloaded
     keep_hex = [meta.uid[i] for i in range(0, N, 2)]
     K.write_keep_list(tmp_path / "keep.npy", U.uids_to_array(keep_hex))
     out = tmp_path / "resharded"
-    m = reshard(shards, tmp_path / "keep.npy", out, shard_size=7, workers=2, executor="local")
+    m = reshard(shards, tmp_path / "keep.npy", out, shard_size=7, executor=Executor.create("local", workers=2))
     expected = set(keep_hex) & downloaded
     out_tars = sorted(out.glob("*.tar"))
     assert sorted(_tar_uids(out_tars)) == sorted(expected)
@@ -175,7 +175,7 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
     assert seen >= len(expected) - 2  # open_clip drops a last partial batch per worker
 
     # resume/refusal rules
-    again = reshard(shards, tmp_path / "keep.npy", out, shard_size=7, workers=2, executor="local")
+    again = reshard(shards, tmp_path / "keep.npy", out, shard_size=7, executor=Executor.create("local", workers=2))
     assert again == m
     with pytest.raises(ConfigError, match="not empty"):
         reshard(shards, tmp_path / "keep.npy", tmp_path / "meta", executor="local")

@@ -24,6 +24,7 @@ from conceptprune import uids as U
 from conceptprune.data.reshard import read_keep_counts, reshard, state_dir
 from conceptprune.data.tars import Sample, ShardWriter, iter_samples
 from conceptprune.errors import ConfigError, KeepListError, PoolError
+from conceptprune.slurm.stage import Executor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def _datacomp_train_data(parent: Path) -> str:
 def test_output_is_read_by_datacomp_rules_and_open_clip_without_warnings(shards, tmp_path, caplog):
     keep = _keep(tmp_path / "keep.npy", [_uid(s, i) for s in range(3) for i in range(0, 12, 2)])
     parent = tmp_path / "data"
-    m = reshard(shards, keep, parent / "filtered", shard_size=5, workers=2, executor="local")
+    m = reshard(shards, keep, parent / "filtered", shard_size=5, executor=Executor.create("local", workers=2))
     out = parent / "filtered"
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith(".")] and all((out / n).is_file() for n in names)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from conceptprune.errors import ConfigError
@@ -26,7 +27,7 @@ def test_executor_is_resolved_once_and_validates(monkeypatch):
     assert Executor.create("debug").kind == "inline"
     assert Executor.create("inline").kind == "inline"
     assert Executor.create("local", workers=3).options.local_workers == 3
-    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+    with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
         Executor.create("local", workers=-2)
     with pytest.raises(ConfigError, match="--detach needs SLURM"):
         Executor.create("local", detach=True)
@@ -92,3 +93,34 @@ def test_status_reports_a_failed_part_with_its_log(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "0/1" in out and "failed" in out and "as asked" in out
+
+
+def test_per_row_filters_give_the_same_list_for_any_part_count(small_pool, tmp_path):
+    """basic, laion2b and none run as parts on the executor (local processes here, a SLURM
+    array on a cluster); the keep-list does not depend on how many parts."""
+    import pickle
+
+    from conceptprune.errors import KeepListError
+    from conceptprune.filters import basic, keep_all, laion2b, run_filter
+    from conceptprune.filters.basic import BasicRule
+
+    for name, fn, kw in (("basic", basic, {}), ("laion2b", laion2b, {"langid": "fasttext"}), ("none", keep_all, {})):
+        outs = []
+        for ex in (Executor.create("inline"), Executor.create("local", ClusterOptions(local_isolated=True), workers=3)):
+            out = tmp_path / f"{name}-{ex.kind}.npy"
+            res = run_filter(fn, small_pool, out, **kw, executor=ex)
+            assert len(res.kept) > 0
+            outs.append(out.read_bytes())
+            assert not out.with_suffix(".parts").exists()  # the parts are merged and removed
+        assert outs[0] == outs[1] and outs[0], name
+    rule = BasicRule()  # the language model is loaded in the part's process, never shipped
+    assert len(pickle.dumps(rule)) < 1000
+    # --within is checked across all parts: a uid from elsewhere is reported
+    from conceptprune import keeplist as K
+    from conceptprune import uids as U
+
+    within = K.read_keep_list(tmp_path / "none-local.npy")[:50]
+    K.write_keep_list(tmp_path / "w.npy", np.concatenate([within, U.uids_to_array(["f" * 32])]))
+    with pytest.raises(KeepListError, match="not in the pool"):
+        run_filter(keep_all, small_pool, tmp_path / "x.npy", within=tmp_path / "w.npy",
+                   executor=Executor.create("local", ClusterOptions(local_isolated=True), workers=2))

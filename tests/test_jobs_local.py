@@ -10,17 +10,17 @@ from conceptprune.slurm import executor as E
 from conceptprune.slurm.diagnostics import CountingStage, allreduce_check
 from conceptprune.slurm.jobs import JobFailedError
 from conceptprune.slurm.options import ClusterOptions, parse_mem, parse_time
-from conceptprune.slurm.stage import run_job, run_stage
+from conceptprune.slurm.stage import Executor
 
 
 @pytest.mark.parametrize("executor", ["local", "debug"])
 def test_stage_parts_run_once_and_rerun_skips(tmp_path, executor):
     stage = CountingStage(work_dir=str(tmp_path), steps=2, step_seconds=0.01)
-    res = run_stage(stage, 4, executor=executor, options=ClusterOptions(local_workers=2))
+    res = Executor.create(executor, ClusterOptions(local_workers=2)).run(stage, 4)
     assert [s["rank"] for s in res.summaries] == [0, 1, 2, 3]
     assert sorted(res.ran) == [0, 1, 2, 3]
     assert len(list(stage.marker_dir().glob("*.json"))) == 4
-    again = run_stage(stage, 4, executor=executor)
+    again = Executor.create(executor).run(stage, 4)
     assert again.ran == [] and again.summaries == res.summaries
     for r in range(4):  # each part ran exactly once
         assert len(json.loads(stage.state_path(r).read_text())["starts"]) == 1
@@ -28,31 +28,31 @@ def test_stage_parts_run_once_and_rerun_skips(tmp_path, executor):
 
 def test_partial_rerun_runs_only_missing_parts(tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0)
-    run_stage(stage, 3, executor="local")
+    Executor.create("local").run(stage, 3)
     stage.marker(1, 3).unlink()
-    res = run_stage(stage, 3, executor="local")
+    res = Executor.create("local").run(stage, 3)
     assert res.ran == [1]
 
 
 def test_changed_world_size_is_refused(tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0)
-    run_stage(stage, 2, executor="debug")
+    Executor.create("inline").run(stage, 2)
     with pytest.raises(ConfigError, match="started with 2 parts"):
-        run_stage(stage, 3, executor="debug")
+        Executor.create("inline").run(stage, 3)
 
 
 def test_local_failure_carries_log_tail(tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=3, step_seconds=0.01, fail_at=1)
     with pytest.raises(JobFailedError) as err:
-        run_stage(stage, 1, executor="local")
+        Executor.create("local").run(stage, 1)
     assert "failed at step 1, as asked" in str(err.value)
     assert "failed at step 1, as asked" in err.value.log_tail
     assert not stage.marker(0, 1).exists()
 
 
 def test_local_two_task_allreduce(tmp_path):
-    results = run_job(allreduce_check, "gloo", executor="local", folder=tmp_path,
-                      options=ClusterOptions(tasks_per_node=2, time=5), name="t")
+    results = Executor.create("local", ClusterOptions(tasks_per_node=2, time=5)).run_job(
+        allreduce_check, "gloo", folder=tmp_path, name="t")
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["ok"] and r["world_size"] == 2 for r in results)
 

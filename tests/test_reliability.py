@@ -72,6 +72,7 @@ from conceptprune import keeplist as K  # noqa: E402
 from conceptprune import uids as U  # noqa: E402
 from conceptprune.cli import main  # noqa: E402
 from conceptprune.errors import ConceptPruneError, ConfigError, PoolError  # noqa: E402
+from conceptprune.slurm.stage import Executor  # noqa: E402
 
 
 def _cli(capsys, *argv):
@@ -486,8 +487,9 @@ def test_python_api_checks_the_same_rules(pool, tmp_path):
 
     with pytest.raises(ConfigError, match="--niter must be >= 1"):  # 0 used to become 100
         run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4, niter=0)
-    with pytest.raises(ConfigError, match="--workers must be >= 1"):
-        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4, workers=-2)
+    with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
+        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4,
+                   executor=Executor.create("local", workers=-2))
     with pytest.raises(ConfigError, match="--temperature must be a finite number"):
         run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, temperature=float("nan"))
     with pytest.raises(ConfigError, match="--threshold must be a finite number"):

@@ -10,7 +10,7 @@ import pytest
 from conceptprune.slurm.diagnostics import CountingStage, allreduce_check
 from conceptprune.slurm.jobs import JobCancelledError, JobFailedError
 from conceptprune.slurm.options import ClusterOptions
-from conceptprune.slurm.stage import run_job, run_stage, submit_stage
+from conceptprune.slurm.stage import Executor
 
 pytestmark = pytest.mark.slurm
 
@@ -47,18 +47,18 @@ def _release_when_requeued(job_id):
 
 def test_job_array_of_four_parts_and_rerun_does_nothing(slurm_cluster, tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0.1)
-    sub = submit_stage(stage, 4, executor="slurm", options=ClusterOptions(time=5))
+    sub = Executor.create("slurm", ClusterOptions(time=5)).submit(stage, 4)
     assert len(sub.jobs) == 4 and all("_" in j for j in sub.job_ids)  # one SLURM array
     res = sub.wait(poll_s=0.3)
     assert [s["rank"] for s in res.summaries] == [0, 1, 2, 3]
     assert len(list(stage.marker_dir().glob("*.json"))) == 4
-    again = submit_stage(stage, 4, executor="slurm")
+    again = Executor.create("slurm").submit(stage, 4)
     assert again.jobs == [] and again.wait().summaries == res.summaries
 
 
 def test_two_nodes_allreduce(slurm_cluster, tmp_path):
-    results = run_job(allreduce_check, "gloo", executor="slurm", folder=tmp_path, name="allreduce",
-                      options=ClusterOptions(nodes=2, tasks_per_node=1, time=5))
+    results = Executor.create("slurm", ClusterOptions(nodes=2, tasks_per_node=1, time=5)).run_job(
+        allreduce_check, "gloo", folder=tmp_path, name="allreduce")
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert {r["node"] for r in results} == {"node1", "node2"}
     assert all(r["ok"] and r["sum"] == 3.0 for r in results)
@@ -70,7 +70,7 @@ def test_preempted_job_resumes_from_saved_state(slurm_cluster, tmp_path, how):
     # submitit ignores the SIGTERM that comes first, so only SIGKILL stops it
     stage = CountingStage(work_dir=str(tmp_path), steps=30, step_seconds=0.4)
     # 15 min: submitit calls any signal a time-out when the limit is 10 min or less
-    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=15))
+    sub = Executor.create("slurm", ClusterOptions(time=15)).submit(stage, 1)
     job_id = sub.job_ids[0].split("_")[0]
     _wait_until(lambda: _count(stage) >= 2, what="the job to count")
     if how == "preemption-signal":  # what SLURM sends before preempting: submitit checkpoints + requeues
@@ -88,7 +88,7 @@ def test_preempted_job_resumes_from_saved_state(slurm_cluster, tmp_path, how):
 def test_failing_job_error_carries_log_tail(slurm_cluster, tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=3, step_seconds=0.1, fail_at=1)
     with pytest.raises(JobFailedError) as err:
-        run_stage(stage, 1, executor="slurm", options=ClusterOptions(time=5))
+        Executor.create("slurm", ClusterOptions(time=5)).run(stage, 1)
     assert "failed at step 1, as asked" in str(err.value)
     assert "RuntimeError" in err.value.log_tail
     assert err.value.log_path and err.value.log_path.endswith(".err")
@@ -96,7 +96,7 @@ def test_failing_job_error_carries_log_tail(slurm_cluster, tmp_path):
 
 def test_cancelled_job_is_reported_as_cancelled(slurm_cluster, tmp_path):
     stage = CountingStage(work_dir=str(tmp_path), steps=100, step_seconds=0.5)
-    sub = submit_stage(stage, 1, executor="slurm", options=ClusterOptions(time=10))
+    sub = Executor.create("slurm", ClusterOptions(time=10)).submit(stage, 1)
     _wait_until(lambda: _count(stage) >= 1, what="the job to start")
     subprocess.run(["scancel", sub.job_ids[0].split("_")[0]], check=True)
     with pytest.raises(JobCancelledError, match="cancelled"):

@@ -15,6 +15,7 @@ import torch
 from conceptprune.data.tars import Sample, ShardWriter
 from conceptprune.errors import ConfigError
 from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.stage import Executor
 from conceptprune.training.launch import TrainConfig, final_checkpoint, train
 from conceptprune.training.recipe import batch_plan, recipe
 
@@ -68,8 +69,7 @@ def test_recipes_and_batch_plans():
 
 
 def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
-    rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor="slurm",
-                options=ClusterOptions(nodes=2, gpus_per_node=8, partition="gpu"), dry_run=True)
+    rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor("slurm", ClusterOptions(nodes=2, gpus_per_node=8, partition="gpu")), dry_run=True)
     out = capsys.readouterr().out
     assert "global batch 4096 = 16 tasks x 256 per GPU" in out and "lr 0.0005" in out and "warmup 500" in out
     assert "128,000,000 samples seen" in out and "ViT-B-32" in out and "partition gpu" in out
@@ -87,8 +87,7 @@ def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
 def test_dry_run_multi_node_needs_no_slurm_controller(tiny_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, squeue or sinfo anywhere
     for nodes, gpus in ((2, 8), (4, 4), (1, 8)):
-        rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor="auto",
-                    options=ClusterOptions(nodes=nodes, gpus_per_node=gpus), dry_run=True)
+        rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor("auto", ClusterOptions(nodes=nodes, gpus_per_node=gpus)), dry_run=True)
         out = capsys.readouterr().out
         assert rec["world_size"] == nodes * gpus and f"nodes {nodes} x tasks per node {gpus}" in out
         assert "python -m open_clip_train.main --train-data" in out
@@ -116,8 +115,7 @@ def test_bad_input(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="no .tar shards"):
         train(TrainConfig([str(tmp_path / "empty")], "tiny", str(tmp_path / "r")), executor="local")
     with pytest.raises(ConfigError, match="does not divide the global batch 64"):
-        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor="local",
-              options=ClusterOptions(tasks_per_node=3))
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor=Executor.create("local", ClusterOptions(tasks_per_node=3)))
     with pytest.raises(ConfigError, match="--checkpoints must be >= 1"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), checkpoints=0), executor="local")
     with pytest.raises(ConfigError, match="--samples-seen"):
@@ -161,7 +159,7 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
 
 def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):
     rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="ddp", samples_seen=256,
-                            checkpoints=1), executor="local", options=ClusterOptions(tasks_per_node=2))
+                            checkpoints=1), executor=Executor.create("local", ClusterOptions(tasks_per_node=2)))
     assert rec["status"] == "finished" and rec["world_size"] == 2 and rec["per_gpu_batch"] == 32
     _load_final(tmp_path / "runs" / "ddp")
 
@@ -172,7 +170,7 @@ def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):
 @pytest.mark.slurm
 def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
     rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="n2", samples_seen=256,
-                            checkpoints=2), executor="slurm", options=ClusterOptions(nodes=2, time=15), wait=True)
+                            checkpoints=2), executor=Executor.create("slurm", ClusterOptions(nodes=2, time=15)), wait=True)
     run = tmp_path / "runs" / "n2"
     assert rec["status"] == "finished" and rec["world_size"] == 2
     log = (run / "out.log").read_text()
@@ -184,7 +182,7 @@ def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
 def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
     cfg = TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="rq", samples_seen=4 * 1024,
                       checkpoints=4)
-    rec = train(cfg, executor="slurm", options=ClusterOptions(time=15), wait=False)
+    rec = train(cfg, executor=Executor.create("slurm", ClusterOptions(time=15)), wait=False)
     job_id = rec["job_id"]
     run = tmp_path / "runs" / "rq"
     t0 = time.time()

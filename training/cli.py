@@ -41,14 +41,16 @@ def register(sub) -> None:
 def _train(a) -> None:
     import json
 
-    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.options import executor_from_args, options_from_args
+    from conceptprune.slurm.stage import Executor
 
     from .launch import TrainConfig, train
 
-    executor, options = options_from_args(a)
+    # a dry run asks no controller which executor 'auto' means
+    executor = Executor(*options_from_args(a)) if a.dry_run else executor_from_args(a)
     extra = a.extra[1:] if a.extra and a.extra[0] == "--" else a.extra
     cfg = TrainConfig(a.data, a.scale, a.output, a.name, a.seed, a.max_batch_per_gpu, a.samples_seen, a.checkpoints,
                       extra, keep_checkpoints=a.keep_checkpoints)
-    rec = train(cfg, executor=executor, options=options, dry_run=a.dry_run, wait=a.wait)
+    rec = train(cfg, executor=executor, dry_run=a.dry_run, wait=a.wait)
     if not a.dry_run:
         print(json.dumps({k: rec.get(k) for k in ("name", "status", "job_id", "final_checkpoint")}, indent=2))

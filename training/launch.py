@@ -10,6 +10,7 @@ the keep-list behind it), the world size and the status; ``conceptprune evaluate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,8 +27,8 @@ from conceptprune import __version__
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
 from conceptprune.manifest import git_revision
-from conceptprune.slurm.executor import make_executor, resolve_executor
 from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.stage import Executor
 
 from .recipe import Recipe, batch_plan, recipe
 
@@ -313,19 +314,24 @@ def _update(path: Path, **fields) -> None:
 # -- the command -----------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, executor: str = "auto", options: ClusterOptions | None = None,
-          dry_run: bool = False, wait: bool | None = None) -> dict:
-    """Launch (or resume) a run; returns its run.json content."""
-    options = options or ClusterOptions()
+def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run: bool = False,
+          wait: bool | None = None) -> dict:
+    """Launch (or resume) a run; returns its run.json content.
+
+    ``executor``: where the job runs (an Executor, or a kind name). A dry run resolves nothing:
+    ``Executor("auto", ClusterOptions(nodes=2, ...))`` prints the job without asking a controller."""
+    if not isinstance(executor, Executor):
+        executor = Executor(executor or "auto") if dry_run else Executor.coerce(executor)
+    options = executor.options
     r = recipe(cfg.scale, samples_seen=cfg.samples_seen, checkpoints=cfg.checkpoints)
     if cfg.keep_checkpoints not in ("latest", "all"):
         raise ConfigError("--keep-checkpoints must be latest or all")
     if cfg.max_batch_per_gpu is not None and cfg.max_batch_per_gpu < 1:
         raise ConfigError("--max-batch-per-gpu must be >= 1")
-    kind = executor if dry_run else resolve_executor(executor)
+    kind = executor.kind
     if dry_run and kind == "auto":  # a dry run asks no controller: a multi-node job is a SLURM job
         kind = "slurm" if options.nodes > 1 else "auto"
-    if kind in ("local", "debug", "auto") and options.nodes > 1:
+    if kind in ("local", "inline", "auto") and options.nodes > 1:
         raise ConfigError(f"--nodes {options.nodes} needs SLURM (no controller answers here)")
     tasks_per_node = options.tasks_per_node if options.tasks_per_node > 1 else max(1, options.gpus_per_node)
     options = options.replace(tasks_per_node=tasks_per_node)
@@ -349,8 +355,9 @@ def train(cfg: TrainConfig, *, executor: str = "auto", options: ClusterOptions |
     run_dir.mkdir(parents=True, exist_ok=True)
     record.update(status="submitted", submitted=time.time())
     write_json(run_dir / "run.json", record)
-    ex = make_executor(kind if kind != "debug" else "local", options, run_dir / "jobs", name=f"cp-train-{run_name(cfg)}")
-    job = ex.submit(TrainTask(), argv, str(run_dir.resolve()))
+    executor = dataclasses.replace(executor, options=options)
+    job = executor.submit_job(TrainTask(), argv, str(run_dir.resolve()), folder=run_dir / "jobs",
+                              name=f"cp-train-{run_name(cfg)}")
     _update(run_dir / "run.json", job_id=job.job_id)
     out, err = job.paths.stdout, job.paths.stderr
     log.info("training %s: %d task(s) as job %s on %s; logs: %s", run_name(cfg), world, job.job_id, kind,

@@ -65,38 +65,36 @@ def register(sub) -> None:
 
 
 def _download(a) -> None:
-    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.options import executor_from_args
 
     from .download import download
 
-    executor, options = options_from_args(a)
     summary = download(a.data_dir, scale=a.scale, metadata_dir=a.metadata_dir, metadata_only=a.metadata_only,
                        with_embeddings=a.with_embeddings, processes=a.processes, threads=a.threads,
                        img2dataset_args={"number_sample_per_shard": a.shard_size, "timeout": a.timeout},
-                       workers=a.workers or 1, executor=executor, options=options)
+                       executor=executor_from_args(a))
     print(json.dumps(summary, indent=2))
 
 
 def _embed(a) -> None:
-    from conceptprune.slurm.options import options_from_args
-    from conceptprune.slurm.stage import run_stage
+    from conceptprune.slurm.options import executor_from_args
 
     from .embed import EmbedStage
 
-    executor, options = options_from_args(a)
+    executor = executor_from_args(a)
     stage = EmbedStage(a.out, a.shards, a.model, a.pretrained, a.batch_size, a.text, a.key_prefix, a.device)
-    res = run_stage(stage, max(1, min(a.workers or 1, len(stage.shards()))), executor=executor, options=options)
+    res = executor.run(stage, executor.parts(len(stage.shards())))
     totals = {k: sum(s[k] for s in res.summaries) for k in res.summaries[0]}
     print(json.dumps(totals, indent=2))
 
 
 def _reshard(a) -> None:
-    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.options import executor_from_args
 
     from .reshard import reshard
 
-    executor, options = options_from_args(a)
-    meta = reshard(a.shards, a.keep, a.out, shard_size=a.shard_size, workers=a.workers or 1, overwrite=a.overwrite,
-                   executor=executor, options=options, shuffle_buffer=a.shuffle_buffer, seed=a.seed,
+    meta = reshard(a.shards, a.keep, a.out, shard_size=a.shard_size, overwrite=a.overwrite,
+                   executor=executor_from_args(a), shuffle_buffer=a.shuffle_buffer, seed=a.seed,
                    datacomp_keys=a.datacomp_keys, blur_metadata=a.blur)
-    print(json.dumps({k: meta[k] for k in ("kept_samples", "missing_from_shards", "output_shards")}, indent=2))
+    if meta is not None:
+        print(json.dumps({k: meta[k] for k in ("kept_samples", "missing_from_shards", "output_shards")}, indent=2))

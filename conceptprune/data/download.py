@@ -180,12 +180,12 @@ def _img2dataset(url_list, output_folder, start_shard_id, done, processes, threa
 
 def download(data_dir: str | Path, *, scale: str | None = None, metadata_dir: str | Path | None = None,
              metadata_only: bool = False, with_embeddings: bool = False, processes: int = 16, threads: int = 128,
-             img2dataset_args: dict | None = None, workers: int = 1, executor: str = "auto", options=None) -> dict:
+             img2dataset_args: dict | None = None, executor=None) -> dict:
     """Metadata (DataComp's from Hugging Face, or the user's own parquet) then images."""
     import json
 
     from conceptprune.atomic import write_json
-    from conceptprune.slurm.stage import run_stage
+    from conceptprune.slurm.stage import Executor
 
     data_dir = Path(data_dir)
     if metadata_dir is None:
@@ -202,7 +202,8 @@ def download(data_dir: str | Path, *, scale: str | None = None, metadata_dir: st
         return summary
     shards_dir = data_dir / "shards"
     stage = DownloadStage(str(data_dir), str(metadata_dir), str(shards_dir), processes, threads, img2dataset_args or {})
-    parts = run_stage(stage, max(1, min(workers, len(plan))), executor=executor, options=options).summaries
+    executor = Executor.coerce(executor)
+    parts = executor.run(stage, executor.parts(len(plan))).summaries
     for key in ("shards", "shards_missing", "successes", "count"):
         summary[key] = int(sum(p.get(key, 0) for p in parts))
     summary["shards_dir"] = str(shards_dir)

@@ -54,7 +54,7 @@ from conceptprune.atomic import write_json
 from conceptprune.checks import check_seed
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
-from conceptprune.slurm.stage import Stage, run_stage
+from conceptprune.slurm.stage import Executor, Stage
 
 from .tars import IMAGE_EXTS, Sample, ShardWriter, index_plain, iter_samples
 
@@ -413,16 +413,16 @@ class ReshardOptions:
         check_seed("--seed", self.seed)
 
 
-def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000, workers: int = 1,
-            overwrite: bool = False, executor: str = "auto", options=None, shuffle_buffer: int = 0, seed: int = 0,
-            datacomp_keys: bool = False, blur_metadata: str | Path | None = None) -> dict:
-    """Run the reshard stage and assemble its output; returns the meta.json content."""
+def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000,
+            overwrite: bool = False, executor: "Executor | str | None" = None, shuffle_buffer: int = 0, seed: int = 0,
+            datacomp_keys: bool = False, blur_metadata: str | Path | None = None) -> dict | None:
+    """Run the reshard stage and assemble its output; returns the meta.json content (None when
+    the executor detaches: the same call, rerun once the jobs are done, assembles it)."""
     opts = ReshardOptions(shard_size, shuffle_buffer, seed, datacomp_keys,
                           str(blur_metadata) if blur_metadata else None)
     opts.check()
     out, keep = Path(out), Path(keep)
-    if workers < 1:
-        raise ConfigError("--workers must be >= 1")
+    executor = Executor.coerce(executor)
     inputs = {"--shards": Path(shards), "--keep": keep}
     if opts.blur_metadata:
         inputs["--blur"] = Path(opts.blur_metadata)
@@ -444,8 +444,10 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     stage = ReshardStage(str(sd), [str(t) for t in complete], str(keep), opts.shard_size,
                          shuffle_buffer=opts.shuffle_buffer, seed=opts.seed, datacomp_keys=opts.datacomp_keys,
                          boxes_path=str(boxes) if boxes else None)
-    world = max(1, min(workers, len(complete)))
-    result = run_stage(stage, world, executor=executor, options=options)
+    world = executor.parts(len(complete))
+    result = executor.finish(executor.submit(stage, world))
+    if result is None:
+        return None
     meta = _assemble(out, stage, world, result.summaries, keep, keep_uids, multiplicity, complete, incomplete, state,
                      opts)
     _remove_state(sd)

@@ -1,0 +1,128 @@
+"""The production stages on the real localhost SLURM cluster (tests/slurm_cluster.sh): embed,
+reshard, clustering assignment + SemDeDup, evaluation. Each gives what the in-process executor
+gives, and no job carries more than 1 MB of pickled arguments (weights are never shipped)."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conceptprune import keeplist as K
+from conceptprune import uids as U
+from conceptprune.data.tars import Sample, ShardWriter
+from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.stage import Executor
+
+pytestmark = pytest.mark.slurm
+MB = 1_000_000
+
+
+def _slurm(workers=2) -> Executor:
+    return Executor.create("slurm", ClusterOptions(time=10), workers=workers)
+
+
+def _assert_small_pickles(root: Path, at_least: int) -> None:
+    pickles = list(Path(root).rglob("*_submitted.pkl"))
+    assert len(pickles) >= at_least, f"expected >= {at_least} submitted jobs under {root}, found {len(pickles)}"
+    big = {str(p): p.stat().st_size for p in pickles if p.stat().st_size > MB}
+    assert not big, f"job pickles over 1 MB: {big}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import open_clip
+
+    from conceptprune.training.models import register
+
+    register()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("cp-tiny-vit").state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue", "yellow"]
+    for s in range(3):
+        w = ShardWriter(out / f"{s:08d}.tar")
+        for i in range(20):
+            c = int(rng.integers(4))
+            im = Image.new("RGB", (32, 32), "white")
+            ImageDraw.Draw(im).ellipse([4, 4, 28, 28], fill=colors[c])
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG")
+            w.write(Sample(f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a {colors[c]} circle".encode(),
+                                                "json": json.dumps({"uid": f"{s:016x}{i:016x}"}).encode()}))
+        w.close()
+        (out / f"{s:08d}_stats.json").write_text(json.dumps({"count": 20, "successes": 20}))
+    return out
+
+
+def test_embed_and_reshard_on_slurm_equal_inline(slurm_cluster, tmp_path, shards, checkpoint):
+    from conceptprune.data.embed import EmbedStage
+    from conceptprune.data.reshard import reshard
+    from conceptprune.pool import Pool
+
+    outs = {}
+    for name, ex in (("slurm", _slurm(3)), ("inline", Executor.create("inline"))):
+        stage = EmbedStage(str(tmp_path / f"emb_{name}"), str(shards), "cp-tiny-vit", str(checkpoint),
+                           batch_size=8, text=True)
+        ex.run(stage, ex.parts(3))
+        pool = Pool(tmp_path / f"emb_{name}", embedding_key="img")
+        emb = np.concatenate([c.embeddings for c in pool.iter_chunks([], embeddings=True)])
+        outs[name] = (pool.read_uids(), emb)
+    assert np.array_equal(outs["slurm"][0], outs["inline"][0])
+    np.testing.assert_allclose(outs["slurm"][1], outs["inline"][1], atol=1e-6)
+
+    keep = U.uids_to_array([f"{s:016x}{i:016x}" for s in range(3) for i in range(0, 20, 3)])
+    K.write_keep_list(tmp_path / "keep.npy", keep)
+    tars = {}
+    for name, ex in (("slurm", _slurm(2)), ("local", Executor.create("local", workers=2))):
+        meta = reshard(shards, tmp_path / "keep.npy", tmp_path / f"out_{name}", shard_size=5, executor=ex)
+        assert meta["kept_samples"] == len(keep)
+        tars[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"out_{name}").glob("*.tar"))}
+    assert tars["slurm"] == tars["local"] and len(tars["slurm"]) == 5  # 21 samples, 5 a shard
+    # the embed array's 3 jobs (reshard's job folder goes with its state once the output is assembled)
+    _assert_small_pickles(tmp_path, at_least=3)
+
+
+def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, checkpoint):
+    from conceptprune.evaluation.run import evaluate
+    from conceptprune.evaluation.wds import write_classification
+    from conceptprune.filters import run_filter, semdedup
+    from conceptprune.synthetic import SyntheticPoolConfig, make_pool
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=3000, files=2, seed=3, concepts=8, block_rows=500),
+              progress=False)
+    lists = {}
+    for name, ex in (("slurm", _slurm(2)), ("inline", Executor.create("inline", workers=2))):
+        out = tmp_path / f"sd_{name}.npy"
+        run_filter(semdedup, tmp_path / "pool", out, embedding_key="l14_img", target_fraction=0.8, clusters=6,
+                   niter=10, executor=ex)
+        lists[name] = out.read_bytes()
+    assert lists["slurm"] == lists["inline"]
+
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    ims = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(24)]
+    data = tmp_path / "evalsets"
+    write_classification(data / "wds_cifar10_test", ims, np.arange(24) % 4, ["a", "b", "c", "d"],
+                         ["a photo of {c}."], nshards=2)
+    write_classification(data / "wds_mnist_test", ims, np.arange(24) % 3, ["x", "y", "z"], ["{c}."], nshards=2)
+    rows = {}
+    for name, ex in (("slurm", _slurm(2)), ("inline", Executor.create("inline"))):
+        res = evaluate(str(checkpoint), str(data), str(tmp_path / f"eval_{name}"), arch="cp-tiny-vit",
+                       tasks=["cifar10", "mnist"], executor=ex)
+        assert not res["errors"]
+        rows[name] = {r["key"]: r["metrics"] for r in res["results"]}
+    assert rows["slurm"] == rows["inline"] and set(rows["slurm"]) == {"cifar10", "mnist"}
+    _assert_small_pickles(tmp_path, at_least=4)
