@@ -262,14 +262,14 @@ def near_duplicates(chain: Chain, step: Step, candidates, removed: np.ndarray):
     the embeddings as SemDeDup used them (normalised by the pool, in float32; float16-rounded
     for results of SemDeDup's format 1)."""
     want = K.sort_uids(removed)
-    rows = [r for r in semdedup_results(step, candidates)]
-    if not rows:
+    parts = []
+    for res in semdedup_results(step, candidates):  # bucket by bucket: only the wanted clusters stay
+        found = K.member(want, U.make_array(res["hi"], res["lo"]))[0]
+        if found.any():
+            parts.append(res[np.isin(res["cluster"], np.unique(res["cluster"][found]))])
+    if not parts:
         return None
-    res = np.concatenate(rows)
-    ruids = U.make_array(res["hi"], res["lo"])
-    found, at = K.member(want, ruids)
-    clusters = np.unique(res["cluster"][found])
-    members = res[np.isin(res["cluster"], clusters)]  # in SemDeDup's order inside each cluster
+    members = np.concatenate(parts)  # in SemDeDup's order inside each cluster
     muids = U.make_array(members["hi"], members["lo"])
     prow, _, _ = locate_rows(step, muids)
     if (prow < 0).any():

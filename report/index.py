@@ -4,7 +4,7 @@ Built once by scanning the tar headers of every shard (the json member of each s
 its uid); stored as two aligned ``.npy`` arrays sorted by uid (``uids.npy``: DataComp's
 ``u8,u8``; ``loc.npy``: shard number, offset, size) plus ``index.json`` naming the shards
 with their sizes and mtimes, so a later run reuses it while the shards are unchanged. A
-lookup is a ``searchsorted`` (no Python dict of uids: 128M rows take ~3.6 GB of arrays).
+lookup is a ``searchsorted`` (no Python dict of uids: 128M rows take 4.1 GB of arrays).
 A sample is then read back by one ``pread`` of its members' bytes, without unpacking the tar.
 """
 
@@ -28,9 +28,9 @@ from conceptprune.errors import ConfigError, PoolError
 
 log = logging.getLogger(__name__)
 
-LOC_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<u8"), ("size", "<u8")])
+LOC_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<u8"), ("size", "<u4")])  # 16 bytes a sample
 INDEX_DIR = "_uid_index"
-FORMAT = 1
+FORMAT = 2
 
 
 def _shard_list(shards: Path) -> list[Path]:
@@ -84,7 +84,10 @@ def scan_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         arr = U.uids_to_array(uids)
     except Exception as e:
         raise PoolError(f"{path}: a sample's json holds a uid that is not 32 hex digits ({e})") from None
-    return arr, np.asarray(offs, np.uint64), np.asarray(sizes, np.uint64)
+    sizes = np.asarray(sizes, np.uint64)
+    if len(sizes) and sizes.max() >= 1 << 32:
+        raise PoolError(f"{path}: a sample of {int(sizes.max())} bytes (the index holds sizes below 4 GiB)")
+    return arr, np.asarray(offs, np.uint64), sizes
 
 
 @dataclass
