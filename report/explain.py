@@ -32,6 +32,10 @@ def _pool_value(chain: Chain, q: np.ndarray, column: str):
     return None
 
 
+def _in_pool(chain: Chain, q: np.ndarray) -> bool:
+    return any(K.member(q, chunk.uids)[0].any() for chunk in chain.pool().iter_chunks())
+
+
 def _clip(chain: Chain, step: Step, q, kept: bool) -> dict:
     col = step.params.get("column") or "clip_l14_similarity_score"
     thr = step.params.get("threshold")
@@ -123,6 +127,10 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None) ->
     uid = U.pair_to_uid(*q[0])
     chain = load_chain(chain_paths, pool)
     steps, fate = [], "kept by every step"
+    first = chain.steps[0]
+    if chain.candidates(0) is None and not _in(first.keep, q) and chain.pool_dir is not None \
+            and not _in_pool(chain, q):
+        return {"uid": uid, "fate": f"not in the pool {chain.pool_dir}", "steps": []}
     for i, s in enumerate(chain.steps):
         cand = chain.candidates(i)
         rec = {"step": i + 1, "method": s.method, "file": str(s.path)}

@@ -205,6 +205,9 @@ def test_explain_names_the_step_and_the_reason(chain, capsys):
     assert r["steps"][2]["rank"] <= r["steps"][2]["budget"]
     assert r["steps"][0]["score"] >= r["steps"][0]["threshold"]
 
+    capsys.readouterr()
+    _cli("explain", "0123456789abcdef0123456789abcdef", "--chain", *chain["chain"], "--json")
+    assert json.loads(capsys.readouterr().out)["fate"].startswith("not in the pool")
     assert main(["explain", "xyz", "--chain", str(chain["chain"][0])]) == 2
 
 
