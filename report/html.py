@@ -8,11 +8,8 @@ index, never by unpacking a tar); a few lines of vanilla JS sort the tables.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
