@@ -487,7 +487,10 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
             evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
         # resume is per task, from the results: a stage is named after the tasks still to do
         stage = EvalStage(str(out), evaluator, todo, name=f"evaluate-{_tasks_id(todo)}")
-        res = executor.run(stage, executor.parts(len(todo)))
+        res = executor.finish(executor.submit(stage, executor.parts(len(todo))))
+        if res is None:  # detached: the same command, rerun later, merges what the jobs wrote
+            return {"results": [], "errors": {}, "model": {"arch": arch, "checkpoint": ckpt}, "run": {},
+                    "detached": True}
         errors = {k: v for s in res.summaries for k, v in s["failed"].items()}
     else:
         log.info("all %d task(s) already in %s", len(chosen), out / RESULTS)

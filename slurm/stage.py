@@ -284,6 +284,9 @@ class Executor:
 
     def run(self, stage: Stage, world_size: int = 1, **kwargs) -> "StageResult":
         """Run every unfinished part of ``stage`` and wait; the summaries of all parts."""
+        if self.detach:
+            raise ConfigError(f"--detach: the {stage.name} stage's result is needed before this command can go on; "
+                              "run it without --detach")
         return self.submit(stage, world_size, **kwargs).wait()
 
     def finish(self, sub: "StageSubmission") -> "StageResult | None":

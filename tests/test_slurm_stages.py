@@ -126,3 +126,58 @@ def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, ch
         rows[name] = {r["key"]: r["metrics"] for r in res["results"]}
     assert rows["slurm"] == rows["inline"] and set(rows["slurm"]) == {"cifar10", "mnist"}
     _assert_small_pickles(tmp_path, at_least=4)
+
+
+def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, shards, checkpoint):
+    """`--detach`: the command submits its array and exits; `status` follows the jobs; the same
+    command rerun afterwards collects exactly what an attached run writes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conceptprune.data.reshard import reshard
+    from conceptprune.evaluation.wds import write_classification
+    from conceptprune.slurm.status import status
+
+    keep = U.uids_to_array([f"{s:016x}{i:016x}" for s in range(3) for i in range(1, 20, 2)])
+    K.write_keep_list(tmp_path / "keep.npy", keep)
+    rng = np.random.default_rng(1)
+    from PIL import Image
+
+    ims = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(16)]
+    write_classification(tmp_path / "evalsets" / "wds_cifar10_test", ims, np.arange(16) % 4, list("abcd"), ["{c}."])
+    write_classification(tmp_path / "evalsets" / "wds_stl10_test", ims, np.arange(16) % 2, list("ab"), ["{c}."])
+    cli = [sys.executable, "-m", "conceptprune.cli"]
+    commands = [
+        ["reshard", "--shards", str(shards), "--keep", str(tmp_path / "keep.npy"), "--out", str(tmp_path / "out"),
+         "--shard-size", "6"],
+        ["evaluate", "--model", str(checkpoint), "--arch", "cp-tiny-vit", "--data-dir", str(tmp_path / "evalsets"),
+         "--output", str(tmp_path / "eval"), "--tasks", "cifar10", "stl10"],
+    ]
+    slurm = ["--executor", "slurm", "--workers", "2", "--time", "10"]
+    for cmd in commands:
+        t0 = time.time()
+        out = subprocess.run(cli + cmd + slurm + ["--detach"], capture_output=True, text=True, env=os.environ,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert time.time() - t0 < 60
+    assert not (tmp_path / "out").exists()  # nothing assembled yet: the jobs may still run
+
+    def all_done():
+        rows = status(tmp_path)
+        return len(rows) == 2 and all(r.state == "done" for r in rows)
+    t0 = time.time()
+    while not all_done():
+        assert time.time() - t0 < 180, [r.line() for r in status(tmp_path)]
+        time.sleep(1)
+    for cmd in commands:  # collect: nothing is submitted again
+        out = subprocess.run(cli + cmd + slurm, capture_output=True, text=True, env=os.environ, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    attached = reshard(shards, tmp_path / "keep.npy", tmp_path / "attached", shard_size=6,
+                       executor=Executor.create("local", workers=2))
+    assert attached["kept_samples"] == len(keep) == 30
+    got = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")}
+    assert got == {p.name: p.read_bytes() for p in (tmp_path / "attached").glob("*.tar")} and got
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_results.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == ["cifar10", "stl10"]

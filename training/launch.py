@@ -363,7 +363,7 @@ def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run
     log.info("training %s: %d task(s) as job %s on %s; logs: %s", run_name(cfg), world, job.job_id, kind,
              Path(err).parent)
     if wait is None:
-        wait = kind != "slurm"
+        wait = kind != "slurm" and not executor.detach
     if not wait:
         print(f"submitted job {job.job_id}; follow it with: tail -f {err}")
         return json.loads((run_dir / "run.json").read_text())

@@ -83,7 +83,9 @@ def _embed(a) -> None:
 
     executor = executor_from_args(a)
     stage = EmbedStage(a.out, a.shards, a.model, a.pretrained, a.batch_size, a.text, a.key_prefix, a.device)
-    res = executor.run(stage, executor.parts(len(stage.shards())))
+    res = executor.finish(executor.submit(stage, executor.parts(len(stage.shards()))))
+    if res is None:  # detached: the same command, rerun later, prints the totals
+        return
     totals = {k: sum(s[k] for s in res.summaries) for k in res.summaries[0]}
     print(json.dumps(totals, indent=2))
 

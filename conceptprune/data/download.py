@@ -203,7 +203,10 @@ def download(data_dir: str | Path, *, scale: str | None = None, metadata_dir: st
     shards_dir = data_dir / "shards"
     stage = DownloadStage(str(data_dir), str(metadata_dir), str(shards_dir), processes, threads, img2dataset_args or {})
     executor = Executor.coerce(executor)
-    parts = executor.run(stage, executor.parts(len(plan))).summaries
+    res = executor.finish(executor.submit(stage, executor.parts(len(plan))))
+    if res is None:  # detached: the same command, rerun later, sums up the parts
+        return {**summary, "detached": True}
+    parts = res.summaries
     for key in ("shards", "shards_missing", "successes", "count"):
         summary[key] = int(sum(p.get(key, 0) for p in parts))
     summary["shards_dir"] = str(shards_dir)
