@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--shards", type=int, default=96)
     ap.add_argument("--per-shard", type=int, default=2000)
     ap.add_argument("--workdir", default="/tmp/cp-bench-reshard")
+    ap.add_argument("--out", default=None, help="results file (default bench/results/reshard.json)")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -88,11 +89,12 @@ def main():
     print(f"{n} samples in {args.shards} shards ({total_mb:.0f} MB), keep-list of {len(keep)} (30%)")
     print(table(rows, ["what", "wall_s", "samples_per_s", "MB_per_s", "peak_rss_mib", "ratio_to_tar"]))
     print("byte-identical to the reference path:", identical, "load average before/after:", load_before, load_after)
-    print("saved", save("reshard", {"samples": n, "megabytes": round(total_mb, 1), "kept": len(keep),
-                                    "byte_identical_to_reference": identical,
-                                    "loadavg_before": [round(x, 2) for x in load_before],
-                                    "loadavg_after": [round(x, 2) for x in load_after],
-                                    "cpus": os.cpu_count(), "results": rows}))
+    payload = {"samples": n, "megabytes": round(total_mb, 1), "kept": len(keep),
+               "byte_identical_to_reference": identical, "loadavg_before": [round(x, 2) for x in load_before],
+               "loadavg_after": [round(x, 2) for x in load_after], "cpus": os.cpu_count(), "results": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print("saved", Path(args.out) if args.out else save("reshard", payload))
     if not all(identical.values()):
         sys.exit("the fast output differs from the reference path")
 
