@@ -25,8 +25,8 @@ COMMAND_MODULES = (
     "conceptprune.training.cli",       # train
     "conceptprune.evaluation.cli",     # evaluate, compare
     "conceptprune.slurm.cli",          # cluster
-    "conceptprune.scaling_cli",        # scaling
-    "conceptprune.demo_cli",           # demo
+    "conceptprune.apps.scaling_cli",   # scaling
+    "conceptprune.apps.demo_cli",      # demo
     "conceptprune.report.cli",         # report, explain
 )
 

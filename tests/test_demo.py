@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptprune.demo import DemoConfig, run_demo
+from conceptprune.apps.demo import DemoConfig, run_demo
 
 
 @pytest.fixture(scope="module")

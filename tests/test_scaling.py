@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conceptprune.scaling import PerceptronConfig, fit, mean_errors, pareto, perceptron, read_points, write_perceptron
+from conceptprune.apps.scaling import PerceptronConfig, fit, mean_errors, pareto, perceptron, read_points, write_perceptron
 
 CFG = dict(dim=40, alpha_tot=(1, 2, 4, 8, 16, 32), fractions=(0.1, 0.2, 0.4, 0.7, 1.0), seeds=(0, 1))
 
@@ -99,7 +99,7 @@ def test_fit_recovers_known_laws():
 
 def test_sweep_shares_one_clustering(tmp_path):
     from conceptprune.keeplist import read_keep_list
-    from conceptprune.scaling import sweep
+    from conceptprune.apps.scaling import sweep
     from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
     make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=3000, files=1, seed=3, concepts=5,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from conceptprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
