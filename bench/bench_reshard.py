@@ -19,7 +19,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import measure, save, table  # noqa: E402
+from common import measure, python, save, table  # noqa: E402
+
+STAGE_ONLY = r"""
+import sys, time, logging
+from pathlib import Path
+from conceptprune.data.reshard import ReshardStage
+logging.disable(logging.WARNING)
+inputs = [str(p) for p in sorted(Path(sys.argv[2]).glob("*.tar"))]
+stage = ReshardStage(sys.argv[1], inputs, sys.argv[3])
+t = time.perf_counter()
+stage.run(0, 1)
+print(time.perf_counter() - t)
+"""
 
 
 def make_shards(out: Path, shards: int, per_shard: int) -> list[str]:
@@ -83,6 +95,12 @@ def main():
         rows.append({"what": what, "wall_s": r["wall_s"],
                      "samples_per_s": round(n / r["wall_s"]), "MB_per_s": round(total_mb / r["wall_s"], 1),
                      "peak_rss_mib": r["peak_rss_mib"], "ratio_to_tar": round(floor["wall_s"] / r["wall_s"], 3)})
+    inner = measure(python(STAGE_ONLY) + [str(work / "stage"), str(work / "in"), str(work / "keep.npy")])
+    stage_s = float(inner["stdout"].strip().splitlines()[-1])
+    rows.append({"what": "its worker loop alone (1 worker, in-process: no CLI start-up, executor or assembly)",
+                 "wall_s": round(stage_s, 3), "samples_per_s": round(n / stage_s),
+                 "MB_per_s": round(total_mb / stage_s, 1), "peak_rss_mib": inner["peak_rss_mib"],
+                 "ratio_to_tar": round(floor["wall_s"] / stage_s, 3)})
     identical = {"out1 (files)": same_output(work / "ref", work / "out1"),
                  "out2 (sample stream; its shards split differently)": same_stream(work / "ref", work / "out2")}
     load_after = os.getloadavg()

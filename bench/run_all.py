@@ -19,12 +19,16 @@ BENCHES = {
     "reshard": ["bench_reshard.py"],
     "train": ["bench_train.py", "--repeat", "5", "--samples", "8192"],
     "evaluate": ["bench_evaluate.py"],
+    "embed": ["bench_embed.py"],
+    "gpu": ["gpu_check.py"],  # needs a CUDA device: only when named (--only gpu)
 }
+DEFAULT = [n for n in BENCHES if n != "gpu"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated: " + ", ".join(BENCHES))
+    ap.add_argument("--only", default=",".join(DEFAULT), help="comma-separated: " + ", ".join(BENCHES) +
+                    " (default: all but gpu)")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(BENCHES))
