@@ -156,6 +156,14 @@ class _Decoders:
             self.threads.shutdown()
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM task's allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class _Futures:
     def __init__(self, futures):
         self.futures = futures
@@ -174,7 +182,7 @@ class EmbedStage(Stage):
     text: bool = False
     key_prefix: str = ""
     device: str = "auto"
-    threads: int = 4  # decode workers (processes where fork exists, else threads), at most the CPUs
+    threads: int = 0  # decode workers (processes where fork exists, else threads); 0: one per usable CPU
     name: str = "embed"
 
     def shards(self) -> list[Path]:
@@ -195,7 +203,7 @@ class EmbedStage(Stage):
                     totals["skipped_done"] += 1
                     continue
                 encoder = encoder or Encoder(self.model, self.pretrained, self.device)
-                decoders = decoders or _Decoders(encoder.preprocess, min(self.threads, os.cpu_count() or 1))
+                decoders = decoders or _Decoders(encoder.preprocess, self.threads or _usable_cpus())
                 n, bad = self._embed_shard(shard, out, encoder, decoders)
                 totals["shards"] += 1
                 totals["embedded"] += n
