@@ -120,14 +120,14 @@ def explain_failure(job: submitit.Job, exc: BaseException) -> JobFailedError:
 
 def wait(jobs: Sequence[submitit.Job], *, desc: str = "jobs", poll_s: float = 1.0,
          on_done: Callable[[int, Any], None] | None = None, units: Sequence[int] | None = None,
-         all_tasks: bool = False) -> list:
+         all_tasks: bool = False, on_poll: Callable[[], None] | None = None) -> list:
     """Wait for all jobs; return their results in order (``all_tasks``: a list per job, one
-    entry per task). The first failure raises JobFailedError; the other jobs keep running
+    entry per task). ``on_poll`` replaces the parts bar with the caller's own, called each poll. The first failure raises JobFailedError; the other jobs keep running
     and a rerun picks up their parts."""
     results: list = [None] * len(jobs)
     pending = list(range(len(jobs)))
     units = list(units) if units else [1] * len(jobs)
-    bar = progress_bar(total=sum(units), desc=desc, unit="parts")
+    bar = progress_bar(total=sum(units), desc=desc, unit="parts", disable=on_poll is not None)
     try:
         while pending:
             if pending and hasattr(jobs[pending[0]], "watcher"):
@@ -156,6 +156,8 @@ def wait(jobs: Sequence[submitit.Job], *, desc: str = "jobs", poll_s: float = 1.
                 if on_done:
                     on_done(i, results[i])
             pending = still
+            if on_poll is not None:
+                on_poll()  # the caller's own progress line (e.g. training steps)
             if pending:
                 time.sleep(poll_s)
     finally:

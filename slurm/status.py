@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .jobs import tail
+from .progress import FILE as PROGRESS_FILE
+from .progress import format_progress, read_progress
 
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
@@ -100,6 +102,16 @@ def stage_status(stage_dir: Path) -> StageStatus:
     return st
 
 
+def progress_files(root: str | Path) -> list[tuple[str, dict]]:
+    """(folder, record) of every progress.json at or below ``root`` (a training run's, ...)."""
+    out = []
+    for path in sorted(Path(root).rglob(PROGRESS_FILE)):
+        p = read_progress(path.parent)
+        if p:
+            out.append((str(path.parent), p))
+    return out
+
+
 def status(root: str | Path) -> list[StageStatus]:
     return [stage_status(d) for d in find_stages(root)]
 
@@ -119,10 +131,13 @@ def _main(args) -> int:
     rows = status(args.dir)
     if args.json:
         print(json.dumps([dict(r.__dict__, state=r.state) for r in rows], indent=2))
-    elif not rows:
-        print(f"{args.dir}: no stages found (no .markers folders)")
+    live = progress_files(args.dir)
+    if not args.json and not rows and not live:
+        print(f"{args.dir}: no stages found (no .markers folders, no progress.json)")
     for r in rows if not args.json else []:
         print(r.line())
         if r.failure:
             print("  " + r.failure.replace("\n", "\n  "))
+    for folder, p in live if not args.json else []:
+        print(f"{'progress':14s} {format_progress(p)}  ({folder})")
     return 1 if any(r.state == "failed" for r in rows) else 0

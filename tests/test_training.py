@@ -146,6 +146,13 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
     assert config == {"batch_size": 64, "learning_rate": 2e-3, "train_num_samples": 256, "warmup": 4,
                       "model": "cp-tiny-vit", "beta2": None}
     assert rec["data"][0]["shards"] == 4 and rec["world_size"] == 1
+    # live progress: the job copies open_clip's steps, rate and loss into progress.json; status shows it
+    from conceptprune.slurm.progress import read_progress
+    from conceptprune.slurm.status import progress_files
+
+    p = read_progress(run)
+    assert (p["done"], p["total"], p["unit"]) == (4, 4, "steps") and p["rate"] > 0 and p["loss"] > 0
+    assert p["samples_seen"] == 256 and [f for f, _ in progress_files(tmp_path)] == [str(run)]
     # a finished run is not run again
     before = ckpt.stat().st_mtime
     again = train(cfg, executor="local")
@@ -155,6 +162,23 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="t", samples_seen=512,
                           checkpoints=2), executor="local")
     assert json.loads((run / "run.json").read_text())["recipe"]["samples_seen"] == 256
+
+
+def test_progress_from_open_clip_log_lines(tmp_path):
+    from conceptprune.slurm.progress import format_progress
+    from conceptprune.training.launch import open_clip_progress
+
+    (tmp_path / "out.log").write_text(
+        "2026-11-25,10:00:00 | INFO | Start epoch 1\n"
+        "2026-11-25,10:00:05 | INFO | Train Epoch: 1 [ 3200/16000 (20%)] Data (t): 0.010 Batch (t): 0.250, "
+        "1024.00/s, 1024.00/s/gpu LR: 0.000500 Logit Scale: 14.286 Contrastive_loss: 3.5000 (3.7000) "
+        "Loss: 3.5000 (3.7000)\n")
+    p = open_clip_progress(tmp_path, samples_seen=64_000, global_batch=256)
+    assert p["samples_seen"] == 16_000 + 3_200 and p["done"] == 19_200 // 256 and p["total"] == 250
+    assert p["rate"] == 1024.0 and p["loss"] == 3.5 and p["eta_s"] == (64_000 - 19_200) / 1024
+    line = format_progress({**p, "updated": 100.0}, now=104.0)
+    assert line.startswith("step 75/250 (30%), 1,024 samples/s, loss 3.500, ETA 0m43s") and "4s ago" in line
+    assert open_clip_progress(tmp_path / "none", 1, 1) is None
 
 
 def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):

@@ -16,7 +16,9 @@ import logging
 import os
 import shlex
 import socket
+import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,9 @@ from conceptprune import __version__
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
 from conceptprune.manifest import git_revision
+from conceptprune.progress import progress_bar
 from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.progress import read_progress, write_progress
 from conceptprune.slurm.stage import Executor
 
 from .recipe import Recipe, batch_plan, recipe
@@ -196,6 +200,47 @@ def _seeded_sample_shuffle(seed: int, rank: int) -> None:
     wds.shuffle = shuffle
 
 
+_TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?Batch \(t\): [^,]*, ([0-9.eE+-]+)/s"
+                         r".*?Loss: ([0-9.eE+-]+|nan)")
+
+
+def open_clip_progress(run_dir: Path, samples_seen: int, global_batch: int) -> dict | None:
+    """Steps done, samples/s, loss and ETA from the last training line of open_clip's log."""
+    path = Path(run_dir) / "out.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    matches = _TRAIN_LINE.findall(text)
+    if not matches:
+        return None
+    epoch, n, per_epoch, rate, loss = matches[-1]
+    seen = int(epoch) * int(per_epoch) + int(n)
+    rate = float(rate)
+    total = -(-samples_seen // global_batch)
+    return {"done": min(total, seen // global_batch), "total": total, "unit": "steps", "rate": rate,
+            "rate_unit": "samples/s", "loss": float(loss), "samples_seen": seen,
+            "eta_s": (samples_seen - seen) / rate if rate > 0 else None}
+
+
+def _report_progress(run_dir: Path, every_s: float = 5.0) -> threading.Event:
+    """In the training job (rank 0): copy open_clip's progress into progress.json until stopped."""
+    rec = json.loads((run_dir / "run.json").read_text())["recipe"]
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            p = open_clip_progress(run_dir, rec["samples_seen"], rec["global_batch"])
+            if p:
+                write_progress(run_dir, **p)
+
+    threading.Thread(target=loop, name="train-progress", daemon=True).start()
+    return stop
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """One task of a training job (requeued as a whole by submitit on preemption)."""
 
@@ -220,7 +265,16 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         if env.rank == 0:  # open_clip's master alone picks the resume checkpoint and broadcasts it
             repair_latest(run)
-        rc = open_clip_main(list(argv))
+            progress = _report_progress(run)
+        try:
+            rc = open_clip_main(list(argv))
+        finally:
+            if env.rank == 0:
+                progress.set()
+                rec = json.loads((run / "run.json").read_text())["recipe"]
+                last = open_clip_progress(run, rec["samples_seen"], rec["global_batch"])
+                if last:
+                    write_progress(run, **last)
         if rc == -1:  # open_clip refused to start (and would have exited 0)
             raise TrainingError(f"open_clip refused to start; see {run / 'out.log'}")
         if env.rank == 0:
@@ -369,11 +423,24 @@ def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run
         return json.loads((run_dir / "run.json").read_text())
     from conceptprune.slurm import jobs as J
 
+    bar = progress_bar(total=-(-r.samples_seen // r.global_batch), desc=f"train {run_name(cfg)}", unit="step")
+
+    def show():
+        p = read_progress(run_dir)
+        if p:
+            bar.n = p["done"]
+            bar.set_postfix_str(f"{p['rate']:,.0f} samples/s, loss {p['loss']:.3f}"
+                                + (f", ETA {int(p['eta_s'] // 60)}m{int(p['eta_s'] % 60):02d}s" if p.get("eta_s") else ""),
+                                refresh=False)
+            bar.refresh()
     try:
-        J.wait([job], desc=f"train {run_name(cfg)}", units=[world], all_tasks=True)
+        J.wait([job], desc=f"train {run_name(cfg)}", units=[world], all_tasks=True, on_poll=show)
+        show()
     except J.JobFailedError as e:
         _update(run_dir / "run.json", status="failed", error=str(e).splitlines()[0], log=str(err))
         raise TrainingError(f"{e}\nopen_clip's log: {run_dir / 'out.log'}") from None
+    finally:
+        bar.close()
     return json.loads((run_dir / "run.json").read_text())
 
 
