@@ -9,6 +9,7 @@ rerun of the same command skips it, and an interrupted stage resumes where it st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -107,6 +108,21 @@ def _process_start(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+@contextlib.contextmanager
+def _quiet_ctrl_c(kind: str):
+    """Start local job processes with SIGINT ignored (inherited through exec): a Ctrl-C in the
+    terminal then reaches only the launcher, which stops its jobs and says so once, instead
+    of every submitit controller and worker printing a traceback."""
+    if kind != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def launcher_identity() -> tuple | None:
@@ -274,7 +290,7 @@ class Executor:
         folder = self.log_folder(stage, log_folder)
         deps = [j for d in after for j in d.pending_job_ids()]
         ex = self._submitit(folder, f"cp-{stage.name}", nodes=1, tasks_per_node=1, after=deps)
-        with ex.batch():
+        with _quiet_ctrl_c(self.kind), ex.batch():
             jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
         sub = StageSubmission(stage, world_size, self.kind, jobs, groups, done)
         record_submission(stage, sub, folder, deps)
@@ -326,7 +342,8 @@ class Executor:
         ``slurm.dist.export_torch_env`` gives them a torch rendezvous); returns at once."""
         if self.kind == "inline":
             raise ConfigError(f"{name}: a multi-task job runs in its own processes; use the local or slurm executor")
-        job = make_executor(self.submitit_kind, self.options, folder, name=name).submit(fn, *args, **kwargs)
+        with _quiet_ctrl_c(self.kind):
+            job = make_executor(self.submitit_kind, self.options, folder, name=name).submit(fn, *args, **kwargs)
         log.info("%s on %s: %s", name, self.kind, J.describe([job]))
         return job
 

@@ -124,3 +124,35 @@ def test_per_row_filters_give_the_same_list_for_any_part_count(small_pool, tmp_p
     with pytest.raises(KeepListError, match="not in the pool"):
         run_filter(keep_all, small_pool, tmp_path / "x.npy", within=tmp_path / "w.npy",
                    executor=Executor.create("local", ClusterOptions(local_isolated=True), workers=2))
+
+
+def test_ctrl_c_stops_local_workers_without_a_traceback_each(tmp_path):
+    """Ctrl-C in a terminal reaches the launcher and its local workers (one process group):
+    the workers exit quietly, the launcher reports the interruption once, nothing keeps running."""
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(f"""
+        from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.options import ClusterOptions
+        from conceptprune.slurm.stage import Executor
+        stage = CountingStage(work_dir={str(tmp_path)!r}, steps=400, step_seconds=0.05)
+        try:
+            Executor.create("local", ClusterOptions(local_workers=2, time=5)).run(stage, 2)
+        except KeyboardInterrupt:  # what the CLI does: one line
+            raise SystemExit("interrupted")
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stage = CountingStage(work_dir=str(tmp_path), steps=400, step_seconds=0.05)
+    t0 = time.time()
+    while min(_count(stage, 0), _count(stage, 1)) < 1:
+        assert time.time() - t0 < 60, "workers never started"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in err and "interrupted" in err, err
+    logs = "".join(p.read_text() for p in tmp_path.rglob("*_log.err"))
+    assert "KeyboardInterrupt" not in logs and "Traceback" not in logs, logs[-2000:]
+    time.sleep(1.5)
+    before = [_count(stage, r) for r in range(2)]
+    time.sleep(1.0)
+    assert [_count(stage, r) for r in range(2)] == before

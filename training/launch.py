@@ -436,6 +436,10 @@ def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run
     try:
         J.wait([job], desc=f"train {run_name(cfg)}", units=[world], all_tasks=True, on_poll=show)
         show()
+    except KeyboardInterrupt:
+        if kind == "local":  # local training dies with its launcher; a rerun resumes from the checkpoint
+            job.cancel(check=False)
+        raise
     except J.JobFailedError as e:
         _update(run_dir / "run.json", status="failed", error=str(e).splitlines()[0], log=str(err))
         raise TrainingError(f"{e}\nopen_clip's log: {run_dir / 'out.log'}") from None
