@@ -32,7 +32,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from . import uids as U
-from .atomic import StagedFile, _json_default, is_write_failure, staged_name, write_error
+from .atomic import StagedFile, _json_default, file_digest, is_write_failure, staged_name, write_error
 from .errors import ConfigError, KeepListError
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -197,11 +197,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def manifest_matches(path: str | os.PathLike) -> bool | None:

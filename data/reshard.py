@@ -34,7 +34,6 @@ markers. ``--out`` may neither be nor contain nor lie inside an input.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -50,7 +49,7 @@ import numpy as np
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
-from conceptprune.atomic import write_json
+from conceptprune.atomic import file_digest, write_json
 from conceptprune.checks import check_seed
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
@@ -466,11 +465,7 @@ def _remove_state(sd: Path) -> None:
 
 
 def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _prepare_output(out: Path, state: dict, overwrite: bool) -> dict | None:

@@ -25,7 +25,7 @@ import re
 import shutil
 from pathlib import Path
 
-from conceptprune.atomic import write_json
+from conceptprune.atomic import file_digest, write_json
 from conceptprune.errors import ConfigError
 
 from . import layout
@@ -38,11 +38,7 @@ PARQUET_EXPORT = "refs/convert/parquet"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _git_blob_id(path: Path) -> str:

@@ -15,7 +15,6 @@ equally restricted unpickler that admits numpy arrays and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptprune.atomic import atomic_open
+from conceptprune.atomic import atomic_open, file_digest
 from conceptprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,11 +88,7 @@ def cache_dir(root: str | os.PathLike | None = None, asset: Asset | None = None)
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def fetch(name: str, root: str | os.PathLike | None = None, base_url: str | None = None) -> Path:

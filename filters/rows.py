@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from conceptprune import keeplist as K
-from conceptprune import uids as U
 from conceptprune.atomic import atomic_open
 from conceptprune.errors import KeepListError
 from conceptprune.pool import Pool

@@ -8,7 +8,7 @@ from conceptprune import uids as U
 from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
-from .base import FilterResult, Within, as_within, target_count
+from .base import FilterResult, as_within, target_count
 from .rows import RowRule, run_rows, work_dir_for
 
 

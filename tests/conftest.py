@@ -23,6 +23,21 @@ def small_pool(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised (seed 0) cp-tiny-vit checkpoint in open_clip's form."""
+    import open_clip
+    import torch
+
+    from conceptprune.training.models import register
+
+    register()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("cp-tiny-vit").state_dict()}, path)
+    return path
+
+
 def read_pool_frame(pool_dir) -> pd.DataFrame:
     """The whole pool as one DataFrame, read independently of conceptprune.pool."""
     files = sorted(glob.glob(os.path.join(pool_dir, "*.parquet")))

@@ -37,4 +37,5 @@ def test_reshard_bench_toy(tmp_path):
           "--out", str(out)], tmp_path)
     res = json.loads(out.read_text())
     assert all(res["byte_identical_to_reference"].values())
-    assert len(res["results"]) == 4
+    # tar floor, the whole command with 1 and 2 workers, its worker loop alone, the reference path
+    assert len(res["results"]) == 5

@@ -504,19 +504,6 @@ def test_datacomp_folder_is_resolved_without_renaming(tmp_path):
          "misc-winogavil"])  # nothing renamed, nothing duplicated
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    import open_clip
-    import torch
-
-    from conceptprune.training.models import register
-
-    register()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    torch.save({"epoch": 1, "state_dict": open_clip.create_model("cp-tiny-vit").state_dict()}, path)
-    return path
-
 
 def test_datacomp_folder_is_evaluated(tmp_path, tiny_checkpoint):
     from conceptprune.evaluation.run import evaluate, read_results

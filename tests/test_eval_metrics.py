@@ -333,19 +333,6 @@ def build_sets(root, folder) -> dict:
     return spec
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    import open_clip
-
-    from conceptprune.training.models import register
-
-    register()
-    torch.manual_seed(0)
-    model = open_clip.create_model("cp-tiny-vit")
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
-    return path
-
 
 def _folder(t):
     """DataComp's folder names (download_evalsets.py's wds_<name>_test/); ours for the nlphuji sets."""

@@ -31,19 +31,6 @@ def _images(n, seed):
     return out, np.array(labels)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    import open_clip
-
-    from conceptprune.training.models import register
-
-    register()
-    torch.manual_seed(0)
-    model = open_clip.create_model("cp-tiny-vit")
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def eval_data(tmp_path_factory):

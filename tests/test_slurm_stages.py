@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
@@ -30,18 +29,6 @@ def _assert_small_pickles(root: Path, at_least: int) -> None:
     big = {str(p): p.stat().st_size for p in pickles if p.stat().st_size > MB}
     assert not big, f"job pickles over 1 MB: {big}"
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import open_clip
-
-    from conceptprune.training.models import register
-
-    register()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    torch.save({"epoch": 1, "state_dict": open_clip.create_model("cp-tiny-vit").state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +53,14 @@ def shards(tmp_path_factory):
     return out
 
 
-def test_embed_and_reshard_on_slurm_equal_inline(slurm_cluster, tmp_path, shards, checkpoint):
+def test_embed_and_reshard_on_slurm_equal_inline(slurm_cluster, tmp_path, shards, tiny_checkpoint):
     from conceptprune.data.embed import EmbedStage
     from conceptprune.data.reshard import reshard
     from conceptprune.pool import Pool
 
     outs = {}
     for name, ex in (("slurm", _slurm(3)), ("inline", Executor.create("inline"))):
-        stage = EmbedStage(str(tmp_path / f"emb_{name}"), str(shards), "cp-tiny-vit", str(checkpoint),
+        stage = EmbedStage(str(tmp_path / f"emb_{name}"), str(shards), "cp-tiny-vit", str(tiny_checkpoint),
                            batch_size=8, text=True)
         ex.run(stage, ex.parts(3))
         pool = Pool(tmp_path / f"emb_{name}", embedding_key="img")
@@ -94,7 +81,7 @@ def test_embed_and_reshard_on_slurm_equal_inline(slurm_cluster, tmp_path, shards
     _assert_small_pickles(tmp_path, at_least=3)
 
 
-def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, checkpoint):
+def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, tiny_checkpoint):
     from conceptprune.evaluation.run import evaluate
     from conceptprune.evaluation.wds import write_classification
     from conceptprune.filters import run_filter, semdedup
@@ -120,7 +107,7 @@ def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, ch
     write_classification(data / "wds_mnist_test", ims, np.arange(24) % 3, ["x", "y", "z"], ["{c}."], nshards=2)
     rows = {}
     for name, ex in (("slurm", _slurm(2)), ("inline", Executor.create("inline"))):
-        res = evaluate(str(checkpoint), str(data), str(tmp_path / f"eval_{name}"), arch="cp-tiny-vit",
+        res = evaluate(str(tiny_checkpoint), str(data), str(tmp_path / f"eval_{name}"), arch="cp-tiny-vit",
                        tasks=["cifar10", "mnist"], executor=ex)
         assert not res["errors"]
         rows[name] = {r["key"]: r["metrics"] for r in res["results"]}
@@ -128,7 +115,7 @@ def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, ch
     _assert_small_pickles(tmp_path, at_least=4)
 
 
-def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, shards, checkpoint):
+def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, shards, tiny_checkpoint):
     """`--detach`: the command submits its array and exits; `status` follows the jobs; the same
     command rerun afterwards collects exactly what an attached run writes."""
     import os
@@ -152,7 +139,7 @@ def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, s
     commands = [
         ["reshard", "--shards", str(shards), "--keep", str(tmp_path / "keep.npy"), "--out", str(tmp_path / "out"),
          "--shard-size", "6"],
-        ["evaluate", "--model", str(checkpoint), "--arch", "cp-tiny-vit", "--data-dir", str(tmp_path / "evalsets"),
+        ["evaluate", "--model", str(tiny_checkpoint), "--arch", "cp-tiny-vit", "--data-dir", str(tmp_path / "evalsets"),
          "--output", str(tmp_path / "eval"), "--tasks", "cifar10", "stl10"],
     ]
     slurm = ["--executor", "slurm", "--workers", "2", "--time", "10"]
