@@ -45,6 +45,7 @@ NEEDED = {"open_clip": "open_clip_torch", "webdataset": "webdataset", "braceexpa
           "ftfy": "ftfy", "wcwidth": "wcwidth", "regex": "regex", "submitit": "submitit",
           "cloudpickle": "cloudpickle", "clip_benchmark": "clip-benchmark", "yaml": "pyyaml", "pandas": "pandas",
           "dateutil": "python-dateutil", "pytz": "pytz", "tzdata": "tzdata", "six": "six"}
+INDIRECT = {"six", "pytz", "tzdata"}  # needed only by some pandas/dateutil builds
 FULL = {"rows": 4_000_000, "dim": 768, "clusters": 100, "cpu_rows": 200_000, "cluster_rows": 20_000,
         "scale": "small", "train_samples": 4096 * 12, "train_shards": (8, 2000), "max_batch": 1024,
         "eval_samples": 5000, "eval_model": "ViT-B-32"}
@@ -56,6 +57,8 @@ TINY = {"rows": 20_000, "dim": 32, "clusters": 16, "cpu_rows": 5_000, "cluster_r
 def ensure_packages(wheels: Path) -> list[str]:
     """Install what is missing from the local wheel folder (no index); the names installed."""
     missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    if not wheels.is_dir() and set(missing) <= INDIRECT:
+        return []  # only dependencies of dependencies that this environment does not need (e.g. six)
     if not missing:
         return []
     if not wheels.is_dir():
