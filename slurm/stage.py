@@ -167,7 +167,8 @@ class StageSubmission:
         return [j.job_id for j in self.jobs]
 
     def pending_job_ids(self) -> list[str]:
-        """The jobs a later stage must wait for (none once they have all finished here)."""
+        """The SLURM job ids a later stage must wait for (afterok); none for local or inline runs,
+        which a later stage waits for in the launcher instead."""
         return [j.job_id for j in self.jobs if self.executor == "slurm"]
 
     def wait(self, poll_s: float = 1.0) -> StageResult:
