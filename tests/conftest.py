@@ -38,6 +38,33 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def write_circle_shards(out: Path, shards: int, per_shard: int) -> Path:
+    """Webdataset shards of 32 px coloured circles with captions and DataComp uids (uid
+    ``{shard:016x}{index:016x}``) and img2dataset's ``_stats.json``, as a download leaves them."""
+    import io
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from conceptprune.data.tars import Sample, ShardWriter
+
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue", "yellow"]
+    for s in range(shards):
+        w = ShardWriter(out / f"{s:08d}.tar")
+        for i in range(per_shard):
+            c = int(rng.integers(4))
+            im = Image.new("RGB", (32, 32), "white")
+            ImageDraw.Draw(im).ellipse([4, 4, 28, 28], fill=colors[c])
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG")
+            w.write(Sample(f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a {colors[c]} circle".encode(),
+                                                "json": json.dumps({"uid": f"{s:016x}{i:016x}"}).encode()}))
+        w.close()
+        (out / f"{s:08d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return out
+
+
 def read_pool_frame(pool_dir) -> pd.DataFrame:
     """The whole pool as one DataFrame, read independently of conceptprune.pool."""
     files = sorted(glob.glob(os.path.join(pool_dir, "*.parquet")))

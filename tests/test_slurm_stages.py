@@ -2,7 +2,6 @@
 reshard, clustering assignment + SemDeDup, evaluation. Each gives what the in-process executor
 gives, and no job carries more than 1 MB of pickled arguments (weights are never shipped)."""
 
-import io
 import json
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import pytest
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
-from conceptprune.data.tars import Sample, ShardWriter
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Executor
+from conftest import write_circle_shards
 
 pytestmark = pytest.mark.slurm
 MB = 1_000_000
@@ -33,24 +32,7 @@ def _assert_small_pickles(root: Path, at_least: int) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from PIL import Image, ImageDraw
-
-    out = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    colors = ["red", "green", "blue", "yellow"]
-    for s in range(3):
-        w = ShardWriter(out / f"{s:08d}.tar")
-        for i in range(20):
-            c = int(rng.integers(4))
-            im = Image.new("RGB", (32, 32), "white")
-            ImageDraw.Draw(im).ellipse([4, 4, 28, 28], fill=colors[c])
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG")
-            w.write(Sample(f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a {colors[c]} circle".encode(),
-                                                "json": json.dumps({"uid": f"{s:016x}{i:016x}"}).encode()}))
-        w.close()
-        (out / f"{s:08d}_stats.json").write_text(json.dumps({"count": 20, "successes": 20}))
-    return out
+    return write_circle_shards(tmp_path_factory.mktemp("shards"), 3, 20)
 
 
 def test_embed_and_reshard_on_slurm_equal_inline(slurm_cluster, tmp_path, shards, tiny_checkpoint):

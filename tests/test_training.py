@@ -1,47 +1,27 @@
 """conceptprune train: recipe, dry run, bad input, a local tiny run, and (on the localhost
 SLURM cluster) a 2-node gloo run and a run requeued mid-way."""
 
-import io
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conceptprune.data.tars import Sample, ShardWriter
 from conceptprune.errors import ConfigError
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Executor
 from conceptprune.training.launch import TrainConfig, final_checkpoint, train
 from conceptprune.training.recipe import batch_plan, recipe
+from conftest import write_circle_shards
 
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """4 shards x 40 samples of 32 px images with captions and uids."""
-    from PIL import Image, ImageDraw
-
-    out = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    colors = ["red", "green", "blue", "yellow"]
-    for s in range(4):
-        w = ShardWriter(out / f"{s:08d}.tar")
-        for i in range(40):
-            c = int(rng.integers(4))
-            im = Image.new("RGB", (32, 32), "white")
-            ImageDraw.Draw(im).ellipse([4, 4, 28, 28], fill=colors[c])
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG")
-            uid = f"{s:016x}{i:016x}"
-            w.write(Sample(f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a {colors[c]} circle".encode(),
-                                                "json": json.dumps({"uid": uid}).encode()}))
-        w.close()
-        (out / f"{s:08d}_stats.json").write_text(json.dumps({"count": 40, "successes": 40}))
-    return out
+    return write_circle_shards(tmp_path_factory.mktemp("shards"), 4, 40)
 
 
 def _load_final(run_dir):
