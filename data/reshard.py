@@ -301,16 +301,7 @@ class ReshardStage(Stage):
                 with f, buf:
                     self._copy_indexed(index, f.fileno(), keep, multiplicity, seen, counts, parts)
             else:
-                batch = []
-                for sample in iter_samples(shard, unsafe, special):
-                    counts["samples_read"] += 1
-                    counts["samples_with_dropped_members"] += sample.dropped > 0
-                    batch.append(sample)
-                    if len(batch) == 512:
-                        for copy in self._copies(batch, keep, multiplicity, seen, counts, {}, None, shard):
-                            parts.sample(*copy)
-                        batch = []
-                for copy in self._copies(batch, keep, multiplicity, seen, counts, {}, None, shard):
+                for copy in self._shard_copies(shard, keep, multiplicity, seen, counts, unsafe, special, {}, None):
                     parts.sample(*copy)
             bar.update(1)
 
@@ -347,16 +338,21 @@ class ReshardStage(Stage):
 
             blurrer = BoundingBoxBlurrer()
         for shard in shards:
-            batch = []
-            for sample in iter_samples(shard, unsafe, special):
-                counts["samples_read"] += 1
-                counts["samples_with_dropped_members"] += sample.dropped > 0
-                batch.append(sample)
-                if len(batch) == 512:
-                    yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
-                    batch = []
-            yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
+            yield from self._shard_copies(shard, keep, multiplicity, seen, counts, unsafe, special, boxes, blurrer)
             bar.update(1)
+
+    def _shard_copies(self, shard, keep, multiplicity, seen, counts, unsafe, special, boxes, blurrer) -> Iterator:
+        """(sample, key) for each copy to write from one shard read member by member, in
+        batches of 512 samples."""
+        batch = []
+        for sample in iter_samples(shard, unsafe, special):
+            counts["samples_read"] += 1
+            counts["samples_with_dropped_members"] += sample.dropped > 0
+            batch.append(sample)
+            if len(batch) == 512:
+                yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
+                batch = []
+        yield from self._copies(batch, keep, multiplicity, seen, counts, boxes, blurrer, shard)
 
     def _copies(self, batch, keep, multiplicity, seen, counts, boxes, blurrer, shard) -> Iterator:
         uids, pairs = [], []
