@@ -179,7 +179,16 @@ def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
     assert rec["status"] == "finished" and rec["world_size"] == 2
     log = (run / "out.log").read_text()
     assert "total 2" in log  # open_clip saw a world of two processes
-    _load_final(run)
+    ckpt, _ = _load_final(run)
+    # the same recipe as one local job of two tasks: the same world, so the same weights
+    local = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "local"), name="n2", samples_seen=256,
+                              checkpoints=2), executor=Executor.create("local", ClusterOptions(tasks_per_node=2)),
+                  wait=True)
+    assert local["status"] == "finished" and local["world_size"] == 2
+    ours = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    theirs = torch.load(final_checkpoint(tmp_path / "local" / "n2"), map_location="cpu", weights_only=True)["state_dict"]
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "2-node SLURM and 2-task local training differ"
 
 
 @pytest.mark.slurm
