@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--pool", default=None, help="the pool folder (default: the manifests' pool path)")
     p.add_argument("--shards", default=None, help="webdataset shards for thumbnails (indexed by uid once)")
     p.add_argument("--index", default=None, help="folder of the uid index (default SHARDS/_uid_index)")
+    p.add_argument("--index-memory", default=None, metavar="SIZE",
+                   help="memory for building the uid index (its sorted runs; default 1G, whatever the pool's size)")
     p.add_argument("--compare", nargs="+", default=None, metavar="OTHER.npy",
                    help="another chain to diff against (per cluster: gained / lost)")
     p.add_argument("--thumbs", type=int_arg("--thumbs", min=1), default=3,
@@ -29,6 +31,8 @@ def register(sub) -> None:
     q.add_argument("--chain", nargs="+", required=True, metavar="KEEP.npy", help="the chain's keep-lists, in order")
     q.add_argument("--pool", default=None, help="the pool folder (default: the manifests' pool path)")
     q.add_argument("--shards", default=None, help="webdataset shards: show the sample's image and caption")
+    q.add_argument("--index-memory", default=None, metavar="SIZE",
+                   help="memory for building the uid index when it is absent (default 1G)")
     q.add_argument("--thumb-dir", default=None, help="where to copy its image (default SHARDS/_uid_index/thumbs)")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(func=_explain)
@@ -38,7 +42,12 @@ def _report(a) -> int:
     from .html import write_report
 
     res = write_report(a.keep_lists, a.out, pool=a.pool, shards=a.shards, compare=a.compare,
-                       thumbs_per=a.thumbs, max_clusters=a.max_clusters, index_dir=a.index)
+                       thumbs_per=a.thumbs, max_clusters=a.max_clusters, index_dir=a.index,
+                       index_memory=a.index_memory)
+    b = (res.get("index") or {}).get("build")
+    if b:
+        print(f"uid index: {b['samples']:,} samples indexed in {b['build_s']:.1f} s ({b['uids_per_s']:,} uids/s, "
+              f"memory budget {b['memory_budget'] / 2**20:.0f} MiB, {b['runs']} sorted run(s))")
     print(f"report: {a.out}/index.html ({res['bytes'] / 1e6:.2f} MB, {res['build_s']:.1f} s)")
     return 0
 
@@ -48,6 +57,7 @@ def _explain(a) -> int:
 
     from .explain import explain, format_text
 
-    res = explain(a.uid, a.chain, pool=a.pool, shards=a.shards, thumb_dir=a.thumb_dir)
+    res = explain(a.uid, a.chain, pool=a.pool, shards=a.shards, thumb_dir=a.thumb_dir,
+                  index_memory=a.index_memory)
     print(json.dumps(res, indent=2, default=str) if a.json else format_text(res))
     return 0

@@ -119,7 +119,7 @@ def _semdedup(chain: Chain, i: int, step: Step, q, kept: bool) -> dict:
     return out
 
 
-def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None) -> dict:
+def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, index_memory=None) -> dict:
     try:
         q = U.uids_to_array([uid])
     except Exception:
@@ -155,7 +155,7 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None) ->
     if shards:
         from .index import build_index
 
-        index = build_index(shards)
+        index = build_index(shards, memory=index_memory)
         sample = index.read(uid)
         if sample is None:
             out["sample"] = None

@@ -333,7 +333,7 @@ def _diff_section(chain: Chain, other: Chain, out: Path, data: dict) -> str:
 
 
 def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumbs_per: int = 3,
-                 max_clusters: int = 30, groups: int = 8, index_dir=None) -> dict:
+                 max_clusters: int = 30, groups: int = 8, index_dir=None, index_memory=None) -> dict:
     """Write the report folder; returns its summary (also ``report.json``)."""
     t0 = time.time()
     out = Path(out)
@@ -346,11 +346,11 @@ def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumb
     if shards:
         from .index import build_index
 
-        index = build_index(shards, index_dir, fallback=out / "uid_index")
+        index = build_index(shards, index_dir, fallback=out / "uid_index", memory=index_memory)
     thumbs = Thumbs(index, out) if index is not None else None
     data = {"funnel": funnel(chain), "clusters": {}, "thumbnails": {}, "semdedup": {},
             "index": None if index is None else {"folder": str(index.folder), "samples": len(index),
-                                                 "build_s": round(index.build_s, 3)}}
+                                                 "build_s": round(index.build_s, 3), "build": index.stats}}
     _funnel_plot(data["funnel"], out / "funnel.png")
     body = ["<h1>Filter chain report</h1>",
             f"<p>{len(chain.steps)} step(s) over a pool of {chain.pool_rows:,} rows "
