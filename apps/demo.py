@@ -189,6 +189,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     from conceptprune.data.reshard import reshard
     from conceptprune.evaluation.run import evaluate
     from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup
+    from conceptprune.filters.clustering_config import ClusteringConfig
     from conceptprune.slurm.stage import Executor
     from conceptprune.training.launch import TrainConfig, train
 
@@ -243,14 +244,15 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     filt = out / "filters"
     target = round(cfg.keep_fraction * counts["downloaded"])
     sd = timed("semdedup", lambda: run_filter(semdedup, emb, filt / "semdedup.npy", embedding_key="img",
-                                              target_fraction=cfg.semdedup_keep, clusters=cfg.clusters, niter=30))
+                                              target_fraction=cfg.semdedup_keep,
+                                              clustering=ClusteringConfig(clusters=cfg.clusters, niter=30)))
     counts["after semdedup"] = len(sd.uids)
     cs = timed("clip score", lambda: run_filter(clip_score, emb, filt / "clipscore.npy", within=filt / "semdedup.npy",
                                                 fraction=cfg.clip_keep, column="similarity_score"))
     counts["after clip score"] = len(cs.uids)
     frac = min(1.0, target / len(cs.uids))
     d = timed("dbp", lambda: run_filter(dbp, emb, filt / "dbp.npy", embedding_key="img", within=filt / "clipscore.npy",
-                                        fraction=frac, clustering_dir=filt / "semdedup.clustering",
+                                        fraction=frac, clustering=ClusteringConfig(dir=filt / "semdedup.clustering"),
                                         neighbors=min(20, cfg.clusters - 1)))
     r = timed("random", lambda: run_filter(random_subset, emb, filt / "random.npy", fraction=len(d.uids) /
                                            counts["downloaded"], seed=cfg.seed))

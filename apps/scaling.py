@@ -284,7 +284,10 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
         keep = out / f"keep_{f:g}.npy"
         extra = dict(filter_args or {})
         if method != "random":
-            extra.update(clustering_dir=clustering, embedding_key=embedding_key)
+            from conceptprune.filters.clustering_config import ClusteringConfig
+
+            config = ClusteringConfig(clusters=extra.pop("clusters", None), dir=clustering)
+            extra.update(clustering=config, embedding_key=embedding_key)
         r = run_filter(fn, pool, keep, fraction=f, **extra)
         rows.append({"fraction": f, "kept": len(r.kept), "keep_list": str(keep)})
     if train_scale:

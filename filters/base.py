@@ -155,6 +155,8 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
     if (getattr(fn, "uses_clustering", False) or getattr(fn, "uses_rows", False)) and out is not None:
         params.setdefault("out", out)  # the clustering or the parts go next to the keep-list by default
     result = fn(pool, within=within, **params)
+    if result is None:  # the executor detached: the same call, rerun once its jobs are done, collects it
+        return None
     if len(result.kept) == 0 and not allow_empty:
         raise ConfigError(f"{result.method} kept no uid of its {result.counts.get('candidates', '?')} candidates "
                           f"(params {_short(result.params)}); nothing written. Pass --allow-empty to write "

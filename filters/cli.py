@@ -162,30 +162,37 @@ def _laion(p):
     return run
 
 
-def _clustering_args(p, default_k=None):
+def _clustering_args(p, default_k: str | None = None):
+    from .clustering_config import DEFAULT_CLUSTERS, DEFAULT_NITER, DEFAULT_SEED, KMEANS_MEMORY
+
+    # defaults stay None here: ClusteringConfig holds each one (the help only quotes them)
     g = p.add_argument_group("clustering (shared by semdedup, ssl-prototypes and dbp)")
     g.add_argument("--clusters", type=int_arg("--clusters", 1), default=None,
-                   help=f"k for spherical k-means (default {default_k if default_k else 'candidates / 10000'}; "
+                   help=f"k for spherical k-means (default {default_k or DEFAULT_CLUSTERS}; "
                         "with --clustering DIR: the k stored there)")
     g.add_argument("--clustering", default=None, metavar="DIR",
                    help="folder holding (or to hold) the clustering, reusable by the other filters "
                         "(default: next to --out, KEEP.clustering/)")
     g.add_argument("--seed", type=seed_arg(), default=None,
-                   help="k-means and sampling seed, in [0, 2^31-1] (default 1234, the reference's)")
-    g.add_argument("--niter", type=int_arg("--niter", 1), default=None, help="k-means iterations, >= 1 (default 100)")
+                   help=f"k-means and sampling seed, in [0, 2^31-1] (default {DEFAULT_SEED}, the reference's)")
+    g.add_argument("--niter", type=int_arg("--niter", 1), default=None,
+                   help=f"k-means iterations, >= 1 (default {DEFAULT_NITER})")
     g.add_argument("--train-sample", type=int_arg("--train-sample", 1), default=None,
                    help="k-means training sample size (default min(candidates, max(min(1000 k, 500000), 64 k), "
                         "--kmeans-memory / (4 x dim))); faiss is made to use all of it")
-    g.add_argument("--kmeans-memory", default="8G", metavar="SIZE",
-                   help="memory the default training sample may take as float32 rows, e.g. 8G or 512M (default 8G)")
-    g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when available)")
+    g.add_argument("--kmeans-memory", default=None, metavar="SIZE",
+                   help="memory the default training sample may take as float32 rows, e.g. 8G or 512M "
+                        f"(default {KMEANS_MEMORY})")
+    g.add_argument("--gpu", choices=["auto", "yes", "no"], default=None, help="faiss on GPU (default: when available)")
 
 
-def _clustering_kwargs(a):
-    from conceptprune.slurm.options import executor_from_args
+def _clustering_config(a):
+    """The clustering flags as one ClusteringConfig (flags not given keep its defaults)."""
+    from .clustering_config import ClusteringConfig
 
-    return {"clustering_dir": a.clustering, "niter": a.niter, "train_sample": a.train_sample, "gpu": a.gpu,
-            "kmeans_memory": a.kmeans_memory, "executor": executor_from_args(a)}
+    given = {"clusters": a.clusters, "dir": a.clustering, "seed": a.seed, "niter": a.niter,
+             "train_sample": a.train_sample, "kmeans_memory": a.kmeans_memory, "gpu": a.gpu}
+    return ClusteringConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _job_args(p):
@@ -205,15 +212,17 @@ def _dbp(p):
                    help="per-cluster floor r: at least min(r*N/k, n_j) kept (default 0, the paper's best)")
     p.add_argument("--keep", choices=["hard", "easy", "random"], default="hard",
                    help="which members of a cluster to keep (default hard: furthest from the centroid)")
-    _clustering_args(p, default_k=100)
+    _clustering_args(p)
     _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import dbp, run_filter
         run_filter(dbp, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings,
-                   fraction=a.fraction, clusters=a.clusters, temperature=a.temperature, neighbors=a.neighbors,
-                   balance=a.balance, keep=a.keep, seed=a.seed, **_clustering_kwargs(a))
+                   fraction=a.fraction, temperature=a.temperature, neighbors=a.neighbors,
+                   balance=a.balance, keep=a.keep, clustering=_clustering_config(a), executor=executor_from_args(a))
     return run
 
 
@@ -228,15 +237,17 @@ def _semdedup(p):
     p.add_argument("--rule", choices=["paper", "greedy", "components"], default="paper",
                    help="paper (default): compare with every earlier member; greedy: only with kept ones; "
                         "components: one per connected component")
-    _clustering_args(p)
+    _clustering_args(p, default_k="candidates / 10000")
     _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import run_filter, semdedup
         run_filter(semdedup, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, eps=a.eps,
-                   target_fraction=a.target_fraction,
-                   clusters=a.clusters, rule=a.rule, seed=a.seed, **_clustering_kwargs(a))
+                   target_fraction=a.target_fraction, rule=a.rule, clustering=_clustering_config(a),
+                   executor=executor_from_args(a))
     return run
 
 
@@ -250,15 +261,16 @@ def _ssl(p):
     p.add_argument("--balance", type=float_arg("--balance", 0.0, 1.0), default=None,
                    help="per-cluster floor R: each cluster keeps at least min(R*N/k, n_j) (the DBP paper's "
                         "SSP baseline uses 0.5)")
-    _clustering_args(p, default_k=100)
+    _clustering_args(p)
     _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import run_filter, ssl_prototypes
         run_filter(ssl_prototypes, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, fraction=a.fraction,
-                   clusters=a.clusters, keep=a.keep,
-                   balance=a.balance, seed=a.seed, **_clustering_kwargs(a))
+                   keep=a.keep, balance=a.balance, clustering=_clustering_config(a), executor=executor_from_args(a))
     return run
 
 

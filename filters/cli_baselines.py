@@ -5,7 +5,7 @@ Registered into :mod:`filters.cli`'s table when that module is imported.
 
 from __future__ import annotations
 
-from .cli import _clustering_args, _clustering_kwargs, _common, _job_args, method
+from .cli import _clustering_args, _clustering_config, _common, _job_args, method
 
 
 def _assets_args(p):
@@ -59,7 +59,7 @@ def _image_based(p):
     p.add_argument("--batch-size", type=int, default=1024, help="rows per assignment batch (default 1024)")
     p.add_argument("--device", default="auto", help="torch device for the assignment (default: cuda when present)")
     _assets_args(p)
-    _clustering_args(p, default_k=100)
+    _clustering_args(p)
     _job_args(p)
 
     def run(a):
@@ -72,7 +72,9 @@ def _image_based(p):
                               "or --clusters K / --clustering DIR (our clustering engine)")
         extra = {"embedding_dir": a.embedding_dir} if a.embedding_dir else {}
         if engine:
-            extra.update(_clustering_kwargs(a), clusters=a.clusters, seed=a.seed)
+            from conceptprune.slurm.options import executor_from_args
+
+            extra.update(clustering=_clustering_config(a), executor=executor_from_args(a))
         run_filter(image_based, a.pool, a.out, within=a.within, embedding_key="l14_img",
                    bad_embeddings=a.bad_embeddings, scale=a.scale, centroids=a.centroids, reference=a.reference,
                    assign=a.assign, lid_model=a.lid_model, batch_size=a.batch_size, device=a.device,

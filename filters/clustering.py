@@ -3,11 +3,16 @@
 1. A seeded training sample: the candidates with the smallest seeded uid hashes, so the
    sample depends on the uids and the seed only. faiss is told to use all of it
    (``max_points_per_centroid``), instead of silently keeping 256 points per centroid.
-2. Spherical k-means with faiss (GPU when faiss-gpu sees one).
+2. Spherical k-means with faiss (GPU when faiss-gpu sees one), a one-part stage (``kmeans``)
+   that writes the centroids and the clustering's manifest (``clustering.json``).
 3. A streaming assignment of every pool row, run as ``rank``/``world_size`` parts on the
-   job layer: per row its cluster id and cosine distance to that centroid, as columnar
-   ``.npy`` arrays aligned with the uids. A part records its progress after every block,
-   so an interrupted assignment resumes where it stopped.
+   job layer after the k-means (SLURM ``afterok``): per row its cluster id and cosine
+   distance to that centroid, as columnar ``.npy`` arrays aligned with the uids. A part
+   records its progress after every block, so an interrupted assignment resumes where it
+   stopped; the assignment is finished when every part has its completion marker.
+
+``submit_clustering`` submits both (and a filter's later stages go after them), so a
+detached launcher can exit; ``collect_clustering`` reads the finished result.
 
 Everything lives in one folder (``--clustering DIR``), reused by any filter that asks for
 the same pool data (``pool_fingerprint``: sizes, mtimes and a content hash of every file),
@@ -39,7 +44,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -48,9 +53,10 @@ from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.npz import NpyColumn, row_parallel
 from conceptprune.pool import Pool, file_fingerprints, pool_fingerprint
-from conceptprune.slurm.stage import Executor, Stage
+from conceptprune.slurm.stage import Executor, Stage, StageSubmission
 
 from .base import Within
+from .clustering_config import DEFAULT_CLUSTERS, POINTS_PER_CENTROID, ClusteringConfig, format_bytes
 from .select import grouped_select
 
 log = logging.getLogger(__name__)
@@ -58,8 +64,6 @@ log = logging.getLogger(__name__)
 BLOCK_ROWS = 16_384  # assignment parts start at multiples of this (aligned reads, same chunks)
 FORMAT_VERSION = 2  # 2: data fingerprint, bad-embedding counts, exact tie-breaking
 RECHECK_K = 16  # candidates faiss returns for a near-tied row (all centroids if all are near)
-KMEANS_MEMORY = 8 * 2**30  # default budget of the k-means training sample (float32 rows)
-POINTS_PER_CENTROID = 64  # the default sample's minimum per centroid (faiss warns below 39)
 TIE_TOL = 1e-4  # x norm: runner-up scores this close to the best are rechecked (faiss errs by ~1e-6)
 EXACT_TOL = 1e-11  # x norm: float64 scores this close to the best are summed exactly
 
@@ -148,57 +152,6 @@ def pool_identity(pool: Pool) -> dict:
 
 def _file_names_fingerprints(pool: Pool) -> dict[str, str]:
     return {Path(path).name: fp for path, fp in file_fingerprints(pool).items()}
-
-
-@dataclass
-class ClusteringSpec:
-    """What to train. None means: take it from an existing clustering, else the default."""
-
-    k: int | None = None
-    seed: int | None = None  # default 1234, the reference code's
-    niter: int | None = None  # default 100
-    train_sample: int | None = None  # default: see resolved_sample
-    gpu: str = "auto"
-    default_k: int = 100
-    kmeans_memory: int = KMEANS_MEMORY  # bytes the default sample may take as float32
-
-    def filled(self) -> "ClusteringSpec":
-        return ClusteringSpec(k=self.k or self.default_k, seed=1234 if self.seed is None else self.seed,
-                              niter=self.niter or 100, train_sample=self.train_sample, gpu=self.gpu,
-                              kmeans_memory=self.kmeans_memory)
-
-    def resolved_sample(self, candidates: int, dim: int) -> int:
-        """--train-sample if given; else min(candidates, max(min(1000 k, 500k), 64 k), budget / (4 dim)):
-        DataComp-sized defaults for small k, 64 points a centroid for large k (faiss warns
-        below 39), and never more float32 rows than --kmeans-memory holds."""
-        if self.train_sample is not None:
-            if self.train_sample < self.k:
-                raise ConfigError(f"--train-sample {self.train_sample} is smaller than --clusters {self.k}")
-            return min(self.train_sample, candidates)
-        cap = self.kmeans_memory // (4 * dim)
-        if cap < self.k:
-            raise ConfigError(f"--kmeans-memory {format_bytes(self.kmeans_memory)} holds {cap} float32 rows of "
-                              f"dim {dim}, fewer than --clusters {self.k}")
-        return min(candidates, max(min(1000 * self.k, 500_000), POINTS_PER_CENTROID * self.k), cap)
-
-
-def format_bytes(n: int) -> str:
-    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
-
-
-def parse_bytes(text: str | int) -> int:
-    """'8G', '512M', '1.5GiB' or a plain byte count -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale > 1 else t)
-    except ValueError:
-        value = -1
-    if not value > 0:
-        raise ConfigError(f"--kmeans-memory: expected a size such as 8G or 512M, got {text!r}")
-    return int(value * scale)
 
 
 def aligned_split(rows: int, rank: int, world_size: int, block: int = BLOCK_ROWS) -> tuple[int, int]:
@@ -348,7 +301,8 @@ def _bad_total(before: dict, pool: Pool) -> dict:
 
 
 class Clustering:
-    """A finished clustering: centroids plus the per-row assignment, read in row order."""
+    """A finished clustering: centroids plus the per-row assignment, read in row order.
+    Finished means: every part of its assignment stage has its completion marker."""
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
@@ -356,17 +310,29 @@ class Clustering:
         if not meta_path.exists():
             raise ConfigError(f"{self.dir}: not a clustering folder (no clustering.json)")
         self.meta = json.loads(meta_path.read_text())
-        if not self.meta.get("assignment", {}).get("complete"):
-            raise ConfigError(f"{self.dir}: the assignment is not finished; rerun the filter to resume it")
-        self.centroids = np.load(self.dir / "centroids.npy")
         self.k = int(self.meta["k"])
         self.rows = int(self.meta["pool"]["rows"])
         self.world_size = int(self.meta["assignment"]["world_size"])
+        self.assigned = AssignStage(str(self.dir), None).done_parts(self.world_size)  # per part: its summary
+        if len(self.assigned) < self.world_size:
+            raise ConfigError(f"{self.dir}: the assignment is not finished ({len(self.assigned)} of "
+                              f"{self.world_size} parts); rerun the filter to resume it")
+        self.centroids = np.load(self.dir / "centroids.npy")
 
     def parts(self) -> list[tuple[int, int, dict[str, Path]]]:
         stage = AssignStage(str(self.dir), None)  # only for the path layout
         return [(*aligned_split(self.rows, r, self.world_size), stage.part_paths(r, self.world_size))
                 for r in range(self.world_size)]
+
+    def bad_embeddings(self) -> dict:
+        """The pool's rows with NaN, infinite or all-zero embeddings, summed over the parts."""
+        bad = {"nan_or_inf": 0, "zero": 0, "examples": []}
+        for rank in range(self.world_size):
+            part = self.assigned[rank]["bad_embeddings"]
+            for key in ("nan_or_inf", "zero"):
+                bad[key] += part[key]
+            bad["examples"] = (bad["examples"] + part["examples"])[:5]
+        return bad
 
     def iter_assignment(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """(first row, uids, cluster, dist) blocks in global row order (BLOCK_ROWS-aligned)."""
@@ -409,46 +375,116 @@ def within_id(within: Within) -> str:
     return hashlib.sha1(within.uids.tobytes()).hexdigest()[:16]
 
 
-def build_clustering(directory: str | os.PathLike, pool: Pool, spec: ClusteringSpec, within: Within, *,
-                     executor: "Executor | str | None" = None) -> Clustering:
-    """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment.
+def clustering_dir_for(pool: Pool, config: ClusteringConfig, out=None, default_k: int = DEFAULT_CLUSTERS) -> Path:
+    """``config.dir``, else next to the output (``KEEP.clustering/``), else a cache folder named
+    after the pool and the config (a Python call without an output; the pool may be read-only)."""
+    if config.dir is not None:
+        return Path(config.dir)
+    if out is not None:
+        return Path(out).with_suffix(".clustering")
+    key = hashlib.sha1(repr((str(Path(pool.root).resolve()), pool.rows, pool.embedding_key,
+                             config.clusters or default_k, config.seed, config.niter,
+                             config.train_sample)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("CONCEPTPRUNE_CACHE", Path.home() / ".cache" / "conceptprune"))
+    return cache / "clusterings" / key
+
+
+def finished_world(stage: Stage) -> int | None:
+    """The part count with which ``stage`` finished (every part has its marker), else None."""
+    d = stage.marker_dir()
+    worlds = sorted({int(p.stem.split("-of-")[1]) for p in d.glob("*-of-*.json")}) if d.exists() else []
+    return next((w for w in worlds if len(stage.done_parts(w)) == w), None)
+
+
+@dataclass
+class ClusteringChain:
+    """A clustering on its way: its folder, k and the stages submitted for it (k-means training
+    when it is new, then the assignment); a later stage goes ``after=[chain.last]``."""
+
+    dir: Path
+    k: int
+    submissions: list[StageSubmission]
+
+    @property
+    def last(self) -> StageSubmission:
+        return self.submissions[-1]
+
+
+def submit_clustering(directory: Path, pool: Pool, config: ClusteringConfig, within: Within, executor: Executor,
+                      *, default_k: int = DEFAULT_CLUSTERS) -> ClusteringChain:
+    """Submit what the clustering in ``directory`` still needs: k-means training (one part) unless
+    it is trained, then the unfinished parts of its assignment (afterok the training). Call it
+    under ``folder_lock(directory)``."""
+    meta_path = directory / "clustering.json"
+    subs = []
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        _check_reusable(directory, meta, pool_identity(pool), config, within, pool)
+        k, world = int(meta["k"]), int(meta.get("assignment", {}).get("world_size", executor.workers))
+        if world != executor.workers and len(AssignStage(str(directory), None).done_parts(world)) < world:
+            log.info("resuming the assignment with its original %d parts", world)
+    else:
+        config = config.filled(default_k)
+        k, world = config.clusters, executor.workers
+        train = TrainStage(str(directory), PoolSpec.of(pool), config, str(within.path) if within else None, world)
+        subs.append(executor.submit(train, 1))
+    assign = AssignStage(str(directory), PoolSpec.of(pool), gpu=config.gpu)
+    subs.append(executor.submit(assign, world, after=subs))
+    return ClusteringChain(directory, k, subs)
+
+
+def finish_chain(executor: Executor, subs: Sequence[StageSubmission], status_dir: Path) -> bool:
+    """Wait for submitted stages in order (True); when the executor detaches and some still have
+    jobs, leave them to SLURM and say how to collect (False). A failure cancels the stages
+    submitted after it (their afterok can no longer be met)."""
+    if executor.detach and any(s.jobs for s in subs):
+        jobs = ", ".join(f"{s.stage.name} {','.join(s.pending_job_ids())}" for s in subs if s.jobs)
+        log.warning("submitted %s; detached. 'conceptprune status %s' shows where they stand; rerun the same "
+                    "command once they are done to collect the keep-list", jobs, status_dir)
+        return False
+    for i, sub in enumerate(subs):
+        try:
+            sub.wait()
+        except BaseException:
+            for later in subs[i + 1:]:
+                for job in later.jobs:
+                    job.cancel(check=False)
+            raise
+    return True
+
+
+def collect_clustering(directory: Path, pool: Pool) -> Clustering:
+    """The finished clustering, with --bad-embeddings enforced on its recorded bad rows."""
+    clustering = Clustering(directory)
+    _apply_bad_embeddings(directory, clustering.bad_embeddings(), pool)
+    return clustering
+
+
+def build_clustering(directory: str | os.PathLike, pool: Pool, config: ClusteringConfig, within: Within, *,
+                     executor: "Executor | str | None" = None, default_k: int = DEFAULT_CLUSTERS) -> Clustering | None:
+    """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment; None
+    when the executor detaches before the jobs are done (the same call, rerun, collects it).
 
     One run at a time (``folder_lock``): a concurrent run with the same folder waits, then
     reuses what the first one built."""
     directory = Path(directory)
     executor = Executor.coerce(executor)
-    workers = executor.workers
-    identity = pool_identity(pool)
     with folder_lock(directory, "building or checking the clustering"):
-        meta_path = directory / "clustering.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            _check_reusable(directory, meta, identity, spec, within, pool)
-        else:
-            meta = _train(directory, pool, spec.filled(), within, identity)
-        assignment = meta.get("assignment", {})
-        if not assignment.get("complete"):
-            world = assignment.get("world_size", workers)
-            if world != workers:
-                log.info("resuming the assignment with its original %d parts", world)
-            meta["assignment"] = {"world_size": world, "complete": False}
-            write_json(meta_path, meta)  # a resume keeps these parts, whatever --workers it gets
-            t0 = time.time()
-            stage = AssignStage(str(directory), PoolSpec.of(pool), gpu=spec.gpu)
-            result = executor.run(stage, world)
-            bad = {"nan_or_inf": 0, "zero": 0, "examples": []}
-            for part in result.summaries:
-                for key in ("nan_or_inf", "zero"):
-                    bad[key] += part["bad_embeddings"][key]
-                bad["examples"] = (bad["examples"] + part["bad_embeddings"]["examples"])[:5]
-            meta["assignment"] = {"world_size": world, "complete": True, "wall_time_s": round(time.time() - t0, 3),
-                                  "bad_embeddings": bad}
-            write_json(meta_path, meta)
-    _apply_bad_embeddings(directory, meta["assignment"]["bad_embeddings"], pool)
-    return Clustering(directory)
+        chain = submit_clustering(directory, pool, config, within, executor, default_k=default_k)
+        if not finish_chain(executor, chain.submissions, directory):
+            return None
+    return collect_clustering(directory, pool)
 
 
-def _check_reusable(directory: Path, meta: dict, identity: dict, spec: ClusteringSpec, within: Within,
+def clustering_for(pool: Pool, config: ClusteringConfig | None, within: Within, executor=None, *, out=None,
+                   default_k: int = DEFAULT_CLUSTERS) -> Clustering | None:
+    """Build or reuse the clustering ``config`` asks for (see ``clustering_dir_for``)."""
+    config = config or ClusteringConfig()
+    return build_clustering(clustering_dir_for(pool, config, out, default_k), pool, config, within,
+                            executor=executor, default_k=default_k)
+
+
+def _check_reusable(directory: Path, meta: dict, identity: dict, config: ClusteringConfig, within: Within,
                     pool: Pool) -> None:
     if meta.get("format") != FORMAT_VERSION:
         raise ConfigError(f"--clustering {directory} was made by an older conceptprune (format "
@@ -466,7 +502,7 @@ def _check_reusable(directory: Path, meta: dict, identity: dict, spec: Clusterin
         raise ConfigError(f"--clustering {directory} was made from other data: {', '.join(changed[:3]) or 'the pool'}"
                           f"{' and more' if len(changed) > 3 else ''} changed since (size, time or content); "
                           "delete the folder or use another one to cluster the pool as it is now")
-    asked = {"k": spec.k, "seed": spec.seed, "niter": spec.niter, "train_sample": spec.train_sample}
+    asked = {"k": config.clusters, "seed": config.seed, "niter": config.niter, "train_sample": config.train_sample}
     differing = {key: (meta[key], v) for key, v in asked.items() if v is not None and meta[key] != v}
     if differing:
         detail = ", ".join(f"{key} {a} (asked {b})" for key, (a, b) in differing.items())
@@ -489,26 +525,47 @@ def _apply_bad_embeddings(directory: Path, bad: dict, pool: Pool) -> None:
     report.nan_or_inf, report.zero, report.examples = bad["nan_or_inf"], bad["zero"], list(bad["examples"])
 
 
-def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, identity: dict) -> dict:
+@dataclass
+class TrainStage(Stage):
+    """Spherical k-means on the seeded training sample, as one part: writes ``centroids.npy``,
+    ``train_rows.npy`` and the clustering's manifest ``clustering.json`` (what it was made from
+    and with, and the assignment's part count)."""
+
+    work_dir: str
+    pool: PoolSpec
+    config: ClusteringConfig  # filled: every default resolved
+    within_path: str | None = None
+    assign_world: int = 1
+    name: str = "kmeans"
+
+    def run(self, rank: int, world_size: int) -> dict:
+        pool = self.pool.open()
+        meta = _train(Path(self.work_dir), pool, self.config, Within(self.within_path), pool_identity(pool),
+                      self.assign_world)
+        return {key: meta[key] for key in ("k", "trained_on", "objective", "gpu", "train_wall_time_s")}
+
+
+def _train(directory: Path, pool: Pool, spec: ClusteringConfig, within: Within, identity: dict,
+           assign_world: int) -> dict:
     faiss = _faiss()
     t0 = time.time()
     rows = sample_rows(pool, within, spec)
     x, valid = pool.read_embedding_rows(rows)
     if not valid.all():  # boolean indexing copies: only pay for it when rows are dropped
         x = np.ascontiguousarray(x[valid])
-    if len(x) < spec.k:
-        raise ConfigError(f"--clusters {spec.k} is more than the {len(x)} examples available to cluster")
-    if len(x) < 39 * spec.k:
-        log.warning("only %d training points for %d clusters (faiss suggests >= %d)", len(x), spec.k, 39 * spec.k)
+    if len(x) < spec.clusters:
+        raise ConfigError(f"--clusters {spec.clusters} is more than the {len(x)} examples available to cluster")
+    if len(x) < 39 * spec.clusters:
+        log.warning("only %d training points for %d clusters (faiss suggests >= %d)", len(x), spec.clusters, 39 * spec.clusters)
     gpu = use_gpu(spec.gpu)
     rule = ("--train-sample" if spec.train_sample is not None else
             f"min(candidates, max(min(1000 k, 500k), {POINTS_PER_CENTROID} k), --kmeans-memory "
             f"{format_bytes(spec.kmeans_memory)} / (4 x dim))")
     log.info("k-means: k=%d on %d x %d sample (%.0f a centroid; %s: %.2f GiB), %d iterations, seed %d, %s",
-             spec.k, len(x), x.shape[1], len(x) / spec.k, rule, x.nbytes / 2**30, spec.niter, spec.seed,
+             spec.clusters, len(x), x.shape[1], len(x) / spec.clusters, rule, x.nbytes / 2**30, spec.niter, spec.seed,
              "GPU" if gpu else "CPU")
-    km = faiss.Kmeans(x.shape[1], spec.k, niter=spec.niter, seed=spec.seed, spherical=True, gpu=gpu,
-                      max_points_per_centroid=math.ceil(len(x) / spec.k) + 1, min_points_per_centroid=1,
+    km = faiss.Kmeans(x.shape[1], spec.clusters, niter=spec.niter, seed=spec.seed, spherical=True, gpu=gpu,
+                      max_points_per_centroid=math.ceil(len(x) / spec.clusters) + 1, min_points_per_centroid=1,
                       verbose=log.isEnabledFor(logging.DEBUG))
     km.train(x)
     centroids = km.centroids.astype(np.float32)
@@ -520,17 +577,17 @@ def _train(directory: Path, pool: Pool, spec: ClusteringSpec, within: Within, id
         np.save(f, centroids)
     with atomic_open(directory / "train_rows.npy", "wb") as f:  # provenance: which rows trained it
         np.save(f, rows)
-    meta = {"format": FORMAT_VERSION, "k": spec.k, "seed": spec.seed, "niter": spec.niter,
+    meta = {"format": FORMAT_VERSION, "k": spec.clusters, "seed": spec.seed, "niter": spec.niter,
             "train_sample": int(len(rows)), "trained_on": int(len(x)), "dim": int(x.shape[1]),
             "objective": float(km.obj[-1]) if len(km.obj) else None, "faiss": faiss.__version__,
             "gpu": gpu, "pool": identity, "pool_files": _file_names_fingerprints(pool),
             "pool_path": str(pool.root), "within": within_id(within),
-            "train_wall_time_s": round(time.time() - t0, 3)}
+            "train_wall_time_s": round(time.time() - t0, 3), "assignment": {"world_size": assign_world}}
     write_json(directory / "clustering.json", meta)
     return meta
 
 
-def sample_rows(pool: Pool, within: Within, spec: ClusteringSpec) -> np.ndarray:
+def sample_rows(pool: Pool, within: Within, spec: ClusteringConfig) -> np.ndarray:
     """Sorted global rows of the training sample: the candidate rows with the smallest
     seeded hashes of their row index (no reading without --within; one uid pass with it)."""
     mask = None

@@ -19,11 +19,14 @@ import numpy as np
 from conceptprune import uids as U
 from conceptprune.checks import check_float, check_int
 from conceptprune.errors import ConfigError
+from conceptprune.slurm.stage import Executor
 
 from .base import FilterResult, as_within, check_fraction, target_count
 from .budget import allocate
 from .select import grouped_select
-from .common import cluster_table, clustering_for, table_writer
+from .clustering import clustering_for
+from .clustering_config import ClusteringConfig
+from .common import cluster_table, table_writer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,10 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
-def dbp(pool, *, fraction: float, clusters: int | None = None, temperature: float = 0.1, neighbors: int = 20,
-        balance: float = 0.0, keep: str = "hard", seed: int | None = None, within=None, **clustering_args) -> FilterResult:
+def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20, balance: float = 0.0,
+        keep: str = "hard", within=None, clustering: ClusteringConfig | None = None,
+        executor: "Executor | str | None" = None, out=None) -> FilterResult | None:
+    """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
     fraction = check_fraction(fraction)
     if keep not in KEEP_ORDERS:
         raise ConfigError(f"--keep must be one of {sorted(KEEP_ORDERS)}")
@@ -64,36 +69,38 @@ def dbp(pool, *, fraction: float, clusters: int | None = None, temperature: floa
     balance = check_float("--balance", balance, min=0.0, max=1.0)
     neighbors = check_int("--neighbors", neighbors, min=1)
     within = as_within(within)
-    clustering = clustering_for(pool, clusters, seed, within, default_k=100, **clustering_args)
-    seed = clustering.meta["seed"]
-    size, d_intra = clustering.cluster_stats(within)
+    cl = clustering_for(pool, clustering, within, executor, out=out)
+    if cl is None:
+        return None
+    seed = cl.meta["seed"]
+    size, d_intra = cl.cluster_stats(within)
     empty = int((size == 0).sum())
     if empty:
-        log.warning("%d of %d clusters have no candidates; they get no budget", empty, clustering.k)
+        log.warning("%d of %d clusters have no candidates; they get no budget", empty, cl.k)
     m = int(size.sum())
     n_keep = target_count(fraction, m)
-    d_inter, cx = complexity(clustering, size, d_intra, neighbors)
+    d_inter, cx = complexity(cl, size, d_intra, neighbors)
     p = softmax(cx, temperature)
-    lower = np.minimum(np.floor(balance * n_keep / clustering.k), size).astype(np.int64)
+    lower = np.minimum(np.floor(balance * n_keep / cl.k), size).astype(np.int64)
     budgets = allocate(p, n_keep, size, lower)
 
     def batches():
-        for _, uids, cluster, dist in clustering.candidates(within):
+        for _, uids, cluster, dist in cl.candidates(within):
             key = U.hash_uids(uids, seed) if keep == "random" else dist
             yield cluster.astype(np.int64), key, uids
 
     kept, counts = grouped_select(batches, budgets, KEEP_ORDERS[keep])
     assert int(counts.sum()) == n_keep and (counts == budgets).all()
     table = cluster_table(size, d_intra, d_inter, cx, p, counts, budget_target=p * n_keep)
-    params = {"fraction": fraction, "clusters": clustering.k, "temperature": temperature, "neighbors": neighbors,
-              "balance": balance, "keep": keep, "seed": seed, "clustering": str(clustering.dir),
-              "train_sample": clustering.meta["train_sample"], "niter": clustering.meta["niter"]}
+    params = {"fraction": fraction, "clusters": cl.k, "temperature": temperature, "neighbors": neighbors,
+              "balance": balance, "keep": keep, "seed": seed, "clustering": str(cl.dir),
+              "train_sample": cl.meta["train_sample"], "niter": cl.meta["niter"]}
     stats = {"empty_clusters": empty, "target": n_keep,
              "effective_clusters": float(1.0 / np.sum(p ** 2)),  # how spread P is
              "budget_objective": float(((budgets - p * n_keep) ** 2).sum())}
-    return FilterResult("dbp", kept, params, {"pool": clustering.rows, "candidates": m}, stats,
+    return FilterResult("dbp", kept, params, {"pool": cl.rows, "candidates": m}, stats,
                         extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={fraction:.3g}, "
-                                                   f"k={clustering.k}, tau={temperature}, keep {keep})"))
+                                                   f"k={cl.k}, tau={temperature}, keep {keep})"))
 
 
 dbp.uses_clustering = True

@@ -41,6 +41,7 @@ from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_pool, as_within
+from .clustering_config import ClusteringConfig
 from .langid import LanguageId
 from .text_based import caption_filter_mask
 
@@ -117,21 +118,22 @@ def resolve_reference(reference, assets_dir=None, assets_url=None) -> list[Path]
 
 def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=None, reference=None,
                 assign: str = "dot", lid_model=None, batch_size: int = 1024, device: str = "auto",
-                assets_dir=None, assets_url=None, clusters: int | None = None, seed: int | None = None,
-                out=None, **clustering_args) -> FilterResult:
+                assets_dir=None, assets_url=None, clustering: ClusteringConfig | None = None,
+                executor=None, out=None) -> FilterResult | None:
     """Centroids from DataComp (``scale``), a file (``centroids``), or our clustering engine
-    (``clusters`` / ``clustering_dir``: spherical k-means, GPU, SLURM parts; see ``engine_image_based``)."""
+    (``clustering``: spherical k-means, GPU, SLURM parts; see ``engine_image_based``; None when
+    the executor detaches before its jobs are done)."""
     from .assets import load_centroids, load_reference
 
     within = as_within(within)
     if not pool.embedding_key:
         raise ConfigError("image-based needs the pool's embeddings (embedding key l14_img)")
-    if clusters is not None or clustering_args.get("clustering_dir"):
+    if clustering is not None:
         if scale is not None or centroids is not None or assign != "dot":
             raise ConfigError("--clusters/--clustering (our clustering engine) go without --scale, --centroids "
                               "and --assign (unit centroids: the dot rule is the nearest centroid)")
         return engine_image_based(pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url,
-                                  clusters=clusters, seed=seed, out=out, **clustering_args)
+                                  clustering=clustering, executor=executor, out=out)
     c_path = resolve_centroids(scale, centroids, assets_dir, assets_url)
     r_paths = resolve_reference(reference, assets_dir, assets_url)
     c = load_centroids(c_path)
@@ -165,14 +167,16 @@ image_based.uses_clustering = True  # run_filter passes --out: the engine's fold
 
 
 def engine_image_based(pool: Pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url, *,
-                       clusters, seed, out, **clustering_args) -> FilterResult:
+                       clustering, executor, out) -> FilterResult | None:
     """image-based on a clustering made by our engine (the one SemDeDup, SSL prototypes and DBP
     share): its unit centroids and its per-row assignment (exact argmax of x.c, ties to the
     lowest id: DataComp's rule) are reused, so the pool is assigned once, in parallel parts."""
     from .assets import load_reference
-    from .common import clustering_for
+    from .clustering import clustering_for
 
-    cl = clustering_for(pool, clusters, seed, within, default_k=100, out=out, **clustering_args)
+    cl = clustering_for(pool, clustering, within, executor, out=out)
+    if cl is None:
+        return None
     r_paths = resolve_reference(reference, assets_dir, assets_url)
     assigner = Assigner(cl.centroids, "dot", batch_size, device)
     targets = target_centroids(assigner, load_reference(r_paths, keep_half=True), r_paths)

@@ -14,10 +14,16 @@ bucket, groups it by cluster and computes M (or the rule's keep flags).
 
 The work folder (``CLUSTERING/semdedup/<candidate set>``) is a cache shared by every run on
 that clustering and candidate set (e.g. several target fractions): one run at a time fills
-it (``folder_lock``; the others wait, then reuse the finished results). The shuffle's
-partial files are keyed by its world size (``shuffle.json``): a rerun with another
-``--workers`` discards an unfinished shuffle (a finished one serves any worker count; the
-dedup's per-bucket results never depend on it).
+it (``folder_lock``; the others wait, then reuse the finished results). ``semdedup.json``
+records its parameters; the stages' completion markers say what is done. The shuffle's
+partial files are keyed by its world size: a rerun with another ``--workers`` discards an
+unfinished shuffle (a finished one serves any worker count; the dedup's per-bucket results
+never depend on it).
+
+The filter submits the whole chain at once: k-means -> assignment (``clustering.py``) ->
+shuffle -> dedup, each after the one before (SLURM ``afterok``), so a detached launcher
+(``--detach``) may exit; the same command, rerun once the jobs are done, collects the
+keep-list. Locally the same graph runs in order.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ from conceptprune.npz import NpzArray, row_parallel, to_float32
 from conceptprune.slurm.stage import Executor, Stage
 
 from .base import FilterResult, Within, as_within, check_fraction, target_count
-from .clustering import BLOCK_ROWS, Clustering, PoolSpec, aligned_split, folder_lock, part_lock, within_id
-from .common import cluster_table, clustering_for, table_writer
+from .clustering import (BLOCK_ROWS, Clustering, ClusteringChain, PoolSpec, aligned_split, clustering_dir_for,
+                         collect_clustering, finish_chain, finished_world, folder_lock, part_lock, submit_clustering,
+                         within_id)
+from .clustering_config import SEMDEDUP_CLUSTER_SIZE, ClusteringConfig
+from .common import cluster_table, table_writer
 from .dbp import complexity
 from .select import grouped_select
 
@@ -350,8 +359,12 @@ def iter_results(work: Path, k: int):
 # -- the filter --------------------------------------------------------------------------
 
 
-def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = None, clusters: int | None = None,
-             rule: str = "paper", seed: int | None = None, within=None, **clustering_args) -> FilterResult:
+def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = None, rule: str = "paper",
+             within=None, clustering: ClusteringConfig | None = None, executor: "Executor | str | None" = None,
+             out=None) -> FilterResult | None:
+    """The whole chain (k-means -> assignment -> shuffle -> dedup) is submitted at once, each
+    stage after the one before (SLURM ``afterok``; in order locally). None when the executor
+    detaches before the jobs are done: the same call, rerun afterwards, collects the result."""
     if (eps is None) == (target_fraction is None):
         raise ConfigError("semdedup needs exactly one of --eps or --target-fraction")
     if rule not in RULES:
@@ -363,13 +376,21 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
         if rule != "paper":
             raise ConfigError("--target-fraction needs --rule paper (the other rules depend on eps)")
     within = as_within(within)
-    default_k = max(1, round((len(within.uids) if within else pool.rows) / 10_000))  # paper: ~9k a cluster
-    executor = clustering_args["executor"] = Executor.coerce(clustering_args.get("executor"))
-    clustering = clustering_for(pool, clusters, seed, within, default_k=default_k, **clustering_args)
+    config = clustering or ClusteringConfig()
+    default_k = max(1, round((len(within.uids) if within else pool.rows) / SEMDEDUP_CLUSTER_SIZE))
+    executor = Executor.coerce(executor)
+    cdir = clustering_dir_for(pool, config, out, default_k)
+    work = cdir / "semdedup" / (within_id(within) + ("" if rule == "paper" else f"-{rule}-{eps:g}"))
+    with folder_lock(cdir, "building or checking the clustering"):
+        chain = submit_clustering(cdir, pool, config, within, executor, default_k=default_k)
+        with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
+            subs = _submit_stages(work, chain, pool, within, rule, eps, executor)
+            if not finish_chain(executor, chain.submissions + subs, cdir):
+                return None
+            shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
+    clustering = collect_clustering(cdir, pool)
     seed = clustering.meta["seed"]
     size, d_intra = clustering.cluster_stats(within)  # also checks --within against the pool
-    work = clustering.dir / "semdedup" / (within_id(within) + ("" if rule == "paper" else f"-{rule}-{eps:g}"))
-    _run_stages(work, clustering, pool, within, rule, eps, executor)
 
     # one pass over the stored results for the eps table, then the selection
     kept_per = np.zeros(clustering.k, np.int64)
@@ -420,53 +441,53 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
                                                    f"{m_total:,}, k={clustering.k}"))
 
 
-def _run_stages(work: Path, clustering: Clustering, pool, within: Within, rule, eps, executor: Executor):
-    with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
-        done_file = work / "semdedup.json"
-        _discard_older_format(work)
-        if done_file.exists():
-            log.info("reusing SemDeDup results in %s", work)
-            shutil.rmtree(work / "shuffle", ignore_errors=True)  # left by a run killed right at its end
-            return
-        workers = executor.workers
-        emb_dtype = stored_dtype(pool)
-        shuffle = ShuffleStage(str(work), str(clustering.dir), PoolSpec.of(pool),
-                               str(within.path) if within else None, emb_dtype)
-        world = _shuffle_world(work, shuffle, workers)
-        executor.run(shuffle, world)
-        dedup = DedupStage(str(work), clustering.k, int(clustering.centroids.shape[1]), rule, eps, shuffle_world=world,
-                           emb_dtype=emb_dtype)
-        dedup_world = min(workers, n_buckets(clustering.k))
-        _forget_other_worlds(dedup, dedup_world)  # its per-bucket results serve any world size
-        executor.run(dedup, dedup_world)
-        write_json(done_file, {"rule": rule, "eps": eps, "k": clustering.k, "format": FORMAT})
-        shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
+def _submit_stages(work: Path, chain: ClusteringChain, pool, within: Within, rule, eps,
+                   executor: Executor) -> list:
+    """Submit the shuffle after the clustering's last stage and the dedup after the shuffle;
+    nothing when the dedup's results are there (they serve any worker count)."""
+    _discard_older_format(work)
+    write_json(work / "semdedup.json", {"rule": rule, "eps": eps, "k": chain.k, "format": FORMAT})  # parameters
+    emb_dtype = stored_dtype(pool)
+    dedup = DedupStage(str(work), chain.k, pool.dim, rule, eps, emb_dtype=emb_dtype)
+    if finished_world(dedup) is not None:
+        log.info("reusing SemDeDup results in %s", work)
+        return []
+    workers = executor.workers
+    shuffle = ShuffleStage(str(work), str(chain.dir), PoolSpec.of(pool), str(within.path) if within else None,
+                           emb_dtype)
+    world = _shuffle_world(work, shuffle, workers)
+    shuffled = executor.submit(shuffle, world, after=[chain.last])
+    dedup.shuffle_world = world
+    dedup_world = min(workers, n_buckets(chain.k))
+    _forget_other_worlds(dedup, dedup_world)  # its per-bucket results serve any world size
+    return [shuffled, executor.submit(dedup, dedup_world, after=[shuffled])]
 
 
 def _shuffle_world(work: Path, shuffle: ShuffleStage, workers: int) -> int:
     """The world size to shuffle with: a finished shuffle's own (any worker count reads it);
-    otherwise ``workers``, after discarding an unfinished shuffle made with another."""
-    state = work / "shuffle.json"
-    if state.exists():
-        made = json.loads(state.read_text())
-        world = int(made["world_size"])
-        if made.get("emb_dtype") != shuffle.emb_dtype:
-            log.info("%s: discarding a shuffle that stored %s embeddings", work, made.get("emb_dtype"))
-        elif len(shuffle.done_parts(world)) == world or world == workers:
-            return world  # finished, or resumed part by part (each part clears its own leftovers)
-        log.info("%s: discarding an unfinished shuffle made with %d parts (now %d)", work, world, workers)
-    shutil.rmtree(work / "shuffle", ignore_errors=True)
-    shutil.rmtree(shuffle.marker_dir(), ignore_errors=True)
-    write_json(state, {"world_size": workers, "emb_dtype": shuffle.emb_dtype, "format": FORMAT})
+    otherwise ``workers``, after discarding an unfinished shuffle made with another (its files
+    and markers name their world size; each part of a resumed one clears its own leftovers)."""
+    done = finished_world(shuffle)
+    if done is not None:
+        return done
+    tag = f"-of-{workers:05d}."
+    files = (work / "shuffle").glob("*") if (work / "shuffle").exists() else ()
+    markers = shuffle.marker_dir().glob("*-of-*.json") if shuffle.marker_dir().exists() else ()
+    if any(tag not in p.name for p in files) or any(not p.name.endswith(f"-of-{workers:05d}.json") for p in markers):
+        log.info("%s: discarding an unfinished shuffle made with another number of parts (now %d)", work, workers)
+        shutil.rmtree(work / "shuffle", ignore_errors=True)
+        shutil.rmtree(shuffle.marker_dir(), ignore_errors=True)
     return workers
 
 
 def _discard_older_format(work: Path) -> None:
     """Results or a shuffle made by an older SemDeDup (e.g. similarities of fp16-rounded
-    vectors) are removed, so that they are computed again in float32."""
+    vectors) are removed, so that they are computed again in float32. (``shuffle.json`` is an
+    older version's record of the shuffle's world size, now read off its markers.)"""
     made = [json.loads(p.read_text()).get("format") for p in (work / "semdedup.json", work / "shuffle.json")
             if p.exists()]
     if all(f == FORMAT for f in made):
+        (work / "shuffle.json").unlink(missing_ok=True)
         return
     log.info("%s: discarding SemDeDup results of an older format (%s, now %d)", work, made, FORMAT)
     for p in work.iterdir():

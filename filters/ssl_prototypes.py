@@ -13,38 +13,44 @@ import numpy as np
 from conceptprune import keeplist as K
 from conceptprune.errors import ConfigError
 from conceptprune.keeplist import UidCollector
+from conceptprune.slurm.stage import Executor
 
 from .base import FilterResult, as_within, check_fraction, target_count
-from .clustering import Clustering
-from .common import cluster_table, clustering_for, table_writer
+from .clustering import clustering_for
+from .clustering_config import ClusteringConfig
+from .common import cluster_table, table_writer
 from .dbp import complexity
 from .select import grouped_select
 
 ORDERS = {"hard": "largest", "easy": "smallest"}
 
 
-def ssl_prototypes(pool, *, fraction: float, clusters: int | None = None, keep: str = "hard", balance: float | None = None,
-                   seed: int | None = None, within=None, **clustering_args) -> FilterResult:
+def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float | None = None, within=None,
+                   clustering: ClusteringConfig | None = None, executor: "Executor | str | None" = None,
+                   out=None) -> FilterResult | None:
+    """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
     fraction = check_fraction(fraction)
     if keep not in ORDERS:
         raise ConfigError(f"--keep must be one of {sorted(ORDERS)}")
     if balance is not None and not 0 <= balance <= 1:
         raise ConfigError("--balance must be in [0, 1]")
     within = as_within(within)
-    clustering: Clustering = clustering_for(pool, clusters, seed, within, default_k=100, **clustering_args)
-    seed = clustering.meta["seed"]
-    size, d_intra = clustering.cluster_stats(within)
+    cl = clustering_for(pool, clustering, within, executor, out=out)
+    if cl is None:
+        return None
+    seed = cl.meta["seed"]
+    size, d_intra = cl.cluster_stats(within)
     m = int(size.sum())
     n_keep = target_count(fraction, m)
     order = ORDERS[keep]
     kept = UidCollector()
-    counts = np.zeros(clustering.k, dtype=np.int64)
-    floors = np.zeros(clustering.k, dtype=np.int64)
+    counts = np.zeros(cl.k, dtype=np.int64)
+    floors = np.zeros(cl.k, dtype=np.int64)
     if balance:
-        floors = np.minimum(np.floor(balance * n_keep / clustering.k), size).astype(np.int64)
+        floors = np.minimum(np.floor(balance * n_keep / cl.k), size).astype(np.int64)
 
         def per_cluster():
-            for _, uids, cluster, dist in clustering.candidates(within):
+            for _, uids, cluster, dist in cl.candidates(within):
                 yield cluster.astype(np.int64), dist, uids
 
         first, counts = grouped_select(per_cluster, floors, order)
@@ -55,23 +61,23 @@ def ssl_prototypes(pool, *, fraction: float, clusters: int | None = None, keep: 
     rest = n_keep - int(floors.sum())
     if rest > 0:
         def remaining():
-            for _, uids, cluster, dist in clustering.candidates(within):
+            for _, uids, cluster, dist in cl.candidates(within):
                 free = ~K.member(floor_uids, uids)[0] if floor_uids is not None else slice(None)
                 yield np.zeros(len(uids[free]), np.int64), dist[free], uids[free]
 
         grouped_select(remaining, np.array([rest]), order, collector=kept)
         kept = kept.to_array()  # the output (N uids); needed once more to count per cluster
-        counts = np.zeros(clustering.k, dtype=np.int64)
-        for _, uids, cluster, _ in clustering.candidates(within):
-            counts += np.bincount(cluster[K.member(kept, uids)[0]], minlength=clustering.k)
-    d_inter, cx = complexity(clustering, size, d_intra, 20)
-    table = cluster_table(size, d_intra, d_inter, cx, np.full(clustering.k, np.nan), counts)
-    params = {"fraction": fraction, "clusters": clustering.k, "keep": keep, "balance": balance, "seed": seed,
-              "clustering": str(clustering.dir), "train_sample": clustering.meta["train_sample"]}
-    return FilterResult("ssl-prototypes", kept, params, {"pool": clustering.rows, "candidates": m},
+        counts = np.zeros(cl.k, dtype=np.int64)
+        for _, uids, cluster, _ in cl.candidates(within):
+            counts += np.bincount(cluster[K.member(kept, uids)[0]], minlength=cl.k)
+    d_inter, cx = complexity(cl, size, d_intra, 20)
+    table = cluster_table(size, d_intra, d_inter, cx, np.full(cl.k, np.nan), counts)
+    params = {"fraction": fraction, "clusters": cl.k, "keep": keep, "balance": balance, "seed": seed,
+              "clustering": str(cl.dir), "train_sample": cl.meta["train_sample"]}
+    return FilterResult("ssl-prototypes", kept, params, {"pool": cl.rows, "candidates": m},
                         {"target": n_keep, "from_floors": int(floors.sum())},
                         extras=table_writer(table, f"SSL prototypes: keep {keep} {n_keep:,} of {m:,} "
-                                                   f"(k={clustering.k}, balance={balance})"))
+                                                   f"(k={cl.k}, balance={balance})"))
 
 
 ssl_prototypes.uses_clustering = True

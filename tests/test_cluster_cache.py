@@ -22,11 +22,11 @@ from conceptprune.cli import main
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.filters import dbp, run_filter
 from conceptprune.filters.clustering import AssignStage, Clustering, PoolSpec
+from conceptprune.filters.clustering_config import ClusteringConfig
 from conceptprune.pool import Pool
 from conceptprune.slurm.stage import Executor
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
-FAST = {"niter": 10, "executor": "debug"}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_cluster_ids_do_not_depend_on_the_batching(tmp_path):
         np.save(work / "centroids.npy", centroids)
         Executor.create("inline").run(AssignStage(str(work), PoolSpec.of(pool), gpu="no"), world)
         (work / "clustering.json").write_text(json.dumps(
-            {"k": len(centroids), "pool": {"rows": pool.rows}, "assignment": {"world_size": world, "complete": True}}))
+            {"k": len(centroids), "pool": {"rows": pool.rows}, "assignment": {"world_size": world}}))
         got = np.concatenate([b[2] for b in Clustering(work).iter_assignment()])
         assert (got != expected).sum() == 0, f"world {world}: {(got != expected).sum()} rows differ"
 
@@ -162,11 +162,13 @@ def test_identical_vectors_same_result_with_one_and_two_workers(tmp_path):
     outs = {}
     for workers in (1, 2):
         d = tmp_path / f"w{workers}"
-        run_filter(dbp, pool, d / "dbp.npy", embedding_key="l14_img", fraction=0.3, clusters=40, niter=10,
+        run_filter(dbp, pool, d / "dbp.npy", embedding_key="l14_img", fraction=0.3,
+                   clustering=ClusteringConfig(clusters=40, niter=10),
                    executor=Executor.create("inline", workers=workers))
         from conceptprune.filters import semdedup
         run_filter(semdedup, pool, d / "sd.npy", embedding_key="l14_img", eps=0.01,
-                   clustering_dir=d / "dbp.clustering", executor=Executor.create("inline", workers=workers))
+                   clustering=ClusteringConfig(dir=d / "dbp.clustering"),
+                   executor=Executor.create("inline", workers=workers))
         outs[workers] = [(d / n).read_bytes() for n in ("dbp.npy", "sd.npy")]
     assert outs[1] == outs[2]
 
@@ -261,18 +263,18 @@ def test_changed_embeddings_are_not_reused(small_pool_dir, tmp_path):
     pool = tmp_path / "pool"
     shutil.copytree(small_pool_dir, pool)
     clus = tmp_path / "c"
-    a = run_filter(dbp, pool, tmp_path / "a.npy", embedding_key="l14_img", fraction=0.5, clusters=6,
-                   clustering_dir=clus, **FAST)
+    a = run_filter(dbp, pool, tmp_path / "a.npy", embedding_key="l14_img", fraction=0.5,
+                   clustering=ClusteringConfig(clusters=6, dir=clus, niter=10), executor="debug")
     npz = sorted(pool.glob("*.npz"))[1]
     with np.load(npz) as z:
         e = z["l14_img"].copy()
     e = e[::-1].copy()  # same shape, same rows count, other data
     np.savez(npz, l14_img=e)
     with pytest.raises(ConfigError, match=f"other data: {npz.name} changed"):
-        run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5, clustering_dir=clus,
-                   executor="debug")
-    b = run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5, clusters=6,
-                   clustering_dir=tmp_path / "fresh", **FAST)
+        run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5,
+                   executor="debug", clustering=ClusteringConfig(dir=clus))
+    b = run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5,
+                   clustering=ClusteringConfig(clusters=6, dir=tmp_path / "fresh", niter=10), executor="debug")
     assert not np.array_equal(a.uids, b.uids)
 
 
@@ -289,14 +291,15 @@ def test_bad_embeddings_policy_on_a_reused_clustering(tmp_path):
     clus = tmp_path / "c"
     for name in ("first", "reused"):
         r = run_filter(dbp, pool, tmp_path / f"{name}.npy", embedding_key="l14_img", bad_embeddings="drop",
-                       fraction=0.5, clusters=4, clustering_dir=clus, train_sample=1000, **FAST)
+                       fraction=0.5, clustering=ClusteringConfig(clusters=4, dir=clus, train_sample=1000, niter=10),
+                       executor="debug")
         assert len(r.uids) == round(0.5 * 2997)
         report = json.loads((tmp_path / f"{name}.json").read_text())["embeddings"]
         assert (report["nan_or_inf"], report["zero"]) == (2, 1), name
         assert "row 10" in report["examples"][0]
     with pytest.raises(PoolError, match=r"row 10 .*NaN.*3 rows"):
-        run_filter(dbp, pool, tmp_path / "strict.npy", embedding_key="l14_img", fraction=0.5, clustering_dir=clus,
-                   executor="debug")
+        run_filter(dbp, pool, tmp_path / "strict.npy", embedding_key="l14_img", fraction=0.5,
+                   executor="debug", clustering=ClusteringConfig(dir=clus))
     assert not (tmp_path / "strict.npy").exists()
 
 
@@ -334,11 +337,12 @@ def test_a_corrupt_semdedup_cache_is_named_not_used(small_pool_dir, tmp_path):
     """A cache filled twice (what two unlocked runs did) is refused with the folder to delete."""
     from conceptprune.filters import semdedup
 
-    run_filter(semdedup, small_pool_dir, tmp_path / "a.npy", embedding_key="l14_img", eps=0.02, clusters=6, **FAST)
+    run_filter(semdedup, small_pool_dir, tmp_path / "a.npy", embedding_key="l14_img", eps=0.02,
+               clustering=ClusteringConfig(clusters=6, niter=10), executor="debug")
     work = tmp_path / "a.clustering" / "semdedup" / "all"
     bucket = sorted((work / "m").glob("b*.npy"))[0]
     res = np.load(bucket)
     np.save(bucket, np.concatenate([res, res]))
     with pytest.raises(ConfigError, match=f"hold {4000 + len(res):,} rows for 4,000 candidates; delete {work}"):
         run_filter(semdedup, small_pool_dir, tmp_path / "b.npy", embedding_key="l14_img", eps=0.02,
-                   clustering_dir=tmp_path / "a.clustering", executor="debug")
+                   executor="debug", clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))

@@ -484,12 +484,14 @@ def test_make_pool_numeric_flags(tmp_path, capsys, argv, message):
 
 def test_python_api_checks_the_same_rules(pool, tmp_path):
     from conceptprune.filters import clip_score, dbp, random_subset, run_filter
+    from conceptprune.filters.clustering_config import ClusteringConfig
 
     with pytest.raises(ConfigError, match="--niter must be >= 1"):  # 0 used to become 100
-        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4, niter=0)
+        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5,
+                   clustering=ClusteringConfig(clusters=4, niter=0))
     with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
-        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, clusters=4,
-                   executor=Executor.create("local", workers=-2))
+        run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5,
+                   clustering=ClusteringConfig(clusters=4), executor=Executor.create("local", workers=-2))
     with pytest.raises(ConfigError, match="--temperature must be a finite number"):
         run_filter(dbp, pool, tmp_path / "k.npy", embedding_key="l14_img", fraction=0.5, temperature=float("nan"))
     with pytest.raises(ConfigError, match="--threshold must be a finite number"):

@@ -16,7 +16,8 @@ import pytest
 from conceptprune import uids as U
 from conceptprune.errors import ConfigError
 from conceptprune.filters import run_filter, semdedup
-from conceptprune.filters.clustering import Clustering, ClusteringSpec, parse_bytes
+from conceptprune.filters.clustering import Clustering
+from conceptprune.filters.clustering_config import ClusteringConfig, parse_bytes
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
 from conftest import uid_set
@@ -24,7 +25,6 @@ from conftest import uid_set
 DIM, PAIRS, SINGLES, CLUSTERS = 64, 700, 600, 4
 EPS = 0.05
 THRESHOLD = 1.0 - EPS  # j is removed when M_j > 1 - eps
-FAST = {"niter": 20, "executor": "debug"}
 
 
 def _planted_vectors(seed: int = 0) -> np.ndarray:
@@ -94,8 +94,8 @@ def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog
     near = near[np.abs(near - THRESHOLD) < 1e-4]
     assert (near > THRESHOLD).sum() >= 100 and (near <= THRESHOLD).sum() >= 100
     with caplog.at_level(logging.INFO, logger="conceptprune.filters.clustering"):
-        r = run_filter(semdedup, pool, tmp_path / "sd.npy", embedding_key="l14_img", eps=EPS, clusters=CLUSTERS,
-                       **FAST)
+        r = run_filter(semdedup, pool, tmp_path / "sd.npy", embedding_key="l14_img", eps=EPS,
+                       clustering=ClusteringConfig(clusters=CLUSTERS, niter=20), executor="debug")
     clustering = Clustering(tmp_path / "sd.clustering")
     expected = _reference_kept(clustering, e)
     assert 0 < len(expected) < len(x16)
@@ -108,7 +108,7 @@ def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog
 
 def test_training_sample_grows_with_k():
     def size(k, candidates=10**9, dim=768, memory="8G", train_sample=None):
-        spec = ClusteringSpec(k=k, train_sample=train_sample, kmeans_memory=parse_bytes(memory)).filled()
+        spec = ClusteringConfig(clusters=k, train_sample=train_sample, kmeans_memory=memory).filled()
         return spec.resolved_sample(candidates, dim)
 
     assert size(100) == 100_000  # small k: as before, min(1000 k, 500k)

@@ -10,6 +10,7 @@ import pytest
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
+from conceptprune.filters.clustering_config import ClusteringConfig
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Executor
 from conftest import write_circle_shards
@@ -74,8 +75,8 @@ def test_semdedup_and_evaluate_on_slurm_equal_inline(slurm_cluster, tmp_path, ti
     lists = {}
     for name, ex in (("slurm", _slurm(2)), ("inline", Executor.create("inline", workers=2))):
         out = tmp_path / f"sd_{name}.npy"
-        run_filter(semdedup, tmp_path / "pool", out, embedding_key="l14_img", target_fraction=0.8, clusters=6,
-                   niter=10, executor=ex)
+        run_filter(semdedup, tmp_path / "pool", out, embedding_key="l14_img", target_fraction=0.8, executor=ex,
+                   clustering=ClusteringConfig(clusters=6, niter=10))
         lists[name] = out.read_bytes()
     assert lists["slurm"] == lists["inline"]
 
