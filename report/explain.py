@@ -2,7 +2,9 @@
 
 For every step: was the sample a candidate (in its --within list), was it kept, and why:
 CLIP score against the threshold; DBP's cluster, distance rank and budget; SemDeDup's M_j
-against 1 - eps and the near-duplicate that removed it. With --shards, its image (copied
+against 1 - eps and the near-duplicate that removed it; basic and laion2b: each of their
+checks on the row (language, caption length, image size; the B/32 score and threshold),
+recomputed with the language identifier named in the step's manifest. With --shards, its image (copied
 out by the uid index, without unpacking the tar) and caption.
 """
 
@@ -44,6 +46,62 @@ def _clip(chain: Chain, step: Step, q, kept: bool) -> dict:
     if score is not None and thr is not None:
         d["why"] = (f"{col} {score:.5f} {'>=' if kept else '<'} threshold {thr:.5f}")
     return d
+
+
+def _row(chain: Chain, q: np.ndarray, columns: list[str]) -> dict | None:
+    """The pool row of uid ``q`` (the columns asked for), None when the pool lacks it."""
+    for chunk in chain.pool().iter_chunks(columns):
+        found = K.member(q, chunk.uids)[0]
+        if found.any():
+            i = int(np.flatnonzero(found)[0])
+            return {c: chunk.table.column(c)[i].as_py() for c in columns}
+    return None
+
+
+def _failed(checks: dict) -> str:
+    bad = [k for k, ok in checks.items() if not ok]
+    return "fails: " + ", ".join(bad) if bad else "passes every check"
+
+
+def _basic(chain: Chain, step: Step, q, kept: bool) -> dict:
+    from conceptprune.filters.basic import caption_mask, image_mask
+    from conceptprune.filters.langid import LanguageId
+
+    if chain.pool_dir is None:
+        return {"why": "pool folder not found"}
+    r = _row(chain, q, ["text", "original_width", "original_height"])
+    if r is None:
+        return {"why": "not in the pool"}
+    text, w, h = r["text"] or "", r["original_width"], r["original_height"]
+    lid = LanguageId(step.params.get("lid_model"))
+    english, long_enough = caption_mask([text], lid)
+    lang = lid.predict([text])[0]
+    checks = {"english": bool(english[0]), "caption_long_enough": bool(long_enough[0]),
+              "image_size_ok": bool(image_mask(np.array([w]), np.array([h]))[0])}
+    return {"language": lang, "words": len(text.split()), "chars": len(text),
+            "width": w, "height": h, "checks": checks,
+            "why": f"language {lang!r}, {len(text.split())} words, {len(text)} characters, "
+                   f"image {w}x{h} (shorter side >= 200, aspect <= 3): {_failed(checks)}"}
+
+
+def _laion2b(chain: Chain, step: Step, q, kept: bool) -> dict:
+    from conceptprune.filters.langid import language_id
+
+    if chain.pool_dir is None:
+        return {"why": "pool folder not found"}
+    col = "clip_b32_similarity_score"
+    r = _row(chain, q, ["text", col])
+    if r is None:
+        return {"why": "not in the pool"}
+    kind = step.params.get("langid", "gcld3")
+    lid = language_id(kind, None if kind == "gcld3" else step.params.get("lid_model"))
+    lang = lid.predict([r["text"] or ""])[0]
+    thr = step.params.get("threshold", 0.28)
+    score = r[col]
+    checks = {"english": lang == "en",
+              "score_above_threshold": bool(score is not None and np.float32(score) >= np.float32(thr))}
+    return {"language": lang, "langid": kind, "score": score, "threshold": thr, "column": col, "checks": checks,
+            "why": f"language {lang!r} ({kind}), {col} {score} vs threshold {thr}: {_failed(checks)}"}
 
 
 def _cluster_rank(chain: Chain, i: int, step: Step, cluster: int, dist: float, q) -> tuple[int, int]:
@@ -146,6 +204,10 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, in
             rec.update(_dbp(chain, i, s, q, kept))
         elif s.method == "semdedup":
             rec.update(_semdedup(chain, i, s, q, kept))
+        elif s.method == "basic":
+            rec.update(_basic(chain, s, q, kept))
+        elif s.method == "laion2b":
+            rec.update(_laion2b(chain, s, q, kept))
         else:
             rec["params"] = s.params
         steps.append(rec)

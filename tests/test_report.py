@@ -235,3 +235,165 @@ def test_index_rebuilds_when_a_shard_changes_and_bad_inputs_are_one_line_errors(
     assert main(["report", str(chain["k"] / "cs.npy"), "--shards", str(tmp_path / "none"),
                  "--out", str(tmp_path / "r")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_explain_reasons_agree_with_the_keep_lists(chain, capsys):
+    """Every reason explain gives is checked against the data: DBP's rank is the sample's place
+    in its cluster (hardest first) and the cluster's kept members are exactly the ranks within
+    the budget; SemDeDup's near duplicate has the stated cosine, above 1 - eps, in the embeddings."""
+    from conceptprune.report.chain import load_step, locate_rows
+    from tests.conftest import read_embeddings
+
+    pool = pd.concat([pd.read_parquet(p) for p in sorted(chain["pool"].glob("*.parquet"))], ignore_index=True)
+    uids = U.uids_to_array(pool["uid"].tolist())
+    cs, sd, db = (K.read_keep_list(p) for p in chain["chain"])
+    step = load_step(chain["k"] / "dbp.npy")
+    _, cl, dist = locate_rows(step, sd)
+    in_sd, in_db = K.member(sd, uids)[0], K.member(db, uids)[0]
+    for row in np.flatnonzero(in_sd & ~in_db)[:3].tolist() + np.flatnonzero(in_db)[:2].tolist():
+        s = _explain(chain, pool["uid"][row], capsys)["steps"][2]
+        j = int(K.member(sd, uids[row:row + 1])[1][0])
+        members = np.flatnonzero(cl == cl[j])
+        hi, lo = U.split(sd[members])
+        order = members[np.lexsort((lo, hi, -dist[members]))]  # furthest first, ties by uid
+        assert s["cluster"] == int(cl[j]) and s["distance"] == pytest.approx(float(dist[j]))
+        assert s["rank"] == int(np.flatnonzero(order == j)[0]) + 1 and s["cluster_candidates"] == len(members)
+        kept_ranks = np.flatnonzero(K.member(db, sd[order])[0]) + 1
+        assert kept_ranks.tolist() == list(range(1, s["budget"] + 1))
+        assert (s["status"] == "kept") == (s["rank"] <= s["budget"]) == bool(in_db[row])
+
+    emb = read_embeddings(chain["pool"], "b32_img")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for row in np.flatnonzero(K.member(cs, uids)[0] & ~in_sd)[:3]:
+        s = _explain(chain, pool["uid"][row], capsys)["steps"][1]
+        by = int(np.flatnonzero(pool["uid"] == s["removed_by"])[0])
+        assert s["status"] == "dropped" and "near duplicate of " + s["removed_by"] in s["why"]
+        assert float(emb[row] @ emb[by]) == pytest.approx(s["similarity"], abs=2e-3)
+        assert s["M"] > 1 - s["eps"] and s["similarity"] == pytest.approx(s["M"], abs=1e-5)
+
+
+def test_explain_basic_and_laion2b_checks(chain, tmp_path, capsys):
+    """The per-row baselines: explain recomputes each check with the manifest's language model;
+    a candidate passes them all exactly when the step kept it."""
+    k = tmp_path
+    _cli("filter", "basic", "--pool", chain["pool"], "--out", k / "basic.npy")
+    _cli("filter", "laion2b", "--pool", chain["pool"], "--within", k / "basic.npy", "--out", k / "l2b.npy")
+    pool = pd.concat([pd.read_parquet(p) for p in sorted(chain["pool"].glob("*.parquet"))], ignore_index=True)
+    uids = U.uids_to_array(pool["uid"].tolist())
+    b, l2 = K.member(K.read_keep_list(k / "basic.npy"), uids)[0], K.member(K.read_keep_list(k / "l2b.npy"), uids)[0]
+    picks = {"basic": np.flatnonzero(~b)[:4], "laion2b": np.flatnonzero(b & ~l2)[:4], "kept": np.flatnonzero(l2)[:2]}
+    assert all(len(v) for v in picks.values()), {n: len(v) for n, v in picks.items()}
+    for fate, rows in picks.items():
+        for row in rows.tolist():
+            capsys.readouterr()
+            _cli("explain", pool["uid"][row], "--chain", k / "basic.npy", k / "l2b.npy", "--json")
+            r = json.loads(capsys.readouterr().out)
+            s1, s2 = r["steps"]
+            text = pool["text"][row] or ""
+            assert (s1["words"], s1["chars"]) == (len(text.split()), len(text))
+            assert (s1["width"], s1["height"]) == (pool["original_width"][row], pool["original_height"][row])
+            assert all(s1["checks"].values()) == bool(b[row]) and s1["status"] == ("kept" if b[row] else "dropped")
+            if fate == "basic":
+                assert r["fate"] == "dropped at step 1 (basic)" and "fails: " in s1["why"]
+                assert s2["status"] == "not a candidate (dropped earlier)"
+                continue
+            assert s2["score"] == pytest.approx(float(pool["clip_b32_similarity_score"][row]))
+            assert s2["threshold"] == 0.28 and s2["langid"] == "gcld3"
+            assert all(s2["checks"].values()) == bool(l2[row])
+            assert r["fate"] == ("kept by every step" if fate == "kept" else "dropped at step 2 (laion2b)")
+
+
+def _tar_reference(tars) -> tuple[bytes, bytes]:
+    """uids.npy and loc.npy as np.save writes them, from an independent read with tarfile: a
+    sample's range runs from its first member's header to its last member's padded data; sorted
+    by uid (stable, so ties stay in shard order) and the first of equal uids kept."""
+    from conceptprune.report.index import LOC_DTYPE
+
+    recs = []
+    for s, p in enumerate(tars):
+        with tarfile.open(p) as tf:
+            groups = {}
+            for m in tf.getmembers():
+                key = m.name.rpartition("/")[2].partition(".")[0]
+                g = groups.setdefault(key, {"start": m.offset, "uid": ""})
+                g["end"] = m.offset_data + -(-m.size // 512) * 512
+                if m.name.endswith(".json"):
+                    g["uid"] = json.loads(tf.extractfile(m).read()).get("uid", "")
+            recs += [(g["uid"], s, g["start"], g["end"] - g["start"]) for g in groups.values() if g["uid"]]
+    u = U.uids_to_array([r[0] for r in recs])
+    loc = np.array([r[1:] for r in recs], dtype=LOC_DTYPE)
+    hi, lo = U.split(u)
+    o = np.lexsort((lo, hi))
+    u, loc = u[o], loc[o]
+    keep = ~K.duplicate_mask(u)
+    out = []
+    for arr in (u[keep], loc[keep]):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+def test_index_external_sort_is_byte_identical_for_any_budget(tmp_path, capsys):
+    """Several sorted runs (a tiny budget), one run, one or three scanning workers: the same
+    files, equal to an independent tarfile reading; repeated uids keep the first sample in
+    shard order; a GNU-format shard (not plain) is read member by member; lookups are on the
+    memory-mapped files."""
+    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.report.index import build_index
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(5)
+    seen = []
+    for s in range(6):
+        w = ShardWriter(shards / f"{s:05d}.tar")
+        for i in range(700):
+            if seen and rng.random() < 0.03:
+                uid = seen[int(rng.integers(len(seen)))]  # the same uid in another sample
+            else:
+                uid = "".join(rng.choice(list("0123456789abcdef"), 32))
+            parts = {"jpg": bytes(int(rng.integers(1, 1500))), "json": json.dumps({"uid": uid}).encode()}
+            if i % 97 == 5:
+                parts["json"] = b'{"caption": "no uid"}'
+            else:
+                seen.append(uid)
+            w.write(Sample(f"{s:05d}{i:05d}", parts))
+        w.close()
+    with tarfile.open(shards / "00006.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(30):
+            for ext, data in (("jpg", b"img"), ("json", json.dumps({"uid": seen[i * 7]}).encode())):
+                info = tarfile.TarInfo(f"{'long' * 30}{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    tars = sorted(shards.glob("*.tar"))
+    ref_u, ref_l = _tar_reference(tars)
+    built = {}
+    for memory, workers in (("64K", 1), ("64K", 3), ("1G", 1)):
+        idx = build_index(shards, tmp_path / f"i{memory}{workers}", workers=workers, memory=memory)
+        built[memory, workers] = idx
+        assert (idx.folder / "uids.npy").read_bytes() == ref_u, (memory, workers)
+        assert (idx.folder / "loc.npy").read_bytes() == ref_l, (memory, workers)
+        assert not list(idx.folder.glob(".runs-*")) and not list(idx.folder.glob(".*tmp*"))
+    assert built["64K", 1].stats["runs"] >= 4 and built["1G", 1].stats["runs"] == 1
+    assert built["64K", 1].stats["duplicates"] > 0
+    idx = build_index(shards, tmp_path / "i64K1")  # reused: memory-mapped, found by binary search
+    assert idx.build_s == 0 and isinstance(idx.uids, np.memmap) and isinstance(idx.loc, np.memmap)
+    want = U.uids_to_array(sorted(set(seen)))
+    extra = U.uids_to_array(["f" * 32, "0" * 32, "a" * 32])
+    found, pos = idx.lookup(np.concatenate([want, extra]))
+    assert found[:len(want)].all() and not found[len(want):].any()
+    assert (idx.uids[pos[:len(want)]] == want).all()
+    first = {}
+    for s, p in enumerate(tars):  # the sample read for a repeated uid is its first one in shard order
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    u = json.loads(tf.extractfile(m).read()).get("uid")
+                    if u and u not in first:
+                        first[u] = (s, m.name)
+    for u in [x for x in seen if seen.count(x) > 1][:10]:
+        assert int(idx.loc[idx.lookup(U.uids_to_array([u]))[1][0]]["shard"]) == first[u][0]
+    with pytest.raises(Exception, match="index-memory"):
+        build_index(shards, tmp_path / "bad", memory="lots")
+    assert main(["report", "x.npy", "--shards", str(shards), "--index-memory", "1", "--out", str(tmp_path / "r")]) == 2
