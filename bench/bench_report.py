@@ -119,6 +119,26 @@ def _child_main(name: str, args: list[str]) -> None:
         print(write_shards(pool, shards, rows=sel, per_shard=per))
     elif name == "tiny_shards":
         print(len(tiny_shards(Path(args[0]), int(args[1]), int(args[2]))))
+    elif name == "dropped":  # per step, the first pool row in the shards that the step dropped
+        from conceptprune import keeplist as K
+        from conceptprune import uids as U
+        from conceptprune.pool import Pool
+        from conceptprune.report.index import build_index
+
+        idx = build_index(args[1])
+        keeps = [K.read_keep_list(p) for p in args[2:]]
+        out = [None] * len(keeps)
+        for chunk in Pool(args[0]).iter_chunks([]):
+            alive = idx.contains(chunk.uids)
+            for i, keep in enumerate(keeps):
+                kept = K.member(keep, chunk.uids)[0]
+                hit = np.flatnonzero(alive & ~kept)
+                if out[i] is None and len(hit):
+                    out[i] = U.pair_to_uid(*chunk.uids[hit[0]])
+                alive &= kept
+            if all(out):
+                break
+        print(json.dumps(out))
     elif name == "screenshot":
         print(json.dumps(screenshot(Path(args[0]), Path(args[1]))))
 
@@ -146,6 +166,13 @@ def report_part(args, work: Path) -> dict:
     warm = cli("report", *chain, "--shards", shards, "--out", work / "rep2")
     load_after = os.getloadavg()
     meta = json.loads((shards / "_uid_index" / "index.json").read_text())
+    dropped = json.loads(child("dropped", pool, shards, *chain)["stdout"].strip().splitlines()[-1])
+    explain = {}
+    for name, uid in zip([p.stem for p in chain], dropped):
+        if uid:
+            r = cli("explain", uid, "--chain", *chain, "--shards", shards, "--thumb-dir", work / "ex")
+            explain[name] = {"uid": uid, "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
+                             "text": r["stdout"].strip().splitlines()}
     r = child("screenshot", work / "rep" / "index.html", work / "shot.png")
     shot = json.loads(r["stdout"].strip().splitlines()[-1])
     thumbs = len(list((work / "rep" / "thumbs").iterdir()))
@@ -162,7 +189,7 @@ def report_part(args, work: Path) -> dict:
         "thumbnails": thumbs,
         "index_in_report": {k_: meta[k_] for k_ in ("samples", "build_s", "uids_per_s", "memory_budget", "runs",
                                                      "workers")},
-        "chromium_screenshot": shot,
+        "chromium_screenshot": shot, "explain_dropped_by_each_step": explain,
         "loadavg_before_reports": [round(x, 2) for x in load], "loadavg_after_reports": [round(x, 2) for x in load_after],
     }
 
