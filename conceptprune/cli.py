@@ -33,7 +33,10 @@ COMMAND_MODULES = (
 log = logging.getLogger("conceptprune")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. Given the command word, only the modules up to the one that registers
+    it are imported (start-up time: a ``reshard`` need not import the filters' libraries); a
+    word no module registers gets them all, so argparse lists every choice."""
     parser = argparse.ArgumentParser(
         prog="conceptprune",
         description="Concept-based data pruning for the DataComp CLIP benchmark: "
@@ -53,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+        if command is not None and command in sub.choices:
+            break
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_word(sys.argv[1:] if argv is None else argv, before_help=True))
     try:  # numeric flags are checked while parsing (conceptprune.checks): one line, no usage dump
         args = parser.parse_args(argv)
     except ConceptPruneError as e:
@@ -96,17 +101,20 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _command_word(argv: list[str]) -> str:
-    """The subcommand of a command line that did not parse (skips the global options)."""
+def _command_word(argv: list[str], before_help: bool = False) -> str | None:
+    """The subcommand of a command line (skips the global options); "" when there is none.
+    ``before_help``: None when a help or version flag comes first (the whole CLI answers it)."""
     skip = False
     for tok in argv:
         if skip:
             skip = False
         elif tok == "--log-level":
             skip = True
+        elif before_help and tok in ("-h", "--help", "--version"):
+            return None
         elif not tok.startswith("-"):
             return tok
-    return ""
+    return None if before_help else ""
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ The vectorised path decodes a whole Arrow string column without creating Python 
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import PoolError
 
@@ -41,7 +40,8 @@ def pair_to_uid(hi: int, lo: int) -> str:
 
 def uids_to_array(uids) -> np.ndarray:
     """A sequence of hex uids -> structured ``u8,u8`` array (same order, not sorted)."""
-    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+    pa = sys.modules.get("pyarrow")  # imported only where Arrow is used (not by reshard, say)
+    if pa is not None and isinstance(uids, (pa.Array, pa.ChunkedArray)):
         return arrow_uids_to_array(uids)
     out = np.empty(len(uids), dtype=UID_DTYPE)
     for i, u in enumerate(uids):
@@ -87,6 +87,9 @@ def arrow_uids_to_array(col, *, source: str = "uids", row_offset: int = 0) -> np
     Raises PoolError naming ``source`` and the row (``row_offset`` + index) of the first
     null, non-hex or over-long uid.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     n = len(col)
@@ -130,6 +133,8 @@ def arrow_uids_to_array(col, *, source: str = "uids", row_offset: int = 0) -> np
 
 def arrow_from_array(arr: np.ndarray) -> pa.Array:
     """uid array -> Arrow string column of 32-character hex (vectorised)."""
+    import pyarrow as pa
+
     chars = hex_array(arr)
     n = len(arr)
     offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int64)
@@ -139,6 +144,8 @@ def arrow_from_array(arr: np.ndarray) -> pa.Array:
 
 def _fixed_width_chars(col: pa.Array, width: int) -> np.ndarray:
     """(n, width) uint8 view of a string column whose values all have ``width`` bytes."""
+    import pyarrow as pa
+
     bufs = col.buffers()
     off_dtype = np.int64 if (pa.types.is_large_string(col.type)
                              or pa.types.is_large_binary(col.type)) else np.int32

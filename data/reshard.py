@@ -40,6 +40,7 @@ import mmap
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +181,16 @@ def _open_plain(shard: str):
 
 
 class _PartWriter:
-    """One worker's output shards, ``shard_size`` samples each."""
+    """One worker's output shards, ``shard_size`` samples each. A full shard is closed (fsynced
+    and renamed) in a background thread while the next one is written; ``close`` waits."""
 
     def __init__(self, out: Path, shard_size: int):
         self.out, self.shard_size = out, shard_size
         self.written: list[int] = []
         self.writer: ShardWriter | None = None
         self.total = 0
+        self._closing: threading.Thread | None = None
+        self._errors: list[BaseException] = []
 
     def _current(self) -> ShardWriter:
         if self.writer is None:
@@ -195,32 +199,42 @@ class _PartWriter:
 
     def _rotate(self) -> None:
         if self.writer.count == self.shard_size:
-            self.writer.close()
+            self._wait()  # at most one shard closing at a time
+            self._closing = threading.Thread(target=self._close_one, args=(self.writer,), name="close-shard")
+            self._closing.start()
             self.written.append(self.writer.count)
             self.writer = None
+
+    def _close_one(self, writer: ShardWriter) -> None:
+        try:
+            writer.close()
+        except BaseException as e:  # raised in the worker by _wait
+            self._errors.append(e)
+
+    def _wait(self, check: bool = True) -> None:
+        if self._closing is not None:
+            self._closing.join()
+            self._closing = None
+        if check and self._errors:
+            raise self._errors[0]
 
     def sample(self, sample: Sample, key: str | None) -> None:
         self._current().write(sample, key)
         self.total += 1
         self._rotate()
 
-    def ranges(self, fd: int, spans: list) -> None:
-        """Whole samples given as byte ranges of ``fd``, one per sample, in order; adjacent
-        ranges within one output shard go out as one copy."""
+    def spans(self, buf, start: np.ndarray, end: np.ndarray) -> None:
+        """Whole samples given as byte ranges ``[start[k], end[k])`` of the mapped tar ``buf``, in
+        order; adjacent ranges within one output shard go out as one range."""
         i = 0
-        while i < len(spans):
+        while i < len(start):
             writer = self._current()
-            chunk = spans[i:i + self.shard_size - writer.count]
-            start, end, n = chunk[0][0], chunk[0][1], 1
-            for s, e in chunk[1:]:
-                if s == end:
-                    end, n = e, n + 1
-                else:
-                    writer.write_range(fd, start, end, n)
-                    start, end, n = s, e, 1
-            writer.write_range(fd, start, end, n)
-            i += len(chunk)
-            self.total += len(chunk)
+            n = min(len(start) - i, self.shard_size - writer.count)
+            s, e = start[i:i + n], end[i:i + n]
+            cut = np.flatnonzero(s[1:] != e[:-1])  # a run ends where the next range does not follow it
+            writer.write_spans(buf, s[np.append(0, cut + 1)].tolist(), e[np.append(cut, n - 1)].tolist(), n)
+            i += n
+            self.total += n
             self._rotate()
 
     def close(self) -> None:
@@ -228,8 +242,10 @@ class _PartWriter:
             self.writer.close()
             self.written.append(self.writer.count)
             self.writer = None
+        self._wait()
 
     def abort(self) -> None:
+        self._wait(check=False)  # an error of its own would hide the one being raised
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -299,36 +315,33 @@ class ReshardStage(Stage):
             f, buf, index = _open_plain(shard)
             if index is not None:
                 with f, buf:
-                    self._copy_indexed(index, f.fileno(), keep, multiplicity, seen, counts, parts)
+                    self._copy_indexed(index, buf, keep, multiplicity, seen, counts, parts)
             else:
                 for copy in self._shard_copies(shard, keep, multiplicity, seen, counts, unsafe, special, {}, None):
                     parts.sample(*copy)
             bar.update(1)
 
-    def _copy_indexed(self, index, fd, keep, multiplicity, seen, counts, parts) -> None:
+    def _copy_indexed(self, index, buf, keep, multiplicity, seen, counts, parts) -> None:
+        """The kept samples of an indexed tar, in order, as byte ranges; a uid listed k > 1 times
+        is copied as is once, then written k - 1 times more under new names (new headers)."""
         counts["samples_read"] += len(index)
         has_uid, pairs = index.uid_pairs()
         counts["no_uid"] += int((~has_uid).sum())
         rows = np.flatnonzero(has_uid)
-        if not len(rows):
-            return
         found, at = K.member(keep, pairs[rows])
-        spans = []
-        for i, hit, k in zip(rows.tolist(), found.tolist(), at.tolist()):
-            if not hit:
-                continue
-            if not index.has_image[i]:
-                counts["without_image"] += 1
-                continue
-            seen[k] = True
-            spans.append((index.start[i], index.end[i]))
-            if multiplicity[k] > 1:  # the extra copies are renamed: new headers
-                parts.ranges(fd, spans)
-                spans = []
-                sample = index.sample(i)
-                for j in range(1, int(multiplicity[k])):
-                    parts.sample(sample, f"{sample.key}-{j}")
-        parts.ranges(fd, spans)
+        rows, at = rows[found], at[found]
+        image = index.has_image[rows]
+        counts["without_image"] += int((~image).sum())
+        rows, at = rows[image], at[image]
+        seen[at] = True
+        done = 0
+        for x in np.flatnonzero(multiplicity[at] > 1).tolist():
+            parts.spans(buf, index.start[rows[done:x + 1]], index.end[rows[done:x + 1]])
+            sample = index.sample(int(rows[x]))
+            for j in range(1, int(multiplicity[at[x]])):
+                parts.sample(sample, f"{sample.key}-{j}")
+            done = x + 1
+        parts.spans(buf, index.start[rows[done:]], index.end[rows[done:]])
 
     def _select(self, shards, keep, multiplicity, seen, counts, unsafe, special, boxes, bar) -> Iterator:
         """(sample, key) for each copy to write, in input order (key None: the sample's own)."""

@@ -265,16 +265,17 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
 
 _OCTAL6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
 _OCTAL11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
-_UID_OR_END = re.compile(rb'"uid"\s*:\s*"([0-9A-Fa-f]{32})"|\0')  # _UID, or the end of a json
-_LITERAL_OR_END = re.compile(rb'("uid")|\0')
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _NIBBLE[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _NIBBLE[_c] = 10 + _i
 _BYTE_WEIGHTS = (1 << (8 * np.arange(4))).astype(np.uint32)
-_MAGIC_TAIL = np.frombuffer(b"star", np.uint8)
+# ustar's magic "ustar" (bytes 257-261 of a header) as seen in the block's 33rd little-endian word
+_MAGIC_MASK = np.uint64(0x0000FFFFFFFFFF00)
+_MAGIC_WORD = np.uint64(int.from_bytes(b"\0ustar\0\0", "little") & 0x0000FFFFFFFFFF00)
 _SHIFTS = (4 * np.arange(15, -1, -1)).astype(np.uint64)
+_PAD = 48  # NULs after the joined jsons: every look-ahead of the uid scan stays inside the buffer
 
 
 @dataclass
@@ -286,14 +287,14 @@ class TarIndex:
 
     path: str
     buf: mmap.mmap
-    names: list  # member names (bytes)
+    name: np.ndarray  # (members, width) uint8: each member's name, NUL-padded
     offsets: np.ndarray  # member header offsets
     sizes: np.ndarray  # member data sizes
     ext_at: np.ndarray  # where each name's extension starts (len(name) + 1 when it has none)
     first: np.ndarray  # first member of each sample, plus the member count at the end
-    start: list  # byte range of each sample
-    end: list
-    has_image: list  # bool per sample
+    start: np.ndarray  # byte range of each sample (int64)
+    end: np.ndarray
+    has_image: np.ndarray  # bool per sample
     json_member: np.ndarray  # each sample's last ``.json`` member (-1: none)
 
     def __len__(self) -> int:
@@ -309,14 +310,15 @@ class TarIndex:
         first = int(self.first[i])
         parts = {}
         for m in range(first, int(self.first[i + 1])):
-            parts[dec(self.names[m][int(self.ext_at[m]):])] = self._data(m)
-        key = self.names[first][:int(self.ext_at[first]) - 1]
-        return Sample(dec(key), parts, raw=[self.buf[self.start[i]:self.end[i]]])
+            parts[dec(self.name[m].tobytes().rstrip(b"\0")[int(self.ext_at[m]):])] = self._data(m)
+        key = self.name[first, :int(self.ext_at[first]) - 1].tobytes()
+        return Sample(dec(key), parts, raw=[self.buf[int(self.start[i]):int(self.end[i])]])
 
     def uid_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(whether sample i has a uid, the uids as a ``u8,u8`` array), as ``uid_to_pair(json_uid(
         sample.parts["json"]))`` reads them (a sample whose json has none, or is not JSON, has none).
-        The jsons are searched in one pass; one that is not a flat record with one "uid" is parsed."""
+        The usual json (one "uid", spelled ``"uid": "<32 hex>"``) is read by array operations;
+        any other is given to ``json_uid``."""
         from conceptprune import uids as U
 
         n = len(self)
@@ -325,16 +327,14 @@ class TarIndex:
         lo = np.zeros(n, dtype=np.uint64)
         rows = np.flatnonzero(self.json_member >= 0)
         members = self.json_member[rows]
-        found, hexes = self._scan_uids(members)
-        if len(found):
-            nib = _NIBBLE[hexes.view(np.uint8).reshape(-1, 32)].astype(np.uint64)
-            r = rows[found]
+        fast, hexes = self._scan_uids(members)
+        if len(hexes):
+            nib = _NIBBLE[hexes].astype(np.uint64)
+            r = rows[fast]
             ok[r] = True
             hi[r] = np.bitwise_or.reduce(nib[:, :16] << _SHIFTS, axis=1)
             lo[r] = np.bitwise_or.reduce(nib[:, 16:] << _SHIFTS, axis=1)
-        slow = np.ones(len(rows), dtype=bool)
-        slow[found] = False
-        for k in np.flatnonzero(slow).tolist():  # no match, or not exactly one "uid": the parser decides
+        for k in np.flatnonzero(~fast).tolist():  # anything else: the parser decides
             try:
                 h, l_ = U.uid_to_pair(json_uid(self._data(int(members[k]))))
             except ValueError:
@@ -343,26 +343,28 @@ class TarIndex:
         return ok, U.make_array(hi, lo)
 
     def _scan_uids(self, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(which of the json ``members`` have exactly one "uid" and the regex's match in it, its
-        32 hex digits) from one regex pass over the jsons joined by NULs (no match spans one).
-        Anything unusual (a NUL inside a json, a json with several "uid") is left to the parser."""
-        offsets, sizes = (self.offsets[members] + _BLOCK).tolist(), self.sizes[members].tolist()
-        blob = b"\0".join([self.buf[o:o + n] for o, n in zip(offsets, sizes)]) + b"\0"
-        none = np.zeros(0, dtype=np.int64), np.zeros(0, dtype="S32")
-        if blob.count(b"\0") != len(members):
-            return none
-        tokens = np.array(_UID_OR_END.findall(blob), dtype="S32")
-        end = tokens == b""
-        json_of = np.cumsum(end) - end
-        hit = ~end
-        found = json_of[hit]
-        if blob.count(b'"uid"') == len(found) and (np.diff(found) > 0).all():
-            return found, tokens[hit]  # each "uid" literal is in a match, one match per json at most
-        literals = np.array(_LITERAL_OR_END.findall(blob), dtype="S5")
-        lit_end = literals == b""
-        count = np.bincount((np.cumsum(lit_end) - lit_end)[~lit_end], minlength=len(members))
-        once = count[found] == 1
-        return found[once], tokens[hit][once]
+        """(which json ``members`` hold exactly one ``"uid"`` followed by ``: "<32 hex>"`` or
+        ``:"<32 hex>"``, those 32 hex digits as an (k, 32) uint8 array): ``_UID.search`` finds
+        exactly these in such a json. The jsons are joined with a NUL after each (no match of
+        the pattern spans one) and searched as one byte array."""
+        sizes = self.sizes[members]
+        offsets = (self.offsets[members] + _BLOCK).tolist()
+        blob = b"\0".join([self.buf[o:o + n] for o, n in zip(offsets, sizes.tolist())]) + bytes(_PAD)
+        b = np.frombuffer(blob, np.uint8)
+        starts = np.cumsum(sizes + 1) - (sizes + 1)  # each json's first byte in the blob
+        q = np.flatnonzero(b[:-_PAD] == 0x22)
+        for k, c in enumerate(b'uid"', 1):  # the literal "uid"
+            q = q[b[q + k] == c]
+        json_of = np.searchsorted(starts, q, side="right") - 1
+        once = np.bincount(json_of, minlength=len(members))[json_of] == 1  # bytes.count(b'"uid"') == 1
+        q, json_of = q[once], json_of[once]
+        value = q + 6 + (b[q + 6] == 0x20)  # the value's opening quote, after ':' and at most one space
+        usual = (b[q + 5] == 0x3A) & (b[value] == 0x22) & (b[value + 33] == 0x22)
+        hexes = b[(value + 1)[:, None] + np.arange(32)]
+        usual &= (_NIBBLE[hexes] != 255).all(axis=1)
+        fast = np.zeros(len(members), dtype=bool)
+        fast[json_of[usual]] = True
+        return fast, hexes[usual]
 
 
 def index_plain(path: str | Path, buf: mmap.mmap) -> TarIndex | None:
@@ -377,8 +379,7 @@ def index_plain(path: str | Path, buf: mmap.mmap) -> TarIndex | None:
     try:
         blocks = a.reshape(-1, _BLOCK)
         nblocks = len(blocks)
-        cand = np.flatnonzero(blocks[:, 257] == 0x75)
-        cand = cand[(blocks[cand, 258:262] == _MAGIC_TAIL).all(axis=1)]  # "ustar"
+        cand = np.flatnonzero((a.view("<u8")[32::_BLOCK // 8] & _MAGIC_MASK) == _MAGIC_WORD)  # "ustar" at 257
         heads = np.take(blocks, cand, axis=0)
         digits = heads[:, 124:135].astype(np.int64) - 0x30
         good = ((digits >= 0) & (digits <= 7)).all(axis=1) & (heads[:, 135] == 0)
@@ -417,10 +418,11 @@ def _follow(cand: np.ndarray, succ: list, nblocks: int) -> tuple[np.ndarray, int
 
 
 def _plain_names(h: np.ndarray) -> tuple | None:
-    """(name fields, name lengths) of headers ``h`` (m, 512) if every one is a plain regular
-    member with a valid checksum and a safe name that ends at its first NUL; else None."""
+    """(name fields cut to the longest name, name lengths) of headers ``h`` (m, 512) if every
+    one is a plain regular member with a valid checksum and a safe name that ends at its
+    first NUL; else None."""
     if not len(h):
-        return h[:, :100], np.zeros(0, dtype=np.int64)
+        return h[:, :1], np.zeros(0, dtype=np.int64)
     if not np.isin(h[:, 156], (0x30, 0, 0x37)).all() or h[:, 345].any():
         return None
     digits = h[:, 148:154].astype(np.int64) - 0x30
@@ -430,8 +432,11 @@ def _plain_names(h: np.ndarray) -> tuple | None:
     if (h.sum(axis=1, dtype=np.uint32).astype(np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
             != stored).any():
         return None
-    name = np.ascontiguousarray(h[:, :100])
-    length = np.char.str_len(name.view("S100").ravel())  # up to the last non-NUL byte
+    used = np.flatnonzero(h[:, :100].any(axis=0))
+    if not len(used):
+        return None  # every name is empty
+    name = np.ascontiguousarray(h[:, :int(used[-1]) + 1])  # the columns after it are NUL in every name
+    length = np.char.str_len(name.view(f"S{name.shape[1]}").ravel())  # up to the last non-NUL byte
     if (length == 0).any() or np.count_nonzero(name) != length.sum():
         return None  # an empty name, or a NUL inside one (a row never has more non-NULs than its length)
     if np.isin(name[:, 0], (0x2F, 0x5C)).any() or (name[np.arange(len(name)), length - 1] == 0x2F).any():
@@ -451,10 +456,10 @@ def _group(path, buf, name: np.ndarray, length: np.ndarray, offsets: np.ndarray,
     m, width = name.shape
     if not m:
         none = np.zeros(0, dtype=np.int64)
-        return TarIndex(path, buf, [], none, none, none, np.zeros(1, np.int64), [], [], [], none)
+        return TarIndex(path, buf, name, none, none, none, np.zeros(1, np.int64), none, none,
+                        np.zeros(0, dtype=bool), none)
     col = np.arange(width)
     rows = np.arange(m)
-    names = name.view("S100").ravel().tolist()
     if b"/" in name.tobytes():
         slash = np.where(name == 0x2F, col, -1).max(axis=1)
         dots = (name == 0x2E) & (col > slash[:, None])
@@ -488,13 +493,12 @@ def _group(path, buf, name: np.ndarray, length: np.ndarray, offsets: np.ndarray,
     json_member = np.full(nsamples, -1, dtype=np.int64)
     jm = np.flatnonzero(is_json)
     if len(jm):  # the last json member of each sample (Sample.parts keeps the last)
-        rev = jm[::-1]
-        uniq, pos = np.unique(sample_of[rev], return_index=True)
-        json_member[uniq] = rev[pos]
+        last_json = np.append(sample_of[jm][1:] != sample_of[jm][:-1], True)
+        json_member[sample_of[jm][last_json]] = jm[last_json]
     ends = offsets + _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     last = np.append(first[1:], m) - 1
-    return TarIndex(path, buf, names, offsets, size, ext_at, np.append(first, m), offsets[first].tolist(),
-                    ends[last].tolist(), has_image.tolist(), json_member)
+    return TarIndex(path, buf, name, offsets, size, ext_at, np.append(first, m), offsets[first], ends[last],
+                    has_image, json_member)
 
 
 _COPY_MODE = ["copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"]
@@ -525,6 +529,43 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         length -= done
 
 
+def _iov_max() -> int:
+    try:
+        return max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+    except (AttributeError, ValueError, OSError):
+        return 16  # POSIX's minimum
+
+
+_IOV_MAX = _iov_max()
+
+
+def write_views(fd: int, views: list) -> None:
+    """Write the buffers ``views`` to ``fd`` in order: one writev call per ``_IOV_MAX`` of them,
+    going on after a short write."""
+    i = 0
+    while i < len(views):
+        batch = views[i:i + _IOV_MAX]
+        done = os.writev(fd, batch)
+        i += len(batch)
+        if done == sum(map(len, batch)):
+            continue
+        for k, v in enumerate(batch):  # a short write: finish the view it stopped in, go on after it
+            if done < len(v):
+                _write_rest(fd, v, done)
+                i -= len(batch) - k - 1
+                break
+            done -= len(v)
+
+
+def _write_rest(fd: int, view: memoryview, done: int) -> None:
+    while done < len(view):
+        with view[done:] as rest:  # released even when the write fails
+            n = os.write(fd, rest)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write of {len(view) - done} bytes wrote nothing")
+        done += n
+
+
 class ShardWriter:
     """Writes samples into one tar atomically (temporary file, renamed on close)."""
 
@@ -553,6 +594,22 @@ class ShardWriter:
         self._f.flush()
         copy_range(src_fd, self._f.fileno(), start, end - start)
         self._tar.offset += end - start
+        self.count += samples
+
+    def write_spans(self, buf, starts: list, ends: list, samples: int) -> None:
+        """Append ``samples`` whole samples stored as the byte ranges ``[starts[k], ends[k])`` of
+        the mapped tar ``buf``, in order: the kernel copies them from the mapping (see
+        :func:`write_views`), nothing passes through Python objects."""
+        self._f.flush()
+        base = memoryview(buf)
+        views = [base[s:e] for s, e in zip(starts, ends)]
+        try:
+            write_views(self._f.fileno(), views)
+        finally:  # the map can be closed only once no view of it is left
+            for v in views:
+                v.release()
+            base.release()
+        self._tar.offset += sum(ends) - sum(starts)
         self.count += samples
 
     def close(self) -> None:
