@@ -1,0 +1,397 @@
+"""Row-count scale run (issue 17, item 4): clip-score -> SemDeDup -> DBP -> keep-list info
+through the real CLI, at several pool sizes, with wall time and peak RSS per stage.
+
+The pool: DataComp's files (``<hash>.parquet`` + ``<hash>.npz``, fp16 L2-normalised
+``l14_img``), written by the project's generator (``conceptprune/synthetic.py``: its concept
+world and its per-file writer, so the planted concepts, near-duplicates and CLIP scores are
+make-pool's) at a small embedding width (default 32) with ``--rows-per-file`` rows a file.
+Each parquet is then cut down to the two columns this chain reads (``uid``,
+``clip_l14_similarity_score``): make-pool's full metadata is ~150 B/row (147 MB a million
+rows, random hex uid/url/sha256), 19 GB at 128M rows, which with the embeddings and the
+SemDeDup spill does not fit this machine's disk. The largest pool is generated once; a smaller
+one is a folder of symlinks to its first files (a row prefix: the same rows, the same order).
+
+Per stage: wall seconds, peak RSS of the whole process tree (the launcher plus the executor's
+worker processes, summed, polled from /proc every 0.2 s), the largest single process's peak
+(``ru_maxrss`` via wait4), rows/s, the command and the load average before/after.
+
+k policy: SemDeDup k = round(candidates / --rows-per-cluster) (the paper's fixed cluster size,
+~8.7k rows: LAION-440M into 50k clusters), so its pairwise pass stays linear in rows while its
+assignment grows as N * k = N^2 / rows-per-cluster; DBP k fixed (--dbp-clusters, 100).
+
+    python bench/bench_scale.py --rows 16000000,32000000,128000000 --workdir /work/scale_tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLI = [str(Path(sys.executable).parent / "conceptprune")]
+CHILD_ENV = dict(os.environ)
+CHILD_CWD = [None]  # with a snapshot: not the repository (``python -m`` puts the cwd first on sys.path)
+KEEP_COLUMNS = ["uid", "clip_l14_similarity_score"]
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- code ---------------------------------------------------------------------------------------
+
+def snapshot_code(rev: str, dest: Path) -> str:
+    """The package as committed at ``rev``, laid out as an importable ``conceptprune`` folder
+    (pyproject's package-dir mapping), so that a long run is not broken by edits to the shared
+    working tree; children get it first on PYTHONPATH (the editable finder comes after sys.path)."""
+    import tomllib
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    if dest.exists():
+        shutil.rmtree(dest)
+    src = dest / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    mapping = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    pkg = dest / "lib" / "conceptprune"
+    shutil.copytree(src / mapping["conceptprune"], pkg)
+    for name, folder in mapping.items():
+        if name != "conceptprune":
+            shutil.copytree(src / folder, pkg / name.split(".", 1)[1])
+    CHILD_ENV["PYTHONPATH"] = str(dest / "lib")
+    CHILD_CWD[0] = str(dest)
+    return commit
+
+
+# -- pool --------------------------------------------------------------------------------------
+
+def _config(rows: int, files: int, dim: int, seed: int, concepts: int):
+    from conceptprune.synthetic import EMBEDDING_DIMS, SyntheticPoolConfig
+    return SyntheticPoolConfig(rows=rows, files=files, seed=seed, concepts=concepts,
+                               embedding_keys=("l14_img",), dims={k: dim for k in EMBEDDING_DIMS})
+
+
+def _write_one(args) -> str:
+    """File i of the pool: make-pool's concept world, near-duplicates, score model and
+    embedding generator (``synthetic._World``, ``synthetic._embeddings``), written with only
+    the columns this chain reads (KEEP_COLUMNS) and the ``l14_img`` npz."""
+    from conceptprune import synthetic as S
+    from conceptprune import uids as U
+    from conceptprune.npz import NpzWriter
+    out, rows, files, dim, seed, concepts, i = args
+    cfg = _config(rows, files, dim, seed, concepts)
+    world = S._World(cfg, np.random.default_rng(cfg.seed))
+    bounds = np.linspace(0, cfg.rows, cfg.files + 1).astype(np.int64)
+    name = hashlib.sha256(f"{cfg.seed}-{i}".encode()).hexdigest()[:32]
+    out = Path(out)
+    n = int(bounds[i + 1] - bounds[i])
+    rng = np.random.default_rng([cfg.seed, i])
+    concept = rng.choice(cfg.concepts, size=n, p=world.weights)
+    dup_of = np.full(n, -1, dtype=np.int64)  # near-duplicates of an earlier row of the same block
+    ndup = int(round(cfg.duplicate_fraction * n))
+    if ndup and n > 1:
+        t = np.sort(rng.choice(np.arange(1, n), size=min(ndup, n - 1), replace=False))
+        start = (t // cfg.block_rows) * cfg.block_rows
+        t, start = t[t > start], start[t > start]
+        dup_of[t] = rng.integers(start, t)
+        while True:  # a copy of a copy points at the original (vectorised make-pool loop)
+            chained = dup_of[t] >= 0
+            chained &= dup_of[np.maximum(dup_of[t], 0)] >= 0
+            if not chained.any():
+                break
+            dup_of[t[chained]] = dup_of[dup_of[t[chained]]]
+    has_dup = dup_of >= 0
+    concept[has_dup] = concept[dup_of[has_dup]]
+    kind = rng.choice(3, size=n, p=[0.8, 0.1, 0.1])
+    quality = np.where(kind == 0, rng.uniform(0.4, 1.0, n), rng.uniform(0.0, 0.3, n))
+    quality[has_dup] = quality[dup_of[has_dup]]
+    scores = {m: np.clip(0.12 + 0.22 * quality + rng.normal(0, 0.02, n), -1, 1).astype(np.float32)
+              for m in ("l14", "b32")}
+    uid = U.make_array(rng.integers(0, 2 ** 64, n, dtype=np.uint64), rng.integers(0, 2 ** 64, n, dtype=np.uint64))
+    with NpzWriter(out / f"{name}.npz", {"l14_img": (n, dim, "float16")}) as w:
+        for a in range(0, n, cfg.block_rows):
+            b = min(n, a + cfg.block_rows)
+            emb = S._embeddings(world, concept[a:b], dup_of[a:b] - a, scores, a, ("l14_img",), rng)
+            w.write("l14_img", a, emb["l14_img"])
+    table = pa.table({"uid": S._fixed_strings(U.hex_array(uid)),
+                      "clip_l14_similarity_score": pa.array(scores["l14"], pa.float32())})
+    tmp = out / f"{name}.parquet.tmp"
+    pq.write_table(table, tmp, row_group_size=cfg.row_group_size)
+    os.replace(tmp, out / f"{name}.parquet")
+    return name
+
+
+def make_scale_pool(out: Path, rows: int, rows_per_file: int, dim: int, seed: int, concepts: int,
+                    procs: int, first: int = 0, last: int | None = None) -> dict:
+    """Files ``first``..``last`` (exclusive) of the pool of ``rows`` rows (all by default)."""
+    files = max(1, -(-rows // rows_per_file))
+    last = files if last is None else last
+    if first == 0 and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    jobs = [(str(out), rows, files, dim, seed, concepts, i) for i in range(first, last)]
+    with ProcessPoolExecutor(procs) as ex:
+        names = list(ex.map(_write_one, jobs))
+    wall = time.perf_counter() - t0
+    return {"rows": rows, "files": files, "names": names, "dim": dim, "seed": seed, "concepts": concepts,
+            "generate_wall_s": round(wall, 1)}
+
+
+def prefix_pool(big: Path, names: list[str], files: int, out: Path) -> None:
+    """The first ``files`` files of ``big`` as a pool of their own (symlinks)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for n in names[:files]:
+        for ext in (".parquet", ".npz"):
+            os.symlink(big / f"{n}{ext}", out / f"{n}{ext}")
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# -- measurement -------------------------------------------------------------------------------
+
+def _tree_rss(root: int) -> int:
+    """Sum of RSS bytes of ``root`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def measure(cmd: list[str], log) -> dict:
+    load_before = _load()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV,
+                            cwd=CHILD_CWD[0])
+    peak = [0]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            done.wait(0.2)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out_lines = []
+    for line in proc.stdout:
+        out_lines.append(line)
+        log.write(line)
+        log.flush()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{''.join(out_lines)[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak[0] / 2 ** 20, 1),
+            "max_process_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "load_before": load_before, "load_after": _load(), "command": " ".join(cmd),
+            "output_tail": "".join(out_lines)[-1500:]}
+
+
+def _entries(keep: Path) -> int:
+    return int(np.load(keep, mmap_mode="r").shape[0])
+
+
+def run_chain(pool: Path, rows: int, work: Path, a, log) -> dict:
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    w = ["--workers", str(a.workers), "--executor", "local"]
+    stages = {}
+    clip, sem, dbp = work / "clip.npy", work / "semdedup.npy", work / "dbp.npy"
+
+    log.write(f"\n== {rows} rows: clip-score\n")
+    cmd = CLI + ["--quiet", "filter", "clip-score", "--pool", str(pool), "--out", str(clip),
+                 "--fraction", str(a.clip_fraction)]
+    stages["clip-score"] = {**measure(cmd, log), "input_rows": rows,
+                            "parameters": {"fraction": a.clip_fraction}}
+    n_clip = _entries(clip)
+
+    k_sem = max(1, round(n_clip / a.rows_per_cluster))
+    sample = min(n_clip, a.train_per_centroid * k_sem)  # faiss warns below 39 a centroid
+    log.write(f"\n== {rows} rows: semdedup (candidates {n_clip}, k {k_sem})\n")
+    cmd = CLI + ["--quiet", "filter", "semdedup", "--pool", str(pool), "--within", str(clip), "--out", str(sem),
+                 "--embedding-key", "l14_img", "--eps", str(a.eps), "--clusters", str(k_sem),
+                 "--niter", str(a.niter), "--train-sample", str(sample), "--gpu", "no"] + w
+    stages["semdedup"] = {**measure(cmd, log), "input_rows": n_clip,
+                          "parameters": {"eps": a.eps, "clusters": k_sem, "rows_per_cluster": a.rows_per_cluster,
+                                         "niter": a.niter, "train_sample": sample, "workers": a.workers}}
+    n_sem = _entries(sem)
+
+    sample = min(n_sem, 1000 * a.dbp_clusters)  # the CLI's default at this k
+    log.write(f"\n== {rows} rows: dbp (candidates {n_sem})\n")
+    cmd = CLI + ["--quiet", "filter", "dbp", "--pool", str(pool), "--within", str(sem), "--out", str(dbp),
+                 "--embedding-key", "l14_img", "--fraction", str(a.dbp_fraction), "--clusters", str(a.dbp_clusters),
+                 "--niter", str(a.niter), "--train-sample", str(sample), "--gpu", "no"] + w
+    stages["dbp"] = {**measure(cmd, log), "input_rows": n_sem,
+                     "parameters": {"fraction": a.dbp_fraction, "clusters": a.dbp_clusters, "niter": a.niter,
+                                    "train_sample": sample, "workers": a.workers}}
+    n_dbp = _entries(dbp)
+
+    log.write(f"\n== {rows} rows: keep-list info\n")
+    cmd = CLI + ["keep-list", "info", str(dbp)]
+    stages["keep-list info"] = {**measure(cmd, log), "input_rows": n_dbp, "parameters": {}}
+
+    for s in stages.values():
+        # rows/s against the pool's rows (what a user pays per pool row) and against the stage's input
+        s["pool_rows_per_s"] = round(rows / s["wall_s"], 1)
+        s["input_rows_per_s"] = round(s["input_rows"] / s["wall_s"], 1)
+    spill = _du(work)
+    return {"rows": rows, "kept": {"clip-score": n_clip, "semdedup": n_sem, "dbp": n_dbp},
+            "stages": stages, "work_bytes_at_end": spill}
+
+
+def fit(results: list[dict]) -> dict:
+    """Per stage, least squares wall = a + b * N (+ c * N^2 / rows_per_cluster for SemDeDup's
+    assignment, when three sizes allow it): seconds per pool row."""
+    out = {}
+    if len(results) < 2:
+        return out
+    n = np.array([r["rows"] for r in results], dtype=np.float64)
+    for stage in results[0]["stages"]:
+        t = np.array([r["stages"][stage]["wall_s"] for r in results])
+        m = np.array([r["stages"][stage]["peak_rss_mib"] for r in results])
+        b, a0 = np.polyfit(n, t, 1)
+        mb, ma = np.polyfit(n, m, 1)
+        out[stage] = {"wall_s_model": f"{a0:.3g} + {b:.4g} * rows", "s_per_row": float(f"{b:.4g}"),
+                      "rss_mib_model": f"{ma:.4g} + {mb * 1e6:.4g} * rows/1e6",
+                      "rss_bytes_per_row": round(mb * 2 ** 20, 2)}
+        if stage == "semdedup" and len(results) >= 3:
+            A = np.stack([np.ones_like(n), n, n ** 2], 1)
+            coef, *_ = np.linalg.lstsq(A, t, rcond=None)
+            out[stage]["wall_s_model_quadratic"] = f"{coef[0]:.3g} + {coef[1]:.4g} * rows + {coef[2]:.4g} * rows^2"
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="16000000,32000000,128000000", help="pool sizes, comma-separated")
+    p.add_argument("--rows-per-file", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--concepts", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--gen-procs", type=int, default=2)
+    p.add_argument("--clip-fraction", type=float, default=0.03)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--rows-per-cluster", type=int, default=8700)
+    p.add_argument("--dbp-clusters", type=int, default=100)
+    p.add_argument("--dbp-fraction", type=float, default=0.5)
+    p.add_argument("--niter", type=int, default=10)
+    p.add_argument("--train-per-centroid", type=int, default=64, help="SemDeDup's k-means sample per centroid")
+    p.add_argument("--workdir", default="/work/scale_tmp")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
+    p.add_argument("--code", default=None, metavar="REV",
+                   help="run the CLI from this commit (a snapshot under --workdir) instead of the working tree")
+    p.add_argument("--keep", action="store_true", help="keep the pools and outputs (default: deleted)")
+    a = p.parse_args(argv)
+    sizes = sorted(int(float(x)) for x in a.rows.split(","))
+    if any(s % a.rows_per_file for s in sizes[:-1]):
+        p.error("every size but the largest must be a multiple of --rows-per-file (row-prefix pools)")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(work / "bench_scale.log", "a")
+    log.write(f"\n#### {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {' '.join(sys.argv)}\n")
+    t_all = time.perf_counter()
+    code = snapshot_code(a.code, work / "code") if a.code else "working tree"
+    log.write(f"code: {code}\n")
+    big = work / "pool_files"  # the largest pool's files; each size is a folder of links to a prefix
+    gen = {"rows": sizes[-1], "rows_per_file": a.rows_per_file, "dim": a.dim, "seed": a.seed,
+           "concepts": a.concepts, "embedding": f"l14_img fp16 x {a.dim}", "columns": KEEP_COLUMNS,
+           "prefix_pools": "a smaller size is the first files of the largest pool (symlinks)",
+           "generate": []}
+    names, results = [], []
+    path = Path(a.out)
+
+    def payload():
+        return {
+            "what": f"clip-score -> semdedup -> dbp -> keep-list info through the CLI, --workers {a.workers}, "
+                    "local executor",
+            "code": code,
+            "machine": {"cpus": os.cpu_count(), "note": "2-core machine shared with other sessions"},
+            "pool": gen,
+            "k_policy": {"semdedup": f"k = round(candidates / {a.rows_per_cluster})",
+                         "dbp": f"k = {a.dbp_clusters} fixed",
+                         "train_sample": f"semdedup min(candidates, {a.train_per_centroid} k); dbp min(candidates, 1000 k)",
+                         "niter": a.niter},
+            "rss_note": "peak_rss_mib: summed RSS of the command's process tree (launcher + workers), polled every "
+                        "0.2 s; max_process_rss_mib: the largest single process (ru_maxrss)",
+            "results": results,
+            "fit": fit(results),
+            "total_wall_s": round(time.perf_counter() - t_all, 1),
+        }
+
+    try:
+        for rows in sizes:
+            # the files this size needs beyond those already written (the pool grows file by file)
+            have, need = len(names), -(-rows // a.rows_per_file)
+            if need > have:
+                load0 = _load()
+                g = make_scale_pool(big, sizes[-1], a.rows_per_file, a.dim, a.seed, a.concepts, a.gen_procs,
+                                    first=have, last=need)
+                names += g["names"]
+                gen["generate"].append({"files": [have, need], "wall_s": g["generate_wall_s"],
+                                        "load_before": load0, "load_after": _load()})
+                log.write(f"generated files {have}..{need} in {g['generate_wall_s']} s\n")
+                log.flush()
+            pool = work / f"pool_{rows}"
+            prefix_pool(big, names, need, pool)
+            results.append(run_chain(pool, rows, work / f"out_{rows}", a, log))
+            results[-1]["pool_bytes"] = _du(big)
+            if not a.keep:
+                shutil.rmtree(work / f"out_{rows}", ignore_errors=True)
+                shutil.rmtree(pool, ignore_errors=True)
+            print(json.dumps({"rows": rows, **{s: [v["wall_s"], v["peak_rss_mib"]]
+                                               for s, v in results[-1]["stages"].items()}}), flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(payload(), indent=2) + "\n")  # after each size: partial results survive
+    finally:
+        if not a.keep:
+            shutil.rmtree(big, ignore_errors=True)
+            for rows in sizes:
+                shutil.rmtree(work / f"pool_{rows}", ignore_errors=True)
+                shutil.rmtree(work / f"out_{rows}", ignore_errors=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
