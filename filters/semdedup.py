@@ -2,9 +2,12 @@
 
 Members of a cluster are ordered by cosine distance to the centroid, descending (ties: the
 smaller uid first). With S = E E^T, M_j = max_{i<j} S_ij (the column maximum of the strict
-upper triangle) and the paper's rule removes j when M_j > 1 - eps. M is computed once, in
-column blocks (memory O(n * B), never splitting a cluster), and stored, so any eps, or the
-eps that hits a target size, is read off it without recomputation. ``greedy`` (compare only
+upper triangle) and the paper's rule removes j when M_j > 1 - eps. M is computed in column
+blocks (memory O(n * B), never splitting a cluster; ``pairwise.py``: a fast GEMM, bfloat16
+where the hardware has it, then an exact recheck) and stored: every M_j that may exceed
+1 - eps is float32's exact value (all of them for a target size), so the decisions are
+float32's; a later run at that eps or a smaller one reads them off, one at a larger eps
+recomputes where needed. ``greedy`` (compare only
 with kept members) and ``components`` (keep one per connected component) depend on eps and
 are computed for the eps asked.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -43,7 +47,7 @@ from conceptprune import uids as U
 from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 from conceptprune.keeplist import UidCollector
-from conceptprune.npz import NpzArray, row_parallel, to_float32
+from conceptprune.npz import NpzArray
 from conceptprune.slurm.stage import Executor, Stage
 
 from .base import FilterResult, Within, as_within, check_fraction, target_count
@@ -53,6 +57,8 @@ from .clustering import (BLOCK_ROWS, Clustering, ClusteringChain, PoolSpec, alig
 from .clustering_config import SEMDEDUP_CLUSTER_SIZE, ClusteringConfig
 from .common import cluster_table, table_writer
 from .dbp import complexity
+from .pairwise import (PAIR_BLOCK, ROW_BLOCK, PairwiseConfig, column_max_upper, components_keep,  # noqa: F401
+                       exact_column_max, greedy_keep, normalized, single_threaded_torch)
 from .select import grouped_select
 
 log = logging.getLogger(__name__)
@@ -62,9 +68,7 @@ PAPER_EPS = (0.00095, 0.03, 0.07, 0.124, 0.165, 0.205, 0.26)  # LAION-440M: 79.6
 META_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("cluster", "<i4"), ("dist", "<f4")])
 OUT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("cluster", "<i4"), ("dist", "<f4"), ("M", "<f4"),
                       ("keep", "?")])
-PAIR_BLOCK = 256  # columns a block: the diagonal blocks' wasted half stays small
 DEDUP_THREADS = 8  # buckets at once in a dedup part (memory: this many buckets)
-ROW_BLOCK = 8192  # rows a GEMM against a column block (8192 x 1024 float32: 32 MiB)
 FORMAT = 2  # 2: raw stored embeddings, float32 similarities (1: fp16-rounded normalised vectors)
 
 
@@ -74,99 +78,6 @@ def n_buckets(k: int) -> int:
 
 def bucket_of(cluster: np.ndarray, k: int) -> np.ndarray:
     return (cluster.astype(np.int64) * n_buckets(k)) // k
-
-
-# -- the pairwise kernels ------------------------------------------------------------------
-
-
-def normalized(raw: np.ndarray) -> np.ndarray:
-    """Rows as float32 divided by their float32 norms: the same operations, so the same bits,
-    as the pool's own normalisation (``to_float32`` then ``Pool._normalise``)."""
-    norms = np.empty(len(raw), dtype=np.float32)
-    x = to_float32(raw, norms)  # a new array whatever the dtype (norms are asked for)
-    row_parallel(lambda a, b: np.divide(x[a:b], norms[a:b, None], out=x[a:b]), len(x))
-    return x
-
-
-def _lower_mask(n: int) -> np.ndarray:
-    """n x n: True where i >= j (the part of a diagonal block that is not i < j)."""
-    global _TRI
-    if len(_TRI) < n:
-        _TRI = np.tri(max(n, PAIR_BLOCK), dtype=bool)
-    return _TRI[:n, :n]  # the top-left square of a lower-triangle mask is one
-
-
-_TRI = np.zeros((0, 0), dtype=bool)
-
-
-def column_max_upper(e: np.ndarray, block: int = PAIR_BLOCK) -> np.ndarray:
-    """M_j = max_{i<j} <e_i, e_j> (M_0 = -inf) in float32 GEMM blocks: memory O(n * block).
-
-    ``e`` as float32 (other dtypes are cast). Per column block: its diagonal block, then the
-    rows above it in ROW_BLOCK slices."""
-    e = np.ascontiguousarray(e, dtype=np.float32)
-    n = len(e)
-    m = np.empty(n, dtype=np.float32)
-    for c0 in range(0, n, block):
-        c1 = min(n, c0 + block)
-        cols = e[c0:c1]
-        s = cols @ cols.T
-        np.copyto(s, np.float32(-np.inf), where=_lower_mask(c1 - c0))
-        best = s.max(axis=0)
-        for r0 in range(0, c0, ROW_BLOCK):
-            r1 = min(c0, r0 + ROW_BLOCK)
-            np.maximum(best, (e[r0:r1] @ cols.T).max(axis=0), out=best)
-        m[c0:c1] = best
-    return m
-
-
-def greedy_keep(e: np.ndarray, threshold: float, block: int = PAIR_BLOCK) -> np.ndarray:
-    """Greedy NMS in the cluster order: keep j unless it is a near-duplicate (> threshold)
-    of an earlier *kept* member."""
-    n = len(e)
-    keep = np.zeros(n, dtype=bool)
-    for c0 in range(0, n, block):
-        c1 = min(n, c0 + block)
-        cols = e[c0:c1].astype(np.float32)
-        removed = np.zeros(c1 - c0, dtype=bool)
-        kept_before = np.flatnonzero(keep[:c0])
-        for k0 in range(0, len(kept_before), block):
-            rows = e[kept_before[k0:k0 + block]].astype(np.float32)
-            removed |= (rows @ cols.T > threshold).any(axis=0)
-        s = cols @ cols.T
-        for j in range(c1 - c0):
-            if not removed[j]:
-                keep[c0 + j] = True
-                removed[j + 1:] |= s[j, j + 1:] > threshold
-    return keep
-
-
-def components_keep(e: np.ndarray, threshold: float, block: int = PAIR_BLOCK) -> np.ndarray:
-    """One member per connected component of the graph S_ij > threshold: the first in order."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(e)
-    labels = np.arange(n)
-    for c0 in range(0, n, block):
-        c1 = min(n, c0 + block)
-        cols = e[c0:c1].astype(np.float32)
-        ei, ej = [], []
-        for r0 in range(0, c1, block):
-            r1 = min(c1, r0 + block)
-            s = e[r0:r1].astype(np.float32) @ cols.T
-            s[np.arange(r0, r1)[:, None] >= np.arange(c0, c1)[None, :]] = -np.inf
-            i, j = np.nonzero(s > threshold)
-            ei.append(i + r0)
-            ej.append(j + c0)
-        i, j = np.concatenate(ei), np.concatenate(ej)
-        if len(i):
-            g = coo_matrix((np.ones(len(i), np.int8), (labels[i], labels[j])), shape=(n, n))
-            _, comp = connected_components(g, directed=False)
-            labels = comp[labels]
-    keep = np.zeros(n, dtype=bool)
-    keep[np.unique(labels, return_index=True)[1]] = True
-    return keep
 
 
 # -- stages ------------------------------------------------------------------------------
@@ -285,6 +196,18 @@ class DedupStage(Stage):
     shuffle_world: int = 1  # read only the shuffle parts of this world size
     emb_dtype: str = "float16"
     name: str = "dedup"
+    pairwise: str = "auto"  # M's fast precision (pairwise.PRECISIONS): the same decisions whichever
+
+    def exact_from(self) -> float:
+        """M_j is exact (float32's) wherever it may reach this: the threshold of the eps asked
+        (the paper rule), else everywhere (a target size reads its threshold off M)."""
+        return float(np.float32(1.0 - self.eps)) if self.rule == "paper" and self.eps is not None else -math.inf
+
+    def marker_dir(self) -> Path:
+        """Results exact from a threshold serve only runs at or above it: the markers say which."""
+        f = self.exact_from()
+        d = super().marker_dir()
+        return d if f == -math.inf else d.with_name(f"{self.name}-exact-from-{f:.9g}")
 
     def run(self, rank: int, world_size: int) -> dict:
         from concurrent.futures import ThreadPoolExecutor
@@ -297,7 +220,8 @@ class DedupStage(Stage):
         # one bucket a core, each with a single-threaded BLAS: most clusters are small GEMMs,
         # which a multi-threaded BLAS runs far below its speed (and far worse on a busy machine)
         threads = max(1, min(len(os.sched_getaffinity(0)), DEDUP_THREADS, len(buckets)))
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
+        with threadpool_limits(1, user_api="blas"), single_threaded_torch(), \
+                ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
             return {"rows": sum(ex.map(lambda b: self._one(work, b), buckets))}
 
     def _bucket_bytes(self, work: Path, bucket: int) -> int:
@@ -307,11 +231,16 @@ class DedupStage(Stage):
 
     def _one(self, work: Path, bucket: int) -> int:
         target = work / "m" / f"b{bucket:04d}.npy"
-        if target.exists():  # finished before an interruption
-            return int(np.load(target, mmap_mode="r").shape[0])
+        exact = glob.glob(f"{target}.exact-from-*")  # (paper rule) its M is exact from these thresholds
+        if target.exists() and (self.rule != "paper" or any(float(p.rsplit("-from-", 1)[1]) <= self.exact_from()
+                                                            for p in exact)):
+            return int(np.load(target, mmap_mode="r").shape[0])  # finished before an interruption, or reusable
+        for p in exact:
+            os.unlink(p)
         out = self._bucket(*self._read_bucket(work, bucket))
         with atomic_open(target, "wb") as f:
             np.save(f, out)
+        Path(f"{target}.exact-from-{self.exact_from():.9g}").touch()  # after the result: a kill leaves none
         return len(out)
 
     def _bucket(self, meta: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -326,7 +255,7 @@ class DedupStage(Stage):
                 continue
             e = normalized(emb[order[seg[0]:seg[-1] + 1]])
             if self.rule == "paper":
-                out["M"][seg] = column_max_upper(e)
+                out["M"][seg] = exact_column_max(e, PairwiseConfig(self.pairwise), self.exact_from())
                 out["keep"][seg] = True  # decided later from M and eps
             else:
                 out["M"][seg] = np.nan
@@ -388,6 +317,8 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
             if not finish_chain(executor, chain.submissions + subs, cdir):
                 return None
             shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
+            shutil.rmtree(work / ".markers" / "shuffle", ignore_errors=True)  # a run at a lower eps threshold
+            # recomputes M where it is not yet exact (DedupStage.exact_from), so it shuffles again
     clustering = collect_clustering(cdir, pool)
     seed = clustering.meta["seed"]
     size, d_intra = clustering.cluster_stats(within)  # also checks --within against the pool
