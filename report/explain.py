@@ -58,6 +58,10 @@ def _row(chain: Chain, q: np.ndarray, columns: list[str]) -> dict | None:
     return None
 
 
+def _num(x) -> str:
+    return "missing" if x is None else f"{x:.5f}"
+
+
 def _failed(checks: dict) -> str:
     bad = [k for k, ok in checks.items() if not ok]
     return "fails: " + ", ".join(bad) if bad else "passes every check"
@@ -101,7 +105,7 @@ def _laion2b(chain: Chain, step: Step, q, kept: bool) -> dict:
     checks = {"english": lang == "en",
               "score_above_threshold": bool(score is not None and np.float32(score) >= np.float32(thr))}
     return {"language": lang, "langid": kind, "score": score, "threshold": thr, "column": col, "checks": checks,
-            "why": f"language {lang!r} ({kind}), {col} {score} vs threshold {thr}: {_failed(checks)}"}
+            "why": f"language {lang!r} ({kind}), {col} {_num(score)} vs threshold {thr}: {_failed(checks)}"}
 
 
 def _cluster_rank(chain: Chain, i: int, step: Step, cluster: int, dist: float, q) -> tuple[int, int]:
