@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,12 +184,14 @@ def report_part(args, work: Path) -> dict:
         "report_index_absent": {"wall_s": cold["wall_s"], "peak_rss_mib": cold["peak_rss_mib"],
                                 "stdout": cold["stdout"].strip()},
         "report_index_reused": {"wall_s": warm["wall_s"], "peak_rss_mib": warm["peak_rss_mib"]},
-        "report_size_mb": round(du(work / "rep") / 2**20, 2), "report_files": sum(1 for p in (work / "rep").rglob("*") if p.is_file()),
+        "report_size_mb": round(du(work / "rep") / 2**20, 2),
+        "report_files": sum(1 for p in (work / "rep").rglob("*") if p.is_file()),
         "thumbnails": thumbs,
         "index_in_report": {k_: meta[k_] for k_ in ("samples", "build_s", "uids_per_s", "memory_budget", "runs",
                                                      "workers")},
         "chromium_screenshot": shot, "explain_dropped_by_each_step": explain,
-        "loadavg_before_reports": [round(x, 2) for x in load], "loadavg_after_reports": [round(x, 2) for x in load_after],
+        "loadavg_before_reports": [round(x, 2) for x in load],
+        "loadavg_after_reports": [round(x, 2) for x in load_after],
     }
 
 
