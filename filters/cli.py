@@ -102,10 +102,14 @@ def _random(p):
     _common(p)
     p.add_argument("--fraction", type=fraction_arg(), required=True, help="fraction of candidates to keep, in (0, 1]")
     p.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
+    _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import random_subset, run_filter
-        run_filter(random_subset, a.pool, a.out, within=a.within, fraction=a.fraction, seed=a.seed)
+        run_filter(random_subset, a.pool, a.out, within=a.within, fraction=a.fraction, seed=a.seed,
+                   executor=executor_from_args(a))
     return run
 
 
@@ -119,11 +123,14 @@ def _clip(p):
     g.add_argument("--threshold", type=float_arg("--threshold"), help="keep score >= threshold (a finite number)")
     p.add_argument("--score-column", default=None,
                    help="use this parquet column instead (e.g. similarity_score from 'conceptprune embed --text')")
+    _job_args(p)
 
     def run(a):
+        from conceptprune.slurm.options import executor_from_args
+
         from . import clip_score, run_filter
         run_filter(clip_score, a.pool, a.out, within=a.within, fraction=a.fraction,
-                   threshold=a.threshold, model=a.model, column=a.score_column)
+                   threshold=a.threshold, model=a.model, column=a.score_column, executor=executor_from_args(a))
     return run
 
 

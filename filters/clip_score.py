@@ -1,4 +1,4 @@
-"""DataComp's CLIP-score filter, exactly, streamed.
+"""DataComp's CLIP-score filter, exactly, streamed, as parts on the executor.
 
 With ``fraction`` f over N candidates the threshold is the score at index ``int(N * f)``
 of the scores sorted descending, and every row with ``score >= threshold`` is kept (ties
@@ -6,6 +6,10 @@ included, so slightly more than f * N rows can survive). DataComp's own code loa
 whole column and sorts it; here an exact two-level radix select over the float32 bit
 patterns finds that order statistic with 2 x 65536 counters, so memory does not grow with
 the pool. ``f = 1`` keeps every candidate (DataComp's index would be out of range).
+
+Each of the three scans (high-bit histogram, low-bit histogram of the boundary bin, the
+rows at or above the threshold) runs as row-range parts (``rows.py``): the parts' histograms
+are summed, so the threshold, and the kept uids, are the same for any number of parts.
 """
 
 from __future__ import annotations
@@ -14,36 +18,59 @@ import numpy as np
 
 from conceptprune.checks import check_float
 from conceptprune.errors import ConfigError, PoolError
-from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within, check_fraction
+from .rows import RowRule, run_rows, work_dir_for
 from .select import from_sortable_f32, sortable_f32
 
 SCORE_COLUMNS = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
+BINS = 1 << 16
 
 
-def _scores(chunk, column, within):
+def _scores(chunk, column: str, cand: np.ndarray) -> np.ndarray:
+    """The candidates' scores; every row's score of the chunk must be finite."""
     s = chunk.column(column).astype(np.float32, copy=False)
     bad = ~np.isfinite(s)
     if bad.any():
         raise PoolError(f"{chunk.where(int(np.flatnonzero(bad)[0]))}: {column} is {s[bad][0]}; "
                         "CLIP scores must be finite")
-    if within:
-        return s[within.mask(chunk.uids)]
-    return s
+    return s[cand]
 
 
-def score_threshold(pool: Pool, column: str, fraction: float, within) -> tuple[float, int]:
-    """(threshold, number of candidates) for DataComp's fraction rule, in two passes."""
-    uids_needed = bool(within)
-    hist = np.zeros(1 << 16, dtype=np.int64)
-    n = 0
-    for chunk in pool.iter_chunks([column], uids=uids_needed, progress="scores (pass 1/2)"):
-        key = sortable_f32(_scores(chunk, column, within))
-        hist += np.bincount((key >> np.uint32(16)).astype(np.intp), minlength=1 << 16)
-        n += len(key)
-    within.check()
+class ScoreHistogram(RowRule):
+    """A scan of the fraction rule: the histogram of the candidates' score keys' high 16 bits,
+    or (given ``high``) of the low 16 bits of the keys in high bin ``high``. Keeps nothing."""
+
+    needs_uids = False
+
+    def __init__(self, column: str, high: int | None = None):
+        self.column, self.high, self.columns = column, high, (column,)
+
+    def judge(self, chunk, cand):
+        key = sortable_f32(_scores(chunk, self.column, cand))
+        if self.high is None:
+            return None, {"hist": np.bincount((key >> np.uint32(16)).astype(np.intp), minlength=BINS)}
+        sel = key[(key >> np.uint32(16)) == np.uint32(self.high)]
+        return None, {"hist": np.bincount((sel & np.uint32(0xFFFF)).astype(np.intp), minlength=BINS)}
+
+
+class AtLeast(RowRule):
+    """Keep the rows whose score is >= ``threshold`` (compared in float32)."""
+
+    def __init__(self, column: str, threshold: float):
+        self.column, self.threshold, self.columns = column, float(threshold), (column,)
+
+    def judge(self, chunk, cand):
+        return chunk.column(self.column).astype(np.float32, copy=False) >= np.float32(self.threshold), {}
+
+
+def score_threshold(pool: Pool, column: str, fraction: float, within, executor=None,
+                    work_dir=None) -> tuple[float, int]:
+    """(threshold, number of candidates) for DataComp's fraction rule, in two scans."""
+    work = work_dir_for(None, pool, "clip-score") if work_dir is None else work_dir
+    first = run_rows(pool, ScoreHistogram(column), within, executor, work, name="clip-score-high")
+    hist, n = first.arrays.get("hist", np.zeros(BINS, np.int64)), first.candidates
     if n == 0:
         raise ConfigError("no candidate rows to filter")
     r = int(n * fraction)  # rank in descending order, 0-based
@@ -51,22 +78,20 @@ def score_threshold(pool: Pool, column: str, fraction: float, within) -> tuple[f
         return -np.inf, n
     desc = np.cumsum(hist[::-1])  # desc[i]: rows in the top i+1 high-bit bins
     top_bin = int(np.searchsorted(desc, r, side="right"))
-    high = (1 << 16) - 1 - top_bin
+    high = BINS - 1 - top_bin
     r_in_bin = r - (int(desc[top_bin - 1]) if top_bin else 0)
-    low_hist = np.zeros(1 << 16, dtype=np.int64)
-    for chunk in pool.iter_chunks([column], uids=uids_needed, progress="scores (pass 2/2)"):
-        key = sortable_f32(_scores(chunk, column, within))
-        sel = key[(key >> np.uint32(16)) == high]
-        low_hist += np.bincount((sel & np.uint32(0xFFFF)).astype(np.intp), minlength=1 << 16)
-    low_desc = np.cumsum(low_hist[::-1])
-    low = (1 << 16) - 1 - int(np.searchsorted(low_desc, r_in_bin, side="right"))
+    second = run_rows(pool, ScoreHistogram(column, high), within, executor, work, name="clip-score-low")
+    low_desc = np.cumsum(second.arrays["hist"][::-1])
+    low = BINS - 1 - int(np.searchsorted(low_desc, r_in_bin, side="right"))
     return from_sortable_f32((high << 16) | low), n
 
 
 def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | None = None,
-               model: str = "l14", column: str | None = None, within=None) -> FilterResult:
+               model: str = "l14", column: str | None = None, within=None, executor=None,
+               out=None) -> FilterResult:
     """``column`` overrides the model's score column (e.g. ``similarity_score`` written by
-    ``conceptprune embed --text`` for your own encoder)."""
+    ``conceptprune embed --text`` for your own encoder). ``executor``: where the scans run
+    (``executor.workers`` row-range parts); the kept uids do not depend on it."""
     if (fraction is None) == (threshold is None):
         raise ConfigError("clip-score needs exactly one of --fraction or --threshold")
     if column is None and model not in SCORE_COLUMNS:
@@ -75,16 +100,14 @@ def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | 
     if threshold is not None:
         threshold = check_float("--threshold", threshold)
     within = as_within(within)
+    work = work_dir_for(out, pool, "clip-score")
     n_cand = None
     if fraction is not None:
         fraction = check_fraction(fraction)
-        threshold, n_cand = score_threshold(pool, column, fraction, within)
-    kept, n = UidCollector(), 0
-    for chunk in pool.iter_chunks([column], progress="selecting"):
-        s = chunk.column(column).astype(np.float32, copy=False)
-        cand = within.mask(chunk.uids) if within else np.ones(len(chunk), bool)
-        n += int(cand.sum())
-        kept.add(chunk.uids[cand & (s >= np.float32(threshold))])
-    within.check()
+        threshold, n_cand = score_threshold(pool, column, fraction, within, executor, work)
+    res = run_rows(pool, AtLeast(column, threshold), within, executor, work, name="clip-score-select")
     params = {"model": model, "fraction": fraction, "threshold": float(threshold), "column": column}
-    return FilterResult("clip-score", kept, params, {"pool": pool.rows, "candidates": n_cand or n})
+    return FilterResult("clip-score", res.kept, params, {"pool": pool.rows, "candidates": n_cand or res.candidates})
+
+
+clip_score.uses_rows = True

@@ -1,14 +1,20 @@
 """Per-row filters on the executor: each part judges a contiguous slice of the pool's rows.
 
-A per-row rule (``basic``, ``laion2b``, ``none``) decides every row on its own, so the pool is
-cut into ``executor.workers`` row ranges (``Pool.split``), each part writes the sorted uids it
-keeps and a bitmap of the ``--within`` uids it saw, and the launcher merges them. The result
-is the same set of uids whatever the number of parts, and the fastText pass over a
-128M-row pool can run as a SLURM array.
+A per-row rule (``basic``, ``laion2b``, ``none``, ``clip-score --threshold``) decides every
+row on its own, so the pool is cut into ``executor.workers`` row ranges (``Pool.split``), each
+part writes the sorted uids it keeps and a bitmap of the ``--within`` uids it saw, and the
+launcher merges them. The result is the same set of uids whatever the number of parts, and
+the fastText pass over a 128M-row pool can run as a SLURM array.
+
+A rule may also return arrays (a histogram, the rows of a boundary bin): each part saves
+them, and the launcher sums them (or concatenates the ones the rule names in ``concat``).
+That is the scan of a global selection (``clip-score --fraction``, ``random``): the parts
+stream their rows, the launcher does the exact, worker-count-independent selection.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,39 +22,66 @@ from pathlib import Path
 import numpy as np
 
 from conceptprune import keeplist as K
+from conceptprune import uids as U
 from conceptprune.atomic import atomic_open
-from conceptprune.errors import KeepListError
 from conceptprune.pool import Pool
 from conceptprune.slurm.stage import Executor, Stage
 
 from .base import Within, as_within
 
+MERGE_ROWS = 1 << 20  # uids read back from a part's file at a time
+
 
 class RowRule:
     """What a per-row filter keeps. Subclasses name the parquet ``columns`` they read and
-    implement ``judge(chunk, candidates) -> (keep mask, counters)``. Heavy state (a language
-    model) is loaded lazily in the process that runs the part, never pickled."""
+    implement ``judge(chunk, candidates) -> (keep mask or None, counters)``: counters are
+    ints (summed into the summary) or arrays (saved by the part; summed at the merge, or
+    concatenated for the names in ``concat``). ``needs_uids = False`` skips reading the uid
+    column when no ``--within`` asks for it (a rule that keeps nothing). Heavy state (a
+    language model) is loaded lazily in the process that runs the part, never pickled."""
 
     columns: tuple = ()
+    concat: tuple = ()
+    needs_uids: bool = True
 
-    def judge(self, chunk, candidates: np.ndarray) -> tuple[np.ndarray, dict]:  # pragma: no cover - abstract
+    def judge(self, chunk, candidates: np.ndarray) -> tuple[np.ndarray | None, dict]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
+class _Counters:
+    """A part's counters: ints summed; arrays summed, or collected for concatenation."""
+
+    def __init__(self, concat: tuple):
+        self.concat, self.ints, self.arrays = concat, {}, {}
+
+    def add(self, counts: dict) -> None:
+        for key, value in counts.items():
+            if isinstance(value, np.ndarray):
+                if key in self.concat:
+                    self.arrays.setdefault(key, []).append(value)
+                else:
+                    self.arrays[key] = self.arrays[key] + value if key in self.arrays else value.copy()
+            else:
+                self.ints[key] = self.ints.get(key, 0) + int(value)
+
+    def final_arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) if k in self.concat else v for k, v in self.arrays.items()}
+
+
 @dataclass
 class RowFilterStage(Stage):
     work_dir: str
-    pool_root: str
+    pool_root: str | list[str]  # the pool folder, or its parquet files
     embedding_dir: str | None
     within: str | None
     rule: RowRule
     name: str = "rows"
 
-    def part_path(self, rank: int, world_size: int, what: str) -> Path:
-        return Path(self.work_dir) / "parts" / f"{rank:05d}-of-{world_size:05d}.{what}.npy"
+    def part_path(self, rank: int, world_size: int, what: str, suffix: str = "npy") -> Path:
+        return Path(self.work_dir) / "parts" / f"{rank:05d}-of-{world_size:05d}.{what}.{suffix}"
 
     def run(self, rank: int, world_size: int) -> dict:
         pool = Pool(self.pool_root, embedding_dir=self.embedding_dir)
@@ -56,19 +89,24 @@ class RowFilterStage(Stage):
         within = Within(self.within)
         spill = Path(self.work_dir) / "spill" / str(rank)
         spill.mkdir(parents=True, exist_ok=True)
-        kept, counters, n = K.UidCollector(spill_dir=spill), {}, 0
-        for chunk in pool.iter_chunks(list(self.rule.columns), start=start, stop=stop, progress=False):
-            cand = within.mask(chunk.uids)
+        kept, counters, n = K.UidCollector(spill_dir=spill), _Counters(self.rule.concat), 0
+        columns = list(self.rule.columns)
+        for chunk in pool.iter_chunks(columns, uids=self.rule.needs_uids or bool(within), start=start, stop=stop,
+                                      progress=False):
+            cand = within.mask(chunk.uids) if chunk.uids is not None else np.ones(len(chunk), bool)
             n += int(cand.sum())
             keep, counts = self.rule.judge(chunk, cand)
-            for key, value in counts.items():
-                counters[key] = counters.get(key, 0) + int(value)
-            kept.add(chunk.uids[cand & keep])
-        self._save(self.part_path(rank, world_size, "kept"), kept.to_array())
+            counters.add(counts)
+            if keep is not None:
+                kept.add(chunk.uids[cand & keep])
+        self._save_kept(self.part_path(rank, world_size, "kept", "bin"), kept)
         if within:
             self._save(self.part_path(rank, world_size, "seen"), np.packbits(within.seen))
-        shutil.rmtree(Path(self.work_dir) / "spill" / str(rank), ignore_errors=True)
-        return {"candidates": n, "counters": counters}
+        arrays = counters.final_arrays()
+        for key, arr in arrays.items():
+            self._save(self.part_path(rank, world_size, f"array-{key}"), arr)
+        shutil.rmtree(spill, ignore_errors=True)
+        return {"candidates": n, "counters": counters.ints, "arrays": sorted(arrays)}
 
     @staticmethod
     def _save(path: Path, arr: np.ndarray) -> None:
@@ -76,33 +114,48 @@ class RowFilterStage(Stage):
         with atomic_open(path, "wb") as f:
             np.save(f, arr, allow_pickle=False)
 
+    @staticmethod
+    def _save_kept(path: Path, kept: K.UidCollector) -> None:
+        """The part's kept uids, sorted, as raw u8,u8 records: written block by block, so a
+        part never holds more than one spill bucket of them."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "wb") as f:
+            for block in kept.sorted_blocks():
+                f.write(np.ascontiguousarray(block, dtype=U.UID_DTYPE).tobytes())
+
 
 @dataclass
 class RowResult:
     kept: K.UidCollector
     candidates: int
     counters: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)  # the parts' arrays, merged
 
 
-def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | str | None, work_dir: Path) -> RowResult:
+def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | str | None, work_dir: Path,
+             name: str = "rows") -> RowResult:
     """Run ``rule`` over the pool in ``executor.workers`` parts and merge what they keep."""
     executor = Executor.coerce(executor)
     within = as_within(within)
-    if pool.root is None:
-        raise KeepListError("a per-row filter needs a pool folder")
     emb_dir = None
     if pool.files and pool.files[0].npz is not None and pool.files[0].npz.parent != pool.files[0].parquet.parent:
         emb_dir = str(pool.files[0].npz.parent)
-    stage = RowFilterStage(str(work_dir), str(pool.root), emb_dir, str(within.path) if within else None, rule)
+    source = str(pool.root) if pool.root is not None else [str(f.parquet) for f in pool.files]
+    within_path = str(within.path) if within else None
+    name = f"{name}-{_digest(source, emb_dir, within_path, rule)}"  # another rule or input: other markers
+    stage = RowFilterStage(str(work_dir), source, emb_dir, within_path, rule, name)
     world = executor.parts(max(1, pool.rows))
     res = executor.run(stage, world)
     kept, counters, n = K.UidCollector(), {}, 0
     seen = np.zeros(len(within.uids), bool) if within else None
+    arrays = _Counters(rule.concat)  # summed part by part: one array of each in memory
     for rank, summary in enumerate(res.summaries):
         n += summary["candidates"]
         for key, value in summary["counters"].items():
             counters[key] = counters.get(key, 0) + value
-        kept.add(np.load(stage.part_path(rank, world, "kept"), allow_pickle=False))
+        _merge_kept(kept, stage.part_path(rank, world, "kept", "bin"))
+        arrays.add({key: np.load(stage.part_path(rank, world, f"array-{key}"), allow_pickle=False)
+                    for key in summary["arrays"]})
         if within:
             bits = np.load(stage.part_path(rank, world, "seen"), allow_pickle=False)
             seen |= np.unpackbits(bits, count=len(seen)).astype(bool)
@@ -110,7 +163,23 @@ def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | str | None,
         within.seen = seen
         within.check()
     shutil.rmtree(work_dir, ignore_errors=True)
-    return RowResult(kept, n, counters)
+    return RowResult(kept, n, counters, arrays.final_arrays())
+
+
+def _digest(*parts) -> str:
+    """A short digest of a stage's inputs and rule, so that a rerun resumes only the same work."""
+    state = [p.__getstate__() if isinstance(p, RowRule) else p for p in parts]
+    text = repr([type(parts[-1]).__name__, *[sorted(s.items()) if isinstance(s, dict) else s for s in state]])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _merge_kept(kept: K.UidCollector, path: Path) -> None:
+    if path.stat().st_size == 0:
+        return
+    part = np.memmap(path, dtype=U.UID_DTYPE, mode="r")
+    for a in range(0, len(part), MERGE_ROWS):
+        kept.add(np.array(part[a:a + MERGE_ROWS]))
+    del part
 
 
 def work_dir_for(out, pool: Pool, method: str) -> Path:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from conceptprune import uids as U
-from conceptprune.keeplist import UidCollector
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within, target_count
 from .rows import RowRule, run_rows, work_dir_for
+
+BINS = 1 << 16
+SHIFT = np.uint64(48)  # a key's top 16 bits: its histogram bin
 
 
 class KeepAllRule(RowRule):
@@ -22,38 +24,58 @@ def keep_all(pool: Pool, *, within=None, executor=None, out=None) -> FilterResul
     return FilterResult("none", res.kept, {}, {"pool": pool.rows, "candidates": res.candidates})
 
 
-keep_all.uses_rows = True
+class HashHistogram(RowRule):
+    """random's first scan: the histogram of the candidates' seeded uid hashes' top 16 bits."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def judge(self, chunk, cand):
+        keys = U.hash_uids(chunk.uids[cand], self.seed)
+        return None, {"hist": np.bincount((keys >> SHIFT).astype(np.intp), minlength=BINS)}
 
 
-def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None) -> FilterResult:
+class HashBelow(RowRule):
+    """random's second scan: keep the candidates whose hash bin is below ``boundary``; the
+    boundary bin's (uid, key) pairs go to the launcher, which resolves them exactly."""
+
+    concat = ("edge_uids", "edge_keys")
+
+    def __init__(self, seed: int, boundary: int):
+        self.seed, self.boundary = seed, boundary
+
+    def judge(self, chunk, cand):
+        keys = U.hash_uids(chunk.uids, self.seed)
+        top = (keys >> SHIFT).astype(np.int64)
+        edge = cand & (top == self.boundary)
+        return top < self.boundary, {"edge_uids": chunk.uids[edge], "edge_keys": keys[edge]}
+
+
+def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None, executor=None,
+                  out=None) -> FilterResult:
     """Keep exactly ``round(fraction * N)`` of the N candidates.
 
     Each uid gets a seeded 64-bit hash key and the smallest keys are kept, so the choice
     depends only on the uids and the seed: not on file order, chunking or workers. Two
-    streaming passes (a histogram of the keys' top 16 bits, then the boundary bin) find
-    the cut without holding a key per row.
+    streaming scans, each as row-range parts on ``executor`` (a histogram of the keys' top
+    16 bits, summed over the parts; then the rows below the boundary bin, and the boundary
+    bin's rows, resolved here by (key, uid)) find the cut without holding a key per row.
     """
     within = as_within(within)
-    hist = np.zeros(1 << 16, dtype=np.int64)
-    for chunk in pool.iter_chunks(progress="random (pass 1/2)"):
-        keys = U.hash_uids(chunk.uids[within.mask(chunk.uids)], seed)
-        hist += np.bincount((keys >> np.uint64(48)).astype(np.intp), minlength=1 << 16)
-    within.check()
-    n = int(hist.sum())
+    work = work_dir_for(out, pool, "random")
+    first = run_rows(pool, HashHistogram(seed), within, executor, work, name="random-hist")
+    n = first.candidates
     k = target_count(fraction, n)
-    cum = np.cumsum(hist)
+    cum = np.cumsum(first.arrays.get("hist", np.zeros(BINS, np.int64)))
     boundary = int(np.searchsorted(cum, k, side="left"))  # first bin reaching k
     need = k - (int(cum[boundary - 1]) if boundary else 0)
-    kept, edge_uids, edge_keys = UidCollector(), [], []
-    for chunk in pool.iter_chunks(progress="random (pass 2/2)"):
-        cand = chunk.uids[within.mask(chunk.uids)]
-        keys = U.hash_uids(cand, seed)
-        top = (keys >> np.uint64(48)).astype(np.int64)
-        kept.add(cand[top < boundary])
-        edge_uids.append(cand[top == boundary])
-        edge_keys.append(keys[top == boundary])
-    edge, ekeys = np.concatenate(edge_uids), np.concatenate(edge_keys)
+    res = run_rows(pool, HashBelow(seed, boundary), within, executor, work, name="random-select")
+    edge = res.arrays.get("edge_uids", np.empty(0, U.UID_DTYPE))
+    ekeys = res.arrays.get("edge_keys", np.empty(0, np.uint64))
     hi, lo = U.split(edge)
-    kept.add(edge[np.lexsort((lo, hi, ekeys))[:need]])  # smallest keys; a tie goes by uid
-    return FilterResult("random", kept, {"fraction": fraction, "seed": seed},
+    res.kept.add(edge[np.lexsort((lo, hi, ekeys))[:need]])  # smallest keys; a tie goes by uid
+    return FilterResult("random", res.kept, {"fraction": fraction, "seed": seed},
                         {"pool": pool.rows, "candidates": n})
+
+
+keep_all.uses_rows = random_subset.uses_rows = True

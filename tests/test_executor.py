@@ -126,6 +126,73 @@ def test_per_row_filters_give_the_same_list_for_any_part_count(small_pool, tmp_p
                    executor=Executor.create("local", ClusterOptions(local_isolated=True), workers=2))
 
 
+def _global_selection_cases(pool_dir, tmp_path):
+    """clip-score --fraction / --threshold and random (with and without --within), each with
+    the keep-list an independent whole-column computation gives (DataComp's sort; all keys)."""
+    from conceptprune import keeplist as K
+    from conceptprune import uids as U
+    from conceptprune.filters import clip_score, random_subset
+
+    from conftest import read_pool_frame
+
+    df = read_pool_frame(pool_dir)
+    arr = U.uids_to_array(list(df.uid))
+    l14 = df.clip_l14_similarity_score.to_numpy(np.float32)
+    thr = -np.sort(-l14)[int(len(l14) * 0.3)]  # DataComp: the score at index int(N f), descending
+    by_threshold = arr[df.clip_b32_similarity_score.to_numpy(np.float32) >= np.float32(0.3)]
+
+    def smallest_keys(cand, k, seed):
+        hi, lo = U.split(cand)
+        return cand[np.lexsort((lo, hi, U.hash_uids(cand, seed)))[:k]]
+
+    within = K.sort_uids(arr[np.arange(len(arr)) % 3 != 1])
+    K.write_keep_list(tmp_path / "within.npy", within)
+    return [("clip-fraction", clip_score, {"fraction": 0.3}, arr[l14 >= thr]),
+            ("clip-threshold", clip_score, {"threshold": 0.3, "model": "b32"}, by_threshold),
+            ("random", random_subset, {"fraction": 0.3, "seed": 3}, smallest_keys(arr, round(0.3 * len(arr)), 3)),
+            ("random-within", random_subset, {"fraction": 0.25, "seed": 8, "within": tmp_path / "within.npy"},
+             smallest_keys(within, round(0.25 * len(within)), 8))]
+
+
+def test_global_selections_are_the_same_for_any_part_count(small_pool, tmp_path):
+    """clip-score's scans and random run as row-range parts; the exact global selection at
+    the merge gives the same keep-list, byte for byte, for any part count and executor, and
+    it is the whole-column answer."""
+    from conceptprune import keeplist as K
+    from conceptprune.filters import run_filter
+
+    executors = {"inline-1": Executor.create("inline"), "inline-3": Executor.create("inline", workers=3),
+                 "local-1": Executor.create("local", workers=1)}  # one local part runs in this process
+    executors.update({f"local-{w}": Executor.create("local", ClusterOptions(local_isolated=True), workers=w)
+                      for w in (2, 3)})
+    for name, fn, kw, expected in _global_selection_cases(small_pool, tmp_path):
+        outs = {}
+        # worker processes cost seconds each: two part counts for two of the cases, one for the others
+        both = name in ("clip-fraction", "random")
+        for ex_name in ("inline-1", "inline-3", "local-1", "local-3") + (("local-2",) if both else ()):
+            ex = executors[ex_name]
+            out = tmp_path / f"{name}-{ex_name}.npy"
+            run_filter(fn, small_pool, out, **kw, executor=ex)
+            outs[ex_name] = out.read_bytes()
+            assert not out.with_suffix(".parts").exists()
+        assert len(set(outs.values())) == 1, (name, [k for k in outs if outs[k] != outs["inline-1"]])
+        got = K.read_keep_list(tmp_path / f"{name}-inline-1.npy")
+        assert np.array_equal(got, K.sort_uids(expected)), name
+
+
+@pytest.mark.slurm
+def test_global_selections_on_slurm_match_inline(slurm_cluster, small_pool, tmp_path):
+    from conceptprune.filters import run_filter
+
+    slurm = Executor.create("slurm", ClusterOptions(time=5), workers=3)
+    for name, fn, kw, _ in _global_selection_cases(small_pool, tmp_path):
+        if name == "clip-threshold":
+            continue
+        run_filter(fn, small_pool, tmp_path / f"{name}-inline.npy", **kw, executor=Executor.create("inline"))
+        run_filter(fn, small_pool, tmp_path / f"{name}-slurm.npy", **kw, executor=slurm)
+        assert (tmp_path / f"{name}-slurm.npy").read_bytes() == (tmp_path / f"{name}-inline.npy").read_bytes()
+
+
 def test_ctrl_c_stops_local_workers_without_a_traceback_each(tmp_path):
     """Ctrl-C in a terminal reaches the launcher and its local workers (one process group):
     the workers exit quietly, the launcher reports the interruption once, nothing keeps running."""
