@@ -235,7 +235,7 @@ def run_chain(pool: Path, rows: int, work: Path, a, log) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    w = ["--workers", str(a.workers), "--executor", "local"]
+    w = ["--workers", str(a.workers), "--executor", a.executor]
     stages = {}
     clip, sem, dbp = work / "clip.npy", work / "semdedup.npy", work / "dbp.npy"
 
@@ -310,6 +310,7 @@ def main(argv=None):
     p.add_argument("--concepts", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--executor", default="local", help="the filters' --executor (local: worker processes)")
     p.add_argument("--gen-procs", type=int, default=2)
     p.add_argument("--clip-fraction", type=float, default=0.03)
     p.add_argument("--eps", type=float, default=0.05)
@@ -345,7 +346,7 @@ def main(argv=None):
     def payload():
         return {
             "what": f"clip-score -> semdedup -> dbp -> keep-list info through the CLI, --workers {a.workers}, "
-                    "local executor",
+                    f"{a.executor} executor",
             "code": code,
             "machine": {"cpus": os.cpu_count(), "note": "2-core machine shared with other sessions"},
             "pool": gen,

@@ -39,3 +39,25 @@ def test_reshard_bench_toy(tmp_path):
     assert all(res["byte_identical_to_reference"].values())
     # tar floor, the whole command with 1 and 2 workers, its worker loop alone, the reference path
     assert len(res["results"]) == 5
+
+
+def test_scale_bench_tiny(tmp_path):
+    """bench_scale.py end to end at two toy sizes (the second a row prefix of the larger pool):
+    every stage measured through the CLI, the chain's counts consistent, the pools deleted."""
+    out, work = tmp_path / "scale.json", tmp_path / "w"
+    _run(["bench/bench_scale.py", "--rows", "4000,8000", "--rows-per-file", "2000", "--dim", "8",
+          "--concepts", "20", "--rows-per-cluster", "200", "--dbp-clusters", "5", "--niter", "2",
+          "--clip-fraction", "0.3", "--executor", "inline", "--workdir", str(work), "--out", str(out)], tmp_path)
+    res = json.loads(out.read_text())
+    assert [r["rows"] for r in res["results"]] == [4000, 8000]
+    for r in res["results"]:
+        stages = r["stages"]
+        assert list(stages) == ["clip-score", "semdedup", "dbp", "keep-list info"]
+        for s in stages.values():
+            assert s["wall_s"] > 0 and s["peak_rss_mib"] > 10 and s["command"]
+        kept = r["kept"]
+        assert int(0.3 * r["rows"]) <= kept["clip-score"] < r["rows"]  # the top 30%, ties kept
+        assert 0 < kept["dbp"] < kept["semdedup"] <= kept["clip-score"]
+        assert stages["semdedup"]["parameters"]["clusters"] == round(kept["clip-score"] / 200)
+    assert set(res["fit"]) == {"clip-score", "semdedup", "dbp", "keep-list info"}
+    assert not any(p.name.startswith(("pool", "out_")) for p in work.iterdir())  # disk given back
