@@ -408,8 +408,9 @@ def _merge(runs: list[tuple[Path, int]], total: int, folder: Path, memory: int) 
             if last is not None and hi[0] == last[0] and lo[0] == last[1]:
                 keep[0] = False
             last = (hi[-1], lo[-1])
-            dups += int((~keep).sum())
-            if dups:
+            d = int((~keep).sum())
+            if d:
+                dups += d
                 u, l_ = u[keep], l_[keep]
             wu.write(u)
             wl.write(l_)
@@ -445,6 +446,7 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
     log.info("building the uid index of %d shards in %s (memory budget %.0f MiB: runs of %d samples, %d workers)",
              len(tars), folder, budget / 2**20, run_rows, workers)
     folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # written last again: until then the folder holds no index
     tmp = Path(tempfile.mkdtemp(prefix=".runs-", dir=folder))
     try:
         runs = _RunWriter(tmp, min(run_rows, 1 << 16))
