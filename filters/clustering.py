@@ -241,7 +241,7 @@ class AssignStage(Stage):
             return self._run(rank, world_size, paths)
 
     def _run(self, rank: int, world_size: int, paths: dict[str, Path]) -> dict:
-        faiss = _faiss()
+        from .torch_search import centroid_index
         pool = self.pool.open()
         a, b = aligned_split(pool.rows, rank, world_size)
         done, bad = 0, {"nan_or_inf": 0, "zero": 0, "examples": []}
@@ -256,10 +256,7 @@ class AssignStage(Stage):
                     "dist": NpyColumn.create(paths["dist"], b - a, np.float32)}
         centroids = np.load(Path(self.work_dir) / "centroids.npy")
         centroids64 = centroids.astype(np.float64)
-        index = faiss.IndexFlatIP(centroids.shape[1])
-        if use_gpu(self.gpu):
-            index = faiss.index_cpu_to_all_gpus(index)
-        index.add(centroids)
+        index = centroid_index(centroids, self.gpu)  # faiss(-gpu), or torch on CUDA without faiss-gpu
         try:
             for chunk in pool.iter_chunks(embeddings=True, start=a + done, stop=b, chunk_rows=BLOCK_ROWS,
                                           progress=f"assign {rank + 1}/{world_size}", normalize=False):

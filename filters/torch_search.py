@@ -8,7 +8,11 @@ can stand in for the faiss index in ``clustering.nearest_centroids``, whose exac
 recheck of near-tied rows then makes the assignment equal to the faiss path's whatever the
 last bits of either GEMM. Queries and base are float32; memory O(block * len(base)).
 
-``column_max_upper(e, device)`` is ``semdedup.column_max_upper`` (M_j = max_{i<j} <e_i, e_j>)
+``centroid_index(centroids, gpu)`` is the index the assignment searches: faiss-gpu where faiss
+sees a GPU, this torch index on CUDA where torch does and faiss does not (or is absent), else
+faiss on the CPU.
+
+``column_max_upper(e, device)`` is ``pairwise.column_max_upper`` (M_j = max_{i<j} <e_i, e_j>)
 with the float32 GEMM blocks on ``device``; the GEMM's summation order differs from the CPU's
 BLAS, so M_j agree to float32 rounding (~1e-7), not bit for bit.
 """
@@ -18,12 +22,39 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 8192  # query rows per GEMM block
+CUDA_SCORES = 1 << 28  # scores a block on CUDA (1 GiB of float32)
 
 
 def _torch():
     import torch
 
     return torch
+
+
+def centroid_index(centroids: np.ndarray, gpu: str = "auto"):
+    """An exact inner-product index over ``centroids`` with faiss's ``search(x, k)``: faiss-gpu
+    when faiss sees a GPU, else the torch CUDA index when torch sees one, else faiss on the CPU.
+    ``gpu``: auto, yes (a GPU or an error) or no."""
+    from conceptprune.errors import ConfigError
+
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    faiss_gpus = faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "get_num_gpus") else 0
+    if gpu != "no" and faiss_gpus > 0:
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(c.shape[1]))
+    elif gpu != "no" and _torch().cuda.is_available():
+        return TorchIPIndex(c, "cuda", block=max(1024, min(65536, CUDA_SCORES // max(1, len(c)))))
+    elif gpu == "yes":
+        raise ConfigError("--gpu yes: neither faiss nor torch sees a GPU")
+    elif faiss is None:
+        raise ConfigError("faiss is not installed: pip install 'conceptprune[cpu]' (or '[gpu]')")
+    else:
+        index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    return index
 
 
 class TorchIPIndex:

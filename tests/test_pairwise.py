@@ -122,3 +122,17 @@ def test_auto_takes_the_fast_path_only_where_it_pays():
     assert cpu.resolved().precision == ("bf16-recheck" if cpu_has_fast_bf16() else "fp32")
     with pytest.raises(ValueError, match="precision"):
         PairwiseConfig("fp16").resolved()
+
+
+def test_cuda_gives_the_same_bits():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    e = _planted_cluster(3)
+    want = _reference(e)
+    for precision in ("fp32", "bf16-recheck"):
+        cfg = PairwiseConfig(precision, "cuda")
+        np.testing.assert_array_equal(exact_column_max(e, cfg), want)
+        got = exact_column_max(e, cfg, exact_from=float(THRESHOLD))
+        np.testing.assert_array_equal(got > THRESHOLD, want > THRESHOLD)

@@ -73,3 +73,44 @@ def test_column_max_upper_matches_the_cpu_pass():
     assert got[0] == -np.inf and want[0] == -np.inf
     assert np.abs(got[1:] - want[1:]).max() < 1e-6
     assert abs(got[700] - 1) < 1e-6
+
+
+def test_centroid_index_is_faiss_on_a_cpu_machine():
+    """Without a GPU the assignment's index is faiss's own (and --gpu yes is refused); the same
+    function gives the torch CUDA index where CUDA is and faiss-gpu is not (next test)."""
+    import torch
+
+    from conceptprune.errors import ConfigError
+    from filters.torch_search import centroid_index
+
+    if torch.cuda.is_available() or (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0):
+        pytest.skip("a GPU is present")
+    x, c = _data(4)
+    for gpu in ("auto", "no"):
+        index = centroid_index(c, gpu)
+        assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == len(c)
+        want = faiss.IndexFlatIP(c.shape[1])
+        want.add(c)
+        assert (index.search(x, 2)[1] == want.search(x, 2)[1]).all()
+    with pytest.raises(ConfigError, match="--gpu yes"):
+        centroid_index(c, "yes")
+
+
+def test_centroid_index_on_cuda_assigns_as_faiss_cpu():
+    import torch
+
+    from filters.clustering import nearest_centroids
+    from filters.torch_search import centroid_index
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x, c = _data(5, n=20000, k=300, d=64)
+    index = centroid_index(c, "yes")
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        assert not isinstance(index, TorchIPIndex)  # faiss-gpu first
+    else:
+        assert isinstance(index, TorchIPIndex) and index.device.type == "cuda"
+    cpu = faiss.IndexFlatIP(c.shape[1])
+    cpu.add(c)
+    norms, c64 = np.linalg.norm(x, axis=1), c.astype(np.float64)
+    assert (nearest_centroids(index, c64, x, norms, None) == nearest_centroids(cpu, c64, x, norms, None)).all()
