@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
-from . import __version__, manifest
+from . import __version__
 from .errors import ConceptPruneError
-from .progress import set_enabled
+from .progress import ENV as PROGRESS_ENV
 
 # Modules whose ``register(subparsers)`` adds commands, in help order.
 COMMAND_MODULES = (
@@ -69,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conceptprune {_command_word(sys.argv[1:] if argv is None else argv)}: error: {_one_line(e)}",
               file=sys.stderr)
         return 2
-    manifest.COMMAND = ["conceptprune", *(sys.argv[1:] if argv is None else argv)]
+    # what every command gets on its namespace: the command line its outputs' manifests record
+    args.command_line = ["conceptprune", *(sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU-feature probe
-    if args.quiet:
-        set_enabled(False)
+    progress_before = os.environ.get(PROGRESS_ENV)
+    if args.quiet:  # read by every progress bar, here and in the worker processes this command starts
+        os.environ[PROGRESS_ENV] = "0"
     try:
         rc = args.func(args)
         return int(rc or 0)
@@ -93,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
               "(--log-level debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
-        manifest.COMMAND = None  # later library calls in this process were not made by this command
+        if args.quiet:  # a later call in this process decides for itself
+            _restore_env(PROGRESS_ENV, progress_before)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _one_line(e: BaseException) -> str:

@@ -142,8 +142,9 @@ def _kl_write(args, arr, method: str, params: dict, counts: dict, inputs: dict) 
     from . import keeplist as K
     from .manifest import base_manifest
 
-    K.write_keep_list(args.out, arr, base_manifest("keep-list", method=method, params=params, counts=counts),
-                      multiset=True)
+    manifest = base_manifest("keep-list", command=getattr(args, "command_line", None), method=method, params=params,
+                             counts=counts)
+    K.write_keep_list(args.out, arr, manifest, multiset=True)
 
 
 def _kl_check_out(args, inputs: list[str]) -> None:

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 from . import __version__
 
@@ -22,10 +23,9 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-COMMAND: list[str] | None = None  # set by the CLI: the command line that made an output
-
-
-def base_manifest(kind: str, **fields) -> dict:
+def base_manifest(kind: str, *, command: Sequence[str] | None = None, **fields) -> dict:
+    """The fields every manifest has; ``command``: the command line that made the output (the
+    CLI passes its argv; None for a Python call)."""
     m = {
         "kind": kind,
         "conceptprune_version": __version__,
@@ -33,7 +33,7 @@ def base_manifest(kind: str, **fields) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
-        "command": COMMAND,
+        "command": list(command) if command is not None else None,
     }
     m.update(fields)
     return m

@@ -1,4 +1,8 @@
-"""Progress bars (tqdm on stderr) that the CLI's --quiet / log level can switch off."""
+"""Progress bars (tqdm on stderr) that the CLI's --quiet can switch off.
+
+Whether bars are drawn is read from ``CONCEPTPRUNE_PROGRESS`` (``0``: none) each time a bar
+is made, so a command's setting also reaches the worker processes it starts.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,13 @@ import sys
 
 from tqdm.auto import tqdm
 
-_ENABLED = os.environ.get("CONCEPTPRUNE_PROGRESS", "1") != "0"
+ENV = "CONCEPTPRUNE_PROGRESS"
 
 
-def set_enabled(flag: bool) -> None:
-    global _ENABLED
-    _ENABLED = flag
+def progress_enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
 
 
 def progress_bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False, **kw):
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                disable=disable or not _ENABLED, file=sys.stderr, mininterval=0.5, **kw)
+                disable=disable or not progress_enabled(), file=sys.stderr, mininterval=0.5, **kw)

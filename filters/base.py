@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -19,7 +18,35 @@ from conceptprune.errors import ConfigError, KeepListError
 from conceptprune.manifest import base_manifest
 from conceptprune.pool import Pool
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterTable:
+    """A cluster-based filter's extra outputs, as data: its per-cluster table (one row a
+    cluster) and the title of its plot. ``write_result`` writes them beside the keep-list as
+    KEEP.clusters.parquet and KEEP.clusters.png."""
+
+    table: "pd.DataFrame"
+    title: str
+
+    def write_table(self, path: Path) -> None:
+        from conceptprune.atomic import atomic_open
+
+        with atomic_open(path, "wb") as f:
+            self.table.to_parquet(f, index=False)
+
+    def write_plot(self, path: Path) -> None:
+        from .plots import plot_clusters
+
+        plot_clusters(self.table, path, self.title)
+
+    def outputs(self) -> dict[str, Callable[[Path], None]]:
+        """suffix -> how to write it (what ``keeplist.publish`` stages with the keep-list)."""
+        return {".clusters.parquet": self.write_table, ".clusters.png": self.write_plot}
 
 
 @dataclass
@@ -29,8 +56,7 @@ class FilterResult:
     params: dict
     counts: dict  # "pool": rows read, "candidates": rows eligible (after --within), "out"
     stats: dict = field(default_factory=dict)
-    # extra outputs written next to the keep-list: suffix -> writer(path)
-    extras: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    extras: ClusterTable | None = None  # extra outputs written next to the keep-list
 
     @property
     def uids(self) -> np.ndarray:
@@ -107,20 +133,6 @@ def as_pool(pool, **kw) -> Pool:
     return pool if isinstance(pool, Pool) else Pool(pool, **kw)
 
 
-@dataclass(frozen=True)
-class OutputPolicy:
-    """What a filter may do with its output: replace an existing ``--out``; write an empty list.
-
-    The Python default replaces (the caller named the path) and refuses an empty result; the
-    CLI refuses an existing ``--out`` unless ``--overwrite`` (see ``filters/cli.py``)."""
-
-    overwrite: bool = True
-    allow_empty: bool = False
-
-
-OUTPUT_POLICY: contextvars.ContextVar[OutputPolicy] = contextvars.ContextVar("output_policy", default=OutputPolicy())
-
-
 def check_filter_output(out, pool: Pool, within, overwrite: bool) -> None:
     """Before any work: ``out`` must be a new (or, with overwrite, replaceable) ``.npy`` that
     is not an input, and not inside the pool's folder (where its ``.clusters.parquet`` would
@@ -135,16 +147,15 @@ def check_filter_output(out, pool: Pool, within, overwrite: bool) -> None:
 
 
 def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | None = None, *,
-               within=None, overwrite: bool | None = None, allow_empty: bool | None = None,
-               **params) -> FilterResult:
+               within=None, overwrite: bool = True, allow_empty: bool = False,
+               command: Sequence[str] | None = None, **params) -> FilterResult:
     """Run a filter function and write its keep-list, manifest and extra outputs.
 
-    The output is checked before any work (``check_filter_output``); an empty result is an
-    error unless ``allow_empty`` (nothing is written then)."""
+    The output is checked before any work (``check_filter_output``): ``overwrite`` replaces an
+    existing ``out`` (the Python default: the caller named the path; the CLI refuses unless
+    ``--overwrite``). An empty result is an error unless ``allow_empty`` (nothing is written
+    then). ``command``: the command line the manifest records (the CLI's argv)."""
     t0 = time.time()
-    policy = OUTPUT_POLICY.get()
-    overwrite = policy.overwrite if overwrite is None else overwrite
-    allow_empty = policy.allow_empty if allow_empty is None else allow_empty
     pool = as_pool(pool, **{k: params.pop(k) for k in ("embedding_key", "bad_embeddings", "embedding_dir")
                             if k in params})
     if params.get("seed") is not None:  # every filter's seed: a wrapped one would alias another
@@ -162,7 +173,7 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
                           f"(params {_short(result.params)}); nothing written. Pass --allow-empty to write "
                           "an empty keep-list")
     if out is not None:
-        write_result(result, out, pool, within, time.time() - t0)
+        write_result(result, out, pool, within, time.time() - t0, command)
     return result
 
 
@@ -171,21 +182,22 @@ def _short(params: dict) -> str:
 
 
 def write_result(result: FilterResult, out: str | os.PathLike, pool: Pool, within: Within,
-                 wall_time: float) -> Path:
+                 wall_time: float, command: Sequence[str] | None = None) -> Path:
     """The keep-list, its manifest and the extras, written in ``keeplist.publish``'s order
     (the keep-list lands last; the manifest records its sha256)."""
     out = Path(out)
     counts = dict(result.counts)
     counts["out"] = int(len(result.kept))
     manifest = base_manifest(
-        "keep-list", method=result.method, params=result.params,
+        "keep-list", command=command, method=result.method, params=result.params,
         seed=result.params.get("seed"), pool=pool.describe(), within=within.describe(),
         counts=counts, stats=result.stats, wall_time_s=round(wall_time, 3),
         embeddings=pool.report.as_dict() if pool.embedding_key else None)
+    extras = result.extras.outputs() if result.extras is not None else None
     if isinstance(result.kept, K.UidCollector):
-        result.kept.write(out, manifest, extras=result.extras)
+        result.kept.write(out, manifest, extras=extras)
     else:
-        K.write_keep_list(out, result.kept, manifest, extras=result.extras)
+        K.write_keep_list(out, result.kept, manifest, extras=extras)
     log.info("kept %d of %d candidates (%d pool rows) -> %s", counts["out"], counts.get("candidates", -1),
              counts.get("pool", -1), out)
     return out

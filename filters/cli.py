@@ -68,20 +68,20 @@ def check_common_numbers(a) -> None:
 
 
 def _with_output_policy(run):
-    """Every filter command: check the shared numeric options before any work, and run under
-    the CLI's output policy (an existing --out needs --overwrite; an empty result needs
-    --allow-empty)."""
+    """Every filter command: check the shared numeric options before any work, then run (its
+    ``run_filter`` call takes ``**output_args(a)``)."""
     def wrapped(a):
-        from conceptprune.filters.base import OUTPUT_POLICY, OutputPolicy
-
         check_common_numbers(a)
-        token = OUTPUT_POLICY.set(OutputPolicy(overwrite=bool(getattr(a, "overwrite", False)),
-                                               allow_empty=bool(getattr(a, "allow_empty", False))))
-        try:
-            return run(a)
-        finally:
-            OUTPUT_POLICY.reset(token)
+        return run(a)
     return wrapped
+
+
+def output_args(a) -> dict:
+    """What a filter command tells ``run_filter`` about its output: an existing --out is
+    replaced only with --overwrite, an empty list written only with --allow-empty, and the
+    manifest records the command line (``command_line``, set by the CLI)."""
+    return {"overwrite": bool(getattr(a, "overwrite", False)), "allow_empty": bool(getattr(a, "allow_empty", False)),
+            "command": getattr(a, "command_line", None)}
 
 
 @method("none", "keep every uid of the pool (or of --within)")
@@ -93,7 +93,7 @@ def _none(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import keep_all, run_filter
-        run_filter(keep_all, a.pool, a.out, within=a.within, executor=executor_from_args(a))
+        run_filter(keep_all, a.pool, a.out, **output_args(a), within=a.within, executor=executor_from_args(a))
     return run
 
 
@@ -108,7 +108,7 @@ def _random(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import random_subset, run_filter
-        run_filter(random_subset, a.pool, a.out, within=a.within, fraction=a.fraction, seed=a.seed,
+        run_filter(random_subset, a.pool, a.out, **output_args(a), within=a.within, fraction=a.fraction, seed=a.seed,
                    executor=executor_from_args(a))
     return run
 
@@ -129,7 +129,7 @@ def _clip(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import clip_score, run_filter
-        run_filter(clip_score, a.pool, a.out, within=a.within, fraction=a.fraction,
+        run_filter(clip_score, a.pool, a.out, **output_args(a), within=a.within, fraction=a.fraction,
                    threshold=a.threshold, model=a.model, column=a.score_column, executor=executor_from_args(a))
     return run
 
@@ -146,7 +146,8 @@ def _basic(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import basic, run_filter
-        run_filter(basic, a.pool, a.out, within=a.within, lid_model=a.lid_model, executor=executor_from_args(a))
+        run_filter(basic, a.pool, a.out, **output_args(a), within=a.within, lid_model=a.lid_model,
+                   executor=executor_from_args(a))
     return run
 
 
@@ -164,8 +165,8 @@ def _laion(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import laion2b, run_filter
-        run_filter(laion2b, a.pool, a.out, within=a.within, lid_model=a.lid_model, threshold=a.threshold,
-                   langid=a.langid, executor=executor_from_args(a))
+        run_filter(laion2b, a.pool, a.out, **output_args(a), within=a.within, lid_model=a.lid_model,
+                   threshold=a.threshold, langid=a.langid, executor=executor_from_args(a))
     return run
 
 
@@ -226,7 +227,7 @@ def _dbp(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import dbp, run_filter
-        run_filter(dbp, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+        run_filter(dbp, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings,
                    fraction=a.fraction, temperature=a.temperature, neighbors=a.neighbors,
                    balance=a.balance, keep=a.keep, clustering=_clustering_config(a), executor=executor_from_args(a))
@@ -251,7 +252,7 @@ def _semdedup(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import run_filter, semdedup
-        run_filter(semdedup, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+        run_filter(semdedup, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, eps=a.eps,
                    target_fraction=a.target_fraction, rule=a.rule, clustering=_clustering_config(a),
                    executor=executor_from_args(a))
@@ -275,7 +276,7 @@ def _ssl(p):
         from conceptprune.slurm.options import executor_from_args
 
         from . import run_filter, ssl_prototypes
-        run_filter(ssl_prototypes, a.pool, a.out, within=a.within, embedding_key=a.embedding_key,
+        run_filter(ssl_prototypes, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, fraction=a.fraction,
                    keep=a.keep, balance=a.balance, clustering=_clustering_config(a), executor=executor_from_args(a))
     return run

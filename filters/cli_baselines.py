@@ -5,7 +5,7 @@ Registered into :mod:`filters.cli`'s table when that module is imported.
 
 from __future__ import annotations
 
-from .cli import _clustering_args, _clustering_config, _common, _job_args, method
+from .cli import _clustering_args, _clustering_config, _common, _job_args, method, output_args
 
 
 def _assets_args(p):
@@ -32,8 +32,9 @@ def _text_based(p):
 
     def run(a):
         from . import run_filter, text_based
-        run_filter(text_based, a.pool, a.out, within=a.within, lid_model=a.lid_model, synsets=a.synsets,
-                   wordnet=a.wordnet, match_pos=a.match_pos, assets_dir=a.assets_dir, assets_url=a.assets_url)
+        run_filter(text_based, a.pool, a.out, **output_args(a), within=a.within, lid_model=a.lid_model,
+                   synsets=a.synsets, wordnet=a.wordnet, match_pos=a.match_pos, assets_dir=a.assets_dir,
+                   assets_url=a.assets_url)
     return run
 
 
@@ -75,7 +76,7 @@ def _image_based(p):
             from conceptprune.slurm.options import executor_from_args
 
             extra.update(clustering=_clustering_config(a), executor=executor_from_args(a))
-        run_filter(image_based, a.pool, a.out, within=a.within, embedding_key="l14_img",
+        run_filter(image_based, a.pool, a.out, **output_args(a), within=a.within, embedding_key="l14_img",
                    bad_embeddings=a.bad_embeddings, scale=a.scale, centroids=a.centroids, reference=a.reference,
                    assign=a.assign, lid_model=a.lid_model, batch_size=a.batch_size, device=a.device,
                    assets_dir=a.assets_dir, assets_url=a.assets_url, **extra)

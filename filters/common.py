@@ -14,17 +14,8 @@ def cluster_table(size, d_intra, d_inter, cx, p, kept, **extra):
     return pd.DataFrame(data)
 
 
-def table_writer(table, title: str) -> dict:
-    """Extras for FilterResult: KEEP.clusters.parquet and KEEP.clusters.png."""
-    from conceptprune.atomic import atomic_open
+def table_writer(table, title: str):
+    """Extras for FilterResult, as data: KEEP.clusters.parquet and KEEP.clusters.png."""
+    from .base import ClusterTable
 
-    from .plots import plot_clusters
-
-    def write_table(path):
-        with atomic_open(path, "wb") as f:
-            table.to_parquet(f, index=False)
-
-    def write_plot(path):
-        plot_clusters(table, path, title)
-
-    return {".clusters.parquet": write_table, ".clusters.png": write_plot}
+    return ClusterTable(table, title)
