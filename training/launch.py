@@ -11,6 +11,7 @@ the keep-list behind it), the world size and the status; ``conceptprune evaluate
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -360,9 +361,15 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _update(path: Path, **fields) -> None:
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(fields)
-    write_json(path, data)
+    """Read, update and rewrite run.json under an exclusive lock: the launcher and the job's
+    processes update it, and none of their updates is lost. The lock is a flock on a hidden
+    file beside it (run.json itself is replaced by a rename at each write); the kernel drops
+    it when its holder dies."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.update(fields)
+        write_json(path, data)
 
 
 # -- the command -----------------------------------------------------------------------------
