@@ -91,8 +91,9 @@ class RowFilterStage(Stage):
         spill.mkdir(parents=True, exist_ok=True)
         kept, counters, n = K.UidCollector(spill_dir=spill), _Counters(self.rule.concat), 0
         columns = list(self.rule.columns)
+        label = f"{self.name.rsplit('-', 1)[0]} {rank + 1}/{world_size}"  # the name less its digest
         for chunk in pool.iter_chunks(columns, uids=self.rule.needs_uids or bool(within), start=start, stop=stop,
-                                      progress=False):
+                                      progress=label):
             cand = within.mask(chunk.uids) if chunk.uids is not None else np.ones(len(chunk), bool)
             n += int(cand.sum())
             keep, counts = self.rule.judge(chunk, cand)
