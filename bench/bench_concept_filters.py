@@ -2,7 +2,9 @@
 one bare faiss search pass over all embeddings (the work no implementation can skip).
 
 The floor process times only its training and search (not imports, not reading the
-sample); ours is the CLI's whole wall time. Peak RSS is the whole process tree's.
+sample); ours is the CLI's whole wall time, split into its stages by their completion markers'
+times (``breakdown_s``: the first stage from the command's start, each other from the one
+before). Peak RSS is the whole process tree's.
 Usage: python bench/bench_concept_filters.py --method dbp --rows 1000000,4000000 --clusters 100
 """
 
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,6 +50,32 @@ for f in files:
 t2 = time.perf_counter()
 print(json.dumps({"train_s": t1 - t0, "search_s": t2 - t1, "rows": n}))
 """
+
+
+def stage_breakdown(clustering: Path, started: float, wall: float) -> dict:
+    """Seconds per stage of one run of ours, from the mtimes of its stages' part markers
+    (``.markers/<stage>/*.json`` in the clustering folder and SemDeDup's work folder)."""
+    ends = {}
+    for marker in clustering.rglob(".markers/*/*.json"):
+        stage = marker.parent.name
+        ends[stage] = max(ends.get(stage, 0.0), marker.stat().st_mtime)
+    out, before = {}, started
+    for stage, end in sorted(ends.items(), key=lambda kv: kv[1]):
+        out[stage] = round(end - before, 1)
+        before = end
+    out["after_last_stage"] = round(started + wall - before, 1)
+    if "shuffle" not in out:  # SemDeDup removes the shuffle's markers with its files: its time is the dedup's
+        out = {("shuffle+" + k if k.startswith("dedup") else k): v for k, v in out.items()}
+    return out
+
+
+def pairwise_paths() -> dict:
+    """The precision and device SemDeDup's pairwise pass takes here (auto), with the eps
+    threshold and with M needed everywhere (a target size)."""
+    from conceptprune.filters.pairwise import PairwiseConfig
+
+    fast, everywhere = PairwiseConfig().resolved(), PairwiseConfig().resolved(exact_everywhere=True)
+    return {"eps": f"{fast.precision} on {fast.device}", "target_fraction": f"{everywhere.precision} on {everywhere.device}"}
 
 
 def main():
@@ -84,7 +113,10 @@ def main():
         load = [round(v, 2) for v in os.getloadavg()]  # the machine may be shared: say how busy it was
         for _ in range(args.repeat):  # alternate, so that machine noise hits both alike
             shutil.rmtree(out.parent, ignore_errors=True)
+            started = time.time()
             runs_ours.append(measure(cmd))
+            runs_ours[-1]["breakdown_s"] = stage_breakdown(clus, started, runs_ours[-1]["wall_s"])
+            runs_ours[-1]["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
             floor = measure(python(FLOOR) + [str(pool), str(clus), "l14_img"])
             runs_floor.append({**json.loads(floor["stdout"].strip().splitlines()[-1]), "rss": floor["peak_rss_mib"]})
         ours = min(runs_ours, key=lambda r: r["wall_s"])
@@ -98,6 +130,8 @@ def main():
                         "ratio_ours_over_floor": round(ours["wall_s"] / floor_s, 3),
                         "samples_per_s": round(rows / ours["wall_s"]),
                         "all_ours_wall_s": [r["wall_s"] for r in runs_ours],
+                        "ours_breakdown_s": ours["breakdown_s"], "ours_load_avg_after": ours["load_avg_after"],
+                        "pairwise": pairwise_paths(),
                         "all_floor_s": [round(r["train_s"] + r["search_s"], 2) for r in runs_floor],
                         "load_avg_before": load, "load_avg_after": [round(v, 2) for v in os.getloadavg()],
                         "cpus": os.cpu_count(), "command": " ".join(sys.argv)})

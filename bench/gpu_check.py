@@ -6,11 +6,14 @@ runs, each beside its baseline in the same process tree:
 
 1. ``search``: the clustering's assignment pass at 4M x 768 (DBP's, k = 100 as in
    bench/results/dbp_k100.json): exact inner-product top-2 search of every row, on the GPU
-   through faiss-gpu when importable, else through filters/torch_search.py, against the CPU
+   through the assignment's own ``torch_search.centroid_index`` (faiss-gpu when importable,
+   else torch on CUDA), against the CPU
    floor (faiss IndexFlatIP on all cores, or torch on the CPU, timed on a slice and scaled);
    rows/s and the ratio, and whether the assignments of a checked slice equal the CPU's.
 2. ``semdedup``: SemDeDup's pairwise pass (M_j = max_{i<j} <e_i, e_j>) over one 20000-row
-   cluster, float32 on the GPU vs semdedup.column_max_upper on the CPU; max |diff|.
+   cluster with planted near-duplicates, ``pairwise.exact_column_max`` on the GPU (bf16 GEMM +
+   exact recheck from the threshold, and exact everywhere) vs the plain float32 pass on the
+   CPU; M must equal the exact CPU computation bit for bit.
 3. ``train``: ViT-B/32 (DataComp's small scale) through ``conceptprune train`` vs open_clip's
    main with the same argv on the same synthetic shards; steady samples/s from open_clip's log.
 4. ``evaluate``: ``conceptprune evaluate`` over generated tasks; images/s.
@@ -78,9 +81,11 @@ def _sync(device: str) -> None:
 
 
 def step_search(cfg: dict, device: str) -> dict:
-    """Top-2 inner-product search of every row against k centroids (the assignment pass)."""
+    """Top-2 inner-product search of every row against k centroids (the assignment pass),
+    through the index the assignment itself takes (``torch_search.centroid_index``: faiss-gpu,
+    else torch on CUDA); on the CPU check the torch index stands in for it."""
     from filters.clustering import nearest_centroids
-    from filters.torch_search import TorchIPIndex
+    from filters.torch_search import TorchIPIndex, centroid_index
 
     rng = np.random.default_rng(0)
     c = rng.standard_normal((cfg["clusters"], cfg["dim"]), dtype=np.float32)
@@ -90,15 +95,11 @@ def step_search(cfg: dict, device: str) -> dict:
         import faiss
     except ImportError:
         faiss = None
-    backend = "torch"
-    if device.startswith("cuda") and faiss is not None and hasattr(faiss, "StandardGpuResources") \
-            and faiss.get_num_gpus() > 0:
-        res = faiss.StandardGpuResources()
-        gpu = faiss.GpuIndexFlatIP(res, cfg["dim"])
-        gpu.add(c)
-        backend = "faiss-gpu"
+    if device.startswith("cuda"):
+        gpu = centroid_index(c, "yes")
+        backend = "torch CUDA" if isinstance(gpu, TorchIPIndex) else "faiss-gpu"
     else:
-        gpu = TorchIPIndex(c, device, block=65536 if device.startswith("cuda") else 8192)
+        gpu, backend = TorchIPIndex(c, device), "torch CPU"
     gpu.search(x[:1000], 2)  # warm-up (CUDA context, kernels)
     _sync(device)
     t = time.perf_counter()
@@ -127,22 +128,39 @@ def step_search(cfg: dict, device: str) -> dict:
 
 
 def step_semdedup(cfg: dict, device: str) -> dict:
-    from filters.semdedup import column_max_upper as cpu_pass
-    from filters.torch_search import column_max_upper
+    """SemDeDup's pairwise pass over one cluster: the fast path on ``device`` (pairwise.py's
+    auto precision, M exact from the eps threshold 0.95, and everywhere) against the plain
+    float32 pass on the CPU (numpy's BLAS); M must equal the exact float32 CPU computation."""
+    from filters.pairwise import PairwiseConfig, column_max_upper, exact_column_max
 
     rng = np.random.default_rng(1)
     e = rng.standard_normal((cfg["cluster_rows"], cfg["dim"]), dtype=np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-    column_max_upper(e[:512], device)  # warm-up
+    e += 4 * rng.standard_normal(cfg["dim"], dtype=np.float32)  # one cluster: similar rows
+    e[1::50] = e[::50][:len(e[1::50])] + 0.05 * rng.standard_normal((len(e[1::50]), cfg["dim"]), dtype=np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)  # near-duplicates every 50 rows
+    threshold = 0.95
+    fast = PairwiseConfig("auto", device)
+    exact_from = {"eps": threshold, "everywhere": -np.inf}
+    exact_column_max(e[:512], fast)  # warm-up
+    out = {"rows": len(e), "dim": cfg["dim"], "threshold": threshold}
+    want = exact_column_max(e, PairwiseConfig("fp32", "cpu"))
+    for name, floor in exact_from.items():
+        _sync(device)
+        t = time.perf_counter()
+        got = exact_column_max(e, fast, floor)
+        _sync(device)
+        high = want >= threshold
+        equal = bool((got == want).all()) if floor == -np.inf else bool((got[high] == want[high]).all()
+                                                                          and ((got > threshold) == (want > threshold)).all())
+        out[name] = {"precision": fast.resolved(exact_everywhere=floor == -np.inf).precision,
+                     "device_s": round(time.perf_counter() - t, 4), "equal_to_exact_cpu": equal}
     t = time.perf_counter()
-    got = column_max_upper(e, device)
-    dev_s = time.perf_counter() - t
-    t = time.perf_counter()
-    want = cpu_pass(e)
-    cpu_s = time.perf_counter() - t
-    diff = float(np.abs(got[1:] - want[1:]).max()) if len(e) > 1 else 0.0
-    return {"rows": len(e), "dim": cfg["dim"], "device_s": round(dev_s, 4), "cpu_s": round(cpu_s, 4),
-            "ratio_to_cpu": round(cpu_s / dev_s, 2), "max_abs_diff_to_cpu": diff}
+    plain = column_max_upper(e)
+    out["cpu_plain_fp32_s"] = round(time.perf_counter() - t, 4)
+    out["ratio_to_cpu"] = round(out["cpu_plain_fp32_s"] / out["eps"]["device_s"], 2)
+    out["max_abs_diff_to_cpu"] = float(np.abs(plain[1:] - want[1:]).max()) if len(e) > 1 else 0.0
+    out["removed_at_threshold"] = int((want > threshold).sum())
+    return out
 
 
 def step_train(cfg: dict, device: str, work: Path) -> dict:
