@@ -1,9 +1,12 @@
 """SemDeDup decides exactly as float32 does, and the k-means training sample grows with k.
 
 The pool stores fp16 embeddings (as DataComp's npz do). The reference here is an
-independent float32 computation: the stored values cast to float32, divided by their
-norms, the full S = E E^T per cluster in float32, M_j = max_{i<j} S_ij. Pairs are planted
-with similarities within 1e-4 of the threshold on both sides of it."""
+independent computation: the stored values cast to float32, divided by their norms, the
+full S = E E^T per cluster in float64 (exact products of the float32 values), M_j =
+max_{i<j} S_ij rounded to float32. Pairs are planted with similarities within 1e-4 of the
+threshold on both sides of it. With an eps the pairwise pass takes its fast path where the
+CPU has one (bfloat16 + exact recheck), with a target size the float32 one (pairwise.py);
+tests/test_pairwise.py checks both paths on their own."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from conceptprune.errors import ConfigError
 from conceptprune.filters import run_filter, semdedup
 from conceptprune.filters.clustering import Clustering
 from conceptprune.filters.clustering_config import ClusteringConfig, parse_bytes
+from conceptprune.pool import Pool
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
 from conftest import uid_set
@@ -61,32 +65,49 @@ def planted_pool(tmp_path_factory):
     return out, x
 
 
-def _as_float32(x16: np.ndarray) -> np.ndarray:
-    x = x16.astype(np.float32)
-    return x / np.sqrt((x * x).sum(axis=1, dtype=np.float32))[:, None]
+def _as_float32(pool) -> np.ndarray:
+    """The pool's own float32 view: the stored fp16 cast to float32, divided by float32 norms."""
+    p = Pool(pool, embedding_key="l14_img")
+    return p.read_embedding_rows(np.arange(p.rows))[0]
 
 
-def _reference_kept(clustering: Clustering, e: np.ndarray) -> set:
+def _reference_m(clustering: Clustering, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Independent: per cluster, order by distance descending (ties: smaller uid), full S in
-    float32, M_j over the strict upper triangle, keep M_j <= float32(1 - eps)."""
+    float64, M_j over the strict upper triangle, rounded to float32. (uids, M)."""
     blocks = list(clustering.iter_assignment())
     uids = np.concatenate([b[1] for b in blocks])
     cluster = np.concatenate([b[2] for b in blocks])
     dist = np.concatenate([b[3] for b in blocks])
     hi, lo = U.split(uids)
-    kept = []
+    out_uids, out_m = [], []
     for c in range(clustering.k):
         rows = np.flatnonzero(cluster == c)
         rows = rows[np.lexsort((lo[rows], hi[rows], -dist[rows]))]
-        s = e[rows] @ e[rows].T
-        m = np.array([s[:j, j].max() if j else -np.inf for j in range(len(rows))], dtype=np.float32)
-        kept.append(uids[rows[m <= np.float32(1 - EPS)]])
-    return uid_set(np.concatenate(kept))
+        e64 = e[rows].astype(np.float64)
+        s = e64 @ e64.T
+        out_m.append(np.array([s[:j, j].max() if j else -np.inf for j in range(len(rows))]).astype(np.float32))
+        out_uids.append(uids[rows])
+    return np.concatenate(out_uids), np.concatenate(out_m)
+
+
+def _stored_m(clustering: Clustering, uids: np.ndarray) -> np.ndarray:
+    """SemDeDup's stored M_j, in the order of ``uids``."""
+    from conceptprune.filters.semdedup import iter_results
+
+    res = np.concatenate(list(iter_results(clustering.dir / "semdedup" / "all", clustering.k)))
+    where = {u: i for i, u in enumerate(U.make_array(res["hi"], res["lo"]).tolist())}
+    return res["M"][[where[u] for u in uids.tolist()]]
+
+
+def _reference_kept(clustering: Clustering, e: np.ndarray) -> set:
+    """Keep M_j <= float32(1 - eps)."""
+    uids, m = _reference_m(clustering, e)
+    return uid_set(uids[m <= np.float32(1 - EPS)])
 
 
 def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog):
     pool, x16 = planted_pool
-    e = _as_float32(x16)
+    e = _as_float32(pool)
     # the planted pairs do sit within 1e-4 of the threshold, on both sides
     s = e @ e.T
     np.fill_diagonal(s, -1)
@@ -126,3 +147,37 @@ def test_training_sample_grows_with_k():
     for bad in ("", "G", "-1G", "lots"):
         with pytest.raises(ConfigError, match="kmeans-memory"):
             parse_bytes(bad)
+
+
+def test_target_size_equals_float32_at_the_threshold(planted_pool, tmp_path):
+    """A target size whose cut falls among the planted pairs: the n smallest exact M_j. Run on
+    the clustering of an eps run first (M exact only from its threshold there), so the target
+    run recomputes M everywhere; an eps run after it reuses that."""
+    from conceptprune.filters.base import target_count
+    from conceptprune.filters.pairwise import cpu_has_fast_bf16
+
+    pool, x16 = planted_pool
+    e = _as_float32(pool)
+    cfg = ClusteringConfig(clusters=CLUSTERS, niter=20)
+    first = run_filter(semdedup, pool, tmp_path / "eps.npy", embedding_key="l14_img", eps=EPS, clustering=cfg,
+                       executor="debug")
+    clustering = Clustering(tmp_path / "eps.clustering")
+    uids, m = _reference_m(clustering, e)
+    stored = _stored_m(clustering, uids)
+    assert (stored[m >= THRESHOLD] == m[m >= THRESHOLD]).all()
+    if cpu_has_fast_bf16():  # the eps run took the fast path: below its threshold M is bfloat16's
+        assert (stored != m).any()
+    near = np.sort(m[np.abs(m.astype(np.float64) - THRESHOLD) < 1e-4])
+    assert len(near) >= 200
+    cut = float(near[len(near) // 2])  # half the planted pairs on each side
+    fraction = float((m <= np.float32(cut)).sum() / len(m))
+    n = target_count(fraction, len(m))
+    order = np.argsort(m, kind="stable")
+    assert m[order[n - 1]] < m[order[n]]  # no tie at the cut: the reference selection is unique
+    again = {"clustering": ClusteringConfig(dir=tmp_path / "eps.clustering"), "executor": "debug"}
+    r = run_filter(semdedup, pool, tmp_path / "tf.npy", embedding_key="l14_img", target_fraction=fraction, **again)
+    assert uid_set(r.uids) == uid_set(uids[order[:n]])
+    assert (_stored_m(clustering, uids) == m).all()  # now exact everywhere (the eps run's were not all)
+    assert r.stats["eps_used"] == pytest.approx(1 - float(m[order[n - 1]]), abs=1e-7)
+    e2 = run_filter(semdedup, pool, tmp_path / "eps2.npy", embedding_key="l14_img", eps=EPS, **again)
+    assert uid_set(e2.uids) == uid_set(first.uids) == _reference_kept(clustering, e)
