@@ -1,21 +1,28 @@
 """SemDeDup's pairwise kernels, per cluster (members in the furthest-first order).
 
-``exact_column_max`` gives M_j = max_{i<j} <e_i, e_j> (M_0 = -inf) *exactly*: each M_j is the
-float32 rounding of the exact inner product of the float32 rows (float64 products, which are
-exact, and float64 sums; exact rational arithmetic where float64 lands within its own error of a
-float32 rounding midpoint). So M, and every decision ``M_j > float32(1 - eps)`` read off it, has
-the same bits on any machine, device, batch or precision. The similarities are first computed
-in a fast precision, in column blocks of ``block`` columns against all earlier rows (memory
-O(n * block), a cluster never split):
+``exact_column_max(e, config, exact_from)`` gives M_j = max_{i<j} <e_i, e_j> (M_0 = -inf),
+*exact* wherever M_j may reach ``exact_from``: there M_j is the float32 rounding of the exact
+inner product of the float32 rows (float64 products, which are exact, and float64 sums; exact
+rational arithmetic where float64 lands within its own error of a float32 rounding midpoint),
+the same bits on any machine, device, batch or precision. Below ``exact_from`` M_j is the fast
+GEMM's value, which is below ``exact_from`` too; so every decision ``M_j > t`` with
+t >= exact_from is float32's. SemDeDup passes its eps threshold float32(1 - eps), or -inf
+(exact everywhere) for a target size, whose threshold is read off M.
 
-- ``bf16-recheck``: torch bfloat16 GEMM, float32 accumulation (CPUs with avx512_bf16 / AMX,
-  about 2.5x numpy's float32 here; CUDA);
+The similarities are first computed in a fast precision, in column blocks of ``block``
+columns against all earlier rows (memory O(n * block), a cluster never split):
+
+- ``bf16-recheck``: torch bfloat16 GEMM, float32 accumulation (CPUs with avx512_bf16 / AMX:
+  ~2-3x float32 here on large clusters; CUDA);
 - ``fp32``: float32 GEMM (torch on the CPU or CUDA, TF32 off).
 
-Then every pair whose approximate similarity could be its column's maximum (within twice the
-GEMM's proven error bound of the column's approximate maximum) is recomputed exactly, and
-M_j is the largest exact value among them. Every recomputed pair is also checked against the
-bound (a library that broke it would raise, not decide wrongly).
+Then, in every column that may reach ``exact_from``, every pair whose approximate similarity
+could be the column's maximum (its upper bound reaches the largest lower bound in the column)
+is recomputed exactly, and M_j is the largest exact value. Where a bf16 column has more than
+DENSE such pairs (dense clusters: the bf16 bound is ~0.005), those columns are first redone by a
+float32 GEMM (bound ~1e-4). Every recomputed pair is checked against the bound (a library that
+broke it would raise, not decide wrongly). ``auto`` takes bf16-recheck only with a finite
+``exact_from`` (exact everywhere, most columns of a dense cluster would be redone in float32).
 
 The bound, for rows x_i (float32), a_i = bf16(x_i), r_i = x_i - a_i (exact in float32):
   x_i.x_j - a_i.a_j = a_i.r_j + r_i.x_j, so |.| <= |a_i||r_j| + |r_i||x_j| (Cauchy-Schwarz);
@@ -23,11 +30,11 @@ The bound, for rows x_i (float32), a_i = bf16(x_i), r_i = x_i - a_i (exact in fl
   gamma_d |a_i||a_j|, gamma_d = d u / (1 - d u), u = 2^-23;
   a bfloat16 output (torch on the CPU has no float32 output for bf16 GEMMs): <= 2^-8 / (1 - 2^-8)
   of the output's magnitude; denormals flushed: < 2^-120 a term.
-Norms are float64 and inflated by 1e-6 (their own rounding). For fp32 only the accumulation
-term remains. Per cluster the maxima of the norms are used.
+Norms are upper bounds (float32 sums of squares inflated by d 2^-23 + 2^-20); per cluster the
+largest are used. For fp32 only the accumulation term remains.
 
 ``greedy_keep`` and ``components_keep`` (the rules that depend on eps) and ``column_max_upper``
-(the plain float32 pass, as before) are float32 GEMMs on the CPU.
+(the plain float32 pass) are float32 GEMMs on the CPU, as before.
 """
 
 from __future__ import annotations
@@ -222,22 +229,22 @@ class _Bound:
         return s - 2.0 ** -30 * (1 + np.abs(s))
 
 
-def _bound(x: np.ndarray, a: np.ndarray | None, bf16_output: bool) -> _Bound:
-    """The error bound of a GEMM of these rows (x float32, a = bf16(x) as float32, None for fp32)."""
-    d = x.shape[1]
+def _bound(d: int, nx: float, na: float | None = None, nr: float | None = None,
+           bf16_output: bool = False) -> _Bound:
+    """The error bound of a GEMM of rows of dimension d and norms <= nx: float32 (na None), or
+    bfloat16 with the rounded rows' norms <= na and the rounding residuals' norms <= nr."""
     gamma = d * U_ACC / (1 - d * U_ACC)
-    nx = _max_norm(x)
-    if a is None:
+    if na is None:
         return _Bound(gamma * nx * nx + d * TINY, 0.0, nx)
-    na, nr = _max_norm(a), _max_norm(x - a)  # x - a is exact in float32
     c0 = na * nr + nr * nx + gamma * na * na + 2 * d * TINY
     return _Bound(c0, U_BF16 / (1 - U_BF16) if bf16_output else 0.0, nx)
 
 
 def _max_norm(x: np.ndarray) -> float:
+    """An upper bound of the rows' norms: float32 sums of squares err by <= d 2^-24 relative."""
     if not len(x):
         return 0.0
-    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max())) * (1 + 1e-6)
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x).max(), dtype=np.float64)) * (1 + x.shape[1] * 2.0 ** -23 + 2.0 ** -20)
 
 
 def exact_column_max(e: np.ndarray, config: PairwiseConfig | None = None,
@@ -289,13 +296,16 @@ class _Gemm:
 
         self.torch, self.x = torch, x
         self.x32 = torch.from_numpy(x).to(cfg.device)
-        self.bound32 = _bound(x, None, bf16_output=False)
+        nx = _max_norm(x)
+        self.bound32 = _bound(x.shape[1], nx)
         self.bf16 = cfg.precision == "bf16-recheck"
         self.float_out = True
         if self.bf16:
             self.x16 = self.x32.to(torch.bfloat16)
             self.float_out = self.x32.is_cuda and _has_mm_out_dtype()
-            self.bound16 = _bound(x, self.x16.float().cpu().numpy(), bf16_output=not self.float_out)
+            a = self.x16.float().cpu().numpy()
+            self.bound16 = _bound(x.shape[1], nx, _max_norm(a), _max_norm(x - a),  # x - a is exact in float32
+                                  bf16_output=not self.float_out)
 
     def strip(self, c0: int, c1: int, cols: np.ndarray | None = None, bf16: bool = False):
         """Approximate S[i, j] for the block's columns j = c0 + cols (all when None) against the
