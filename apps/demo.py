@@ -7,10 +7,12 @@
 2. The pool is served on a loopback HTTP server and fetched with ``download`` (img2dataset).
 3. ``train`` on the full pool; that model is the encoder for ``embed`` (as one would embed
    with a CLIP model), image and caption embeddings.
-4. ``filter``: a random subset, and SemDeDup -> DBP of the same size; ``reshard`` each.
-5. ``train`` on each subset with the same number of samples seen; ``evaluate`` every run on
-   held-out digits (zero-shot classification) and held-out caption retrieval.
-6. A report (HTML + Markdown + PNG plots).
+4. ``filter``: SemDeDup -> CLIP score -> DBP, and at the same size CLIP score alone (the best
+   simple DataComp baseline) and a random subset (SSL prototypes too with ``ssl``); ``reshard`` each.
+5. ``train`` every arm (all data and each subset) with the same number of samples seen and
+   several training seeds; ``evaluate`` every run on held-out digits (zero-shot
+   classification) and held-out caption retrieval; mean and spread over the seeds.
+6. A report (HTML + Markdown + PNG plots) that links the chain's own report (``conceptprune report``).
 
 Every step is the production code path with a small configuration.
 """
@@ -52,7 +54,9 @@ class DemoConfig:
     junk_captions: float = 0.2  # off-topic or empty captions
     held_out: float = 0.3
     keep_fraction: float = 0.35
-    samples_seen: int = 64_000
+    samples_seen: int = 40_000  # per training run, every arm and seed
+    train_seeds: int = 2  # each arm is trained with seeds seed, seed + 1, ...
+    ssl: bool = False  # also the arm SemDeDup -> CLIP score -> SSL prototypes
     semdedup_keep: float = 0.8  # near-duplicate bursts are ~20% of the pool
     clip_keep: float = 0.75  # image-caption similarity under the full-pool model
     clusters: int = 20
@@ -180,15 +184,63 @@ def _step(n: int, title: str) -> None:
     print(f"\n== step {n}: {title}", flush=True)
 
 
+ARMS = {"full": "all data", "random": "random", "clip-score": "CLIP score",
+        "dbp": "SemDeDup -> CLIP score -> DBP", "ssl": "SemDeDup -> CLIP score -> SSL prototypes"}
+METRICS = (("demo/digits", "acc1", "digits acc1"), ("demo/digit-captions", "mean_recall@5", "caption R@5"))
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean and spread of one metric over the training seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"values": [float(x) for x in v], "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()), "max": float(v.max())}
+
+
+def verdict(summary: dict, a: str = "dbp", b: str = "clip-score", metric: str = "demo/digits") -> str:
+    """Does arm ``a`` beat arm ``b`` on ``metric``, given the spread over seeds?"""
+    if a not in summary or b not in summary:
+        return ""
+    x, y = summary[a][metric], summary[b][metric]
+    diff = x["mean"] - y["mean"]
+    if x["min"] > y["max"]:
+        how = f"every {ARMS[a]} seed is above every {ARMS[b]} seed"
+    elif x["max"] < y["min"]:
+        how = f"every {ARMS[a]} seed is below every {ARMS[b]} seed"
+    else:
+        how = "the seeds' ranges overlap: no difference at this size and number of seeds"
+    label = next(lab for key, _, lab in METRICS if key == metric)
+    return f"{ARMS[a]} vs {ARMS[b]}: {diff:+.3f} mean {label} ({how})"
+
+
+def format_table(summary: dict, seeds: list[int], kept: dict) -> list[str]:
+    """The table ``make demo`` prints: per arm and metric, each seed, the mean and min-max."""
+    head = f"{'arm':32s} {'kept':>5s}  {'metric':12s} " + " ".join(f"{'s' + str(s):>6s}" for s in seeds)
+    lines = [head + f"  {'mean':>6s}  {'min-max':>11s}"]
+    for arm, per in summary.items():
+        for i, (key, _, label) in enumerate(METRICS):
+            m = per[key]
+            name, k = (ARMS[arm], f"{kept[arm]:5d}") if i == 0 else ("", " " * 5)
+            lines.append(f"{name:32s} {k}  {label:12s} " + " ".join(f"{v:6.3f}" for v in m["values"])
+                         + f"  {m['mean']:6.3f}  {m['min']:.3f}-{m['max']:.3f}")
+    return lines
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def run_demo(cfg: DemoConfig | None = None) -> Path:
     import pandas as pd
 
-    from conceptprune import keeplist as K
     from conceptprune.data.download import download
     from conceptprune.data.embed import EmbedStage
     from conceptprune.data.reshard import reshard
     from conceptprune.evaluation.run import evaluate
-    from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup
+    from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup, ssl_prototypes
     from conceptprune.filters.clustering_config import ClusteringConfig
     from conceptprune.slurm.stage import Executor
     from conceptprune.training.launch import TrainConfig, train
@@ -197,6 +249,8 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start, timings, counts = time.time(), {}, {}
+    seeds = [cfg.seed + i for i in range(cfg.train_seeds)]  # training seeds; the filters use cfg.seed
+    arms = [a for a in ARMS if a != "ssl" or cfg.ssl]
 
     def timed(name, fn):
         t = time.time()
@@ -229,66 +283,107 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     print(f"downloaded {dl['successes']} of {dl['count']} into {dl['shards']} shards")
 
     runs = out / "runs"
-    train_args = dict(samples_seen=cfg.samples_seen, checkpoints=2)
+    data = {"full": shards}
 
-    _step(3, "train the tiny CLIP on the full pool (it is also the encoder for the filters)")
-    full = timed("train full", lambda: train(TrainConfig([str(shards)], "tiny", str(runs), name="full",
-                                                         **train_args), executor="auto"))
+    def train_arm(arm: str, seed: int) -> dict:
+        return timed(f"train {arm} s{seed}", lambda: train(TrainConfig(
+            [str(data[arm])], "tiny", str(runs), name=f"{arm}-s{seed}", seed=seed, samples_seen=cfg.samples_seen,
+            checkpoints=2), executor="auto"))
+
+    _step(3, f"train the tiny CLIP on the full pool, seed {seeds[0]} (it is also the encoder for the filters)")
+    full = train_arm("full", seeds[0])
 
     _step(4, "embed images and captions with that model")
     emb = out / "embeddings"
-    timed("embed", lambda: Executor.create("auto").run(EmbedStage(str(emb), str(shards), "cp-tiny-vit", full["final_checkpoint"],
-                                                batch_size=256, text=True), 1))
+    embed = EmbedStage(str(emb), str(shards), "cp-tiny-vit", full["final_checkpoint"], batch_size=256, text=True)
+    timed("embed", lambda: Executor.create("auto").run(embed, 1))
 
-    _step(5, "filter: SemDeDup -> CLIP score -> DBP (the DBP paper's DataComp pipeline), and random")
+    _step(5, "filter: SemDeDup -> CLIP score -> DBP (the DBP paper's DataComp pipeline); "
+             "CLIP score alone and random at the same size")
     filt = out / "filters"
-    target = round(cfg.keep_fraction * counts["downloaded"])
+    n = counts["downloaded"]
+    target = round(cfg.keep_fraction * n)
     sd = timed("semdedup", lambda: run_filter(semdedup, emb, filt / "semdedup.npy", embedding_key="img",
                                               target_fraction=cfg.semdedup_keep,
                                               clustering=ClusteringConfig(clusters=cfg.clusters, niter=30)))
     counts["after semdedup"] = len(sd.uids)
-    cs = timed("clip score", lambda: run_filter(clip_score, emb, filt / "clipscore.npy", within=filt / "semdedup.npy",
-                                                fraction=cfg.clip_keep, column="similarity_score"))
+    cs = timed("clip score (chain)", lambda: run_filter(clip_score, emb, filt / "clipscore.npy",
+                                                        within=filt / "semdedup.npy", fraction=cfg.clip_keep,
+                                                        column="similarity_score"))
     counts["after clip score"] = len(cs.uids)
     frac = min(1.0, target / len(cs.uids))
     d = timed("dbp", lambda: run_filter(dbp, emb, filt / "dbp.npy", embedding_key="img", within=filt / "clipscore.npy",
                                         fraction=frac, clustering=ClusteringConfig(dir=filt / "semdedup.clustering"),
                                         neighbors=min(20, cfg.clusters - 1)))
-    r = timed("random", lambda: run_filter(random_subset, emb, filt / "random.npy", fraction=len(d.uids) /
-                                           counts["downloaded"], seed=cfg.seed))
-    counts["semdedup -> dbp"], counts["random"] = len(d.uids), len(r.uids)
-    print(f"SemDeDup kept {len(sd.uids)}, CLIP score {len(cs.uids)}, DBP {len(d.uids)}; random kept {len(r.uids)}")
+    size = len(d.uids)  # every subset arm keeps this many
+    counts["semdedup -> clip score -> dbp"] = size
+    r = timed("random", lambda: run_filter(random_subset, emb, filt / "random.npy", fraction=size / n, seed=cfg.seed))
+    counts["random"] = len(r.uids)
+    # DataComp's rule keeps the rows scoring >= the score at index int(N f): f = (size - 0.5) / N keeps `size`
+    c = timed("clip score", lambda: run_filter(clip_score, emb, filt / "clip-score.npy", fraction=(size - 0.5) / n,
+                                               column="similarity_score"))
+    counts["clip score alone"] = len(c.uids)
+    if cfg.ssl:
+        s = timed("ssl prototypes", lambda: run_filter(
+            ssl_prototypes, emb, filt / "ssl.npy", embedding_key="img", within=filt / "clipscore.npy",
+            fraction=size / len(cs.uids), clustering=ClusteringConfig(dir=filt / "semdedup.clustering")))
+        counts["semdedup -> clip score -> ssl prototypes"] = len(s.uids)
+    kept = {"full": n, "random": len(r.uids), "clip-score": len(c.uids), "dbp": size}
+    if cfg.ssl:
+        kept["ssl"] = len(s.uids)
+    print(f"SemDeDup kept {len(sd.uids)}, CLIP score {len(cs.uids)}, DBP {size}; random {len(r.uids)}, "
+          f"CLIP score alone {len(c.uids)}" + (f", SSL prototypes {kept['ssl']}" if cfg.ssl else ""))
 
-    _step(6, "reshard each keep-list and train on it (the same samples seen)")
-    for name in ("random", "dbp"):
-        timed(f"reshard {name}", lambda: reshard(shards, filt / f"{name}.npy", out / "data" / f"shards_{name}",
-                                                 shard_size=1000, overwrite=True))
-        timed(f"train {name}", lambda: train(TrainConfig([str(out / "data" / f"shards_{name}")], "tiny", str(runs),
-                                                         name=name, **train_args), executor="auto"))
+    _step(6, f"reshard each keep-list and train every arm with seeds {seeds} (the same {cfg.samples_seen:,} "
+             "samples seen)")
+    files = {"random": "random", "clip-score": "clip-score", "dbp": "dbp", "ssl": "ssl"}
+    for arm in arms[1:]:
+        data[arm] = out / "data" / f"shards_{arm}"
+        timed(f"reshard {arm}", lambda: reshard(shards, filt / f"{files[arm]}.npy", data[arm], shard_size=1000,
+                                                overwrite=True))
+    for seed in seeds:
+        for arm in arms:
+            if (arm, seed) != ("full", seeds[0]):
+                train_arm(arm, seed)
 
     _step(7, "evaluate every run on held-out digits")
     evalsets = out / "evalsets"
     build_evalsets(evalsets, pool["digits"], pool["held_out"], cfg.seed)
     results = {}
-    for name in ("full", "random", "dbp"):
-        res = timed(f"evaluate {name}", lambda: evaluate(str(runs / name), str(evalsets), str(out / "eval" / name),
-                                                         tasks=["demo/digits", "demo/digit-captions"]))
-        results[name] = {r["key"]: r["metrics"] for r in res["results"]}
-        print(f"{name:8s} digits acc1 {results[name]['demo/digits']['acc1']:.3f}  "
-              f"caption retrieval mean R@5 {results[name]['demo/digit-captions']['mean_recall@5']:.3f}")
+    for arm in arms:
+        for seed in seeds:
+            name = f"{arm}-s{seed}"
+            res = timed(f"evaluate {name}", lambda: evaluate(str(runs / name), str(evalsets), str(out / "eval" / name),
+                                                             tasks=[k for k, _, _ in METRICS]))
+            results.setdefault(arm, {})[seed] = {r["key"]: r["metrics"] for r in res["results"]}
+    summary = {arm: {key: summarize([results[arm][s][key][metric] for s in seeds]) for key, metric, _ in METRICS}
+               for arm in arms}
+    table = format_table(summary, seeds, kept)
+    print("\n" + "\n".join(table))
+    answer = verdict(summary)
+    print(answer)
 
-    _step(8, "write the report")
+    _step(8, "write the reports (the chain's own report first: the demo's report links it)")
+    from conceptprune.report.html import write_report as write_chain_report
+
+    chain = timed("chain report", lambda: write_chain_report(
+        [filt / "semdedup.npy", filt / "clipscore.npy", filt / "dbp.npy"], out / "chain_report", shards=shards,
+        compare=[filt / "clip-score.npy"]))
+    fingerprints = {f"filters/{p.name}": _sha256(p) for p in sorted(filt.glob("*.npy"))}
+    fingerprints.update({f"runs/{a}-s{s}": _sha256(Path(train_ckpt(runs / f"{a}-s{s}"))) for a in arms for s in seeds})
     timings["total"] = round(time.time() - t_start, 1)
     from .demo_report import write_report
 
-    path = write_report(out, cfg, counts, timings, results, pool["kinds"])
-    print(f"\nreport: {path} (and report.md); total {timings['total']:.0f} s")
-    from conceptprune.report.html import write_report as write_chain_report  # the chain's own report
-
-    chain = write_chain_report([filt / "semdedup.npy", filt / "clipscore.npy", filt / "dbp.npy"],
-                               out / "chain_report", shards=shards, compare=[filt / "random.npy"])
-    print(f"chain report: {out / 'chain_report' / 'index.html'} ({chain['bytes'] / 1e6:.1f} MB)")
+    path = write_report(out, cfg, counts, timings, results, pool["kinds"], summary=summary, seeds=seeds, kept=kept,
+                        table=table, answer=answer, fingerprints=fingerprints)
+    print(f"\nreport: {path} (and report.md); chain report: {out / 'chain_report' / 'index.html'} "
+          f"({chain['bytes'] / 1e6:.1f} MB); total {timings['total']:.0f} s")
     return path
+
+
+def train_ckpt(run_dir: Path) -> str:
+    """The run's final checkpoint (what evaluate reads)."""
+    return json.loads((Path(run_dir) / "run.json").read_text())["final_checkpoint"]
 
 
 def build_evalsets(root: Path, digits, held_out: np.ndarray, seed: int) -> None:

@@ -1,5 +1,6 @@
-"""The demo's report: pipeline counts, the DBP cluster view, prototypical and unusual members
-of a few clusters, accuracy per run (report.html, report.md and PNG plots)."""
+"""The demo's report: the arms' accuracy over training seeds (mean and spread), pipeline counts,
+the chain's own report inline, the DBP cluster view, prototypical and unusual members of a few
+clusters (report.html, report.md and PNG plots)."""
 
 from __future__ import annotations
 
@@ -19,24 +20,37 @@ def _plt():
     return plt
 
 
-def _accuracy_plot(results: dict, path: Path) -> None:
+def _accuracy_plot(summary: dict, labels: dict, path: Path) -> None:
+    """Per arm and metric: the mean over the training seeds (bar), each seed (point), min-max (whisker)."""
     plt = _plt()
-    names = list(results)
-    acc = [results[n]["demo/digits"]["acc1"] for n in names]
-    rec = [results[n]["demo/digit-captions"]["mean_recall@5"] for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    names = list(summary)
+    metrics = [("demo/digits", "held-out digits, zero-shot acc1"),
+               ("demo/digit-captions", "held-out caption retrieval, mean R@5 (100 images)")]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, acc, 0.4, label="held-out digits, zero-shot acc1")
-    ax.bar(x + 0.2, rec, 0.4, label="held-out caption retrieval, mean R@5 (100 images)")
+    top = 0.0
+    for k, (key, label) in enumerate(metrics):
+        off = (k - 0.5) * 0.4
+        m = [summary[n][key] for n in names]
+        mean = np.array([s["mean"] for s in m])
+        err = np.array([[s["mean"] - s["min"] for s in m], [s["max"] - s["mean"] for s in m]])
+        ax.bar(x + off, mean, 0.38, color=f"C{k}", label=f"{label}: mean", yerr=err, capsize=3,
+               error_kw={"elinewidth": 1, "ecolor": "#444"})
+        for i, s in enumerate(m):
+            ax.scatter(np.full(len(s["values"]), x[i] + off), s["values"], s=14, color="black", zorder=3,
+                       label="one training seed" if (k, i) == (0, 0) else None)
+            top = max(top, s["max"])
+        if key == "demo/digits":
+            for i, v in enumerate(mean):
+                ax.text(x[i] + off, m[i]["max"] + 0.012, f"{v:.3f}", ha="center", fontsize=8)
     ax.axhline(0.1, color="gray", ls="--", lw=1, label="chance (digits)")
-    for i, v in enumerate(acc):
-        ax.text(i - 0.2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
     ax.set_xticks(x)
-    ax.set_xticklabels(names)
-    ax.set_ylim(0, min(1.0, max(0.5, 1.25 * max(acc + rec))))
+    ax.set_xticklabels([labels[n].replace(" -> ", "\n-> ") for n in names], fontsize=8)
+    ax.set_ylim(0, min(1.0, max(0.5, 1.3 * top)))
     ax.set_ylabel("score")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("same samples seen, different data")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("same kept size and samples seen; mean over training seeds, points = seeds, whiskers = min-max",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -90,39 +104,58 @@ def _prototypes_plot(out: Path, path: Path, n_clusters: int = 4, n: int = 6) -> 
     plt.close(fig)
 
 
-def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kinds: dict) -> Path:
+def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kinds: dict, *, summary: dict,
+                 seeds: list, kept: dict, table: list[str], answer: str, fingerprints: dict) -> Path:
     import shutil
 
+    from .demo import ARMS, METRICS
+
     out = Path(out)
-    _accuracy_plot(results, out / "accuracy.png")
+    _accuracy_plot(summary, ARMS, out / "accuracy.png")
     shutil.copyfile(out / "filters" / "dbp.clusters.png", out / "dbp_clusters.png")
     _prototypes_plot(out, out / "prototypes.png")
-    steps = [("web-like pool built from scikit-learn digits", counts["pool"]),
-             ("downloaded with img2dataset from a loopback server", counts["downloaded"]),
-             ("after SemDeDup (near-duplicates removed)", counts["after semdedup"]),
-             ("after CLIP score (image-caption similarity, full-pool model)", counts["after clip score"]),
-             ("after DBP (the 'dbp' run's data)", counts["semdedup -> dbp"]),
-             ("random subset of the same size", counts["random"])]
-    runs = [(n, results[n]["demo/digits"]["acc1"], results[n]["demo/digits"].get("mean_per_class_recall"),
-             results[n]["demo/digit-captions"]["mean_recall@5"]) for n in results]
+    labels = {"pool": "web-like pool built from scikit-learn digits",
+              "downloaded": "downloaded with img2dataset from a loopback server",
+              "after semdedup": "after SemDeDup (near-duplicates removed)",
+              "after clip score": "after CLIP score (image-caption similarity, full-pool model)",
+              "semdedup -> clip score -> dbp": "after DBP (the 'dbp' arm's data)",
+              "random": "random subset of the same size (the 'random' arm)",
+              "clip score alone": "CLIP score alone on the pool, same size (the 'clip-score' arm)",
+              "semdedup -> clip score -> ssl prototypes": "SSL prototypes instead of DBP, same size (the 'ssl' arm)"}
     md = ["# conceptprune demo", "",
           "The whole loop, on real images, on this machine: pool -> download -> train -> embed -> filter -> "
           "reshard -> train -> evaluate. Every run sees the same number of training samples "
-          f"({cfg.samples_seen:,}); only the data differs. Seed {cfg.seed}.", "",
-          "## Pipeline", "", "| step | examples |", "|---|---|"]
-    md += [f"| {s} | {n:,} |" for s, n in steps]
+          f"({cfg.samples_seen:,}); every subset has the same size; only the data differs. Each arm is trained "
+          f"with the training seeds {', '.join(map(str, seeds))}; the pool and the filters use seed {cfg.seed}.", "",
+          "## Does DBP add anything over CLIP score?", "", answer or "(not measured: an arm is missing)", "",
+          "## Accuracy (mean and spread over training seeds)", "",
+          "| arm | kept | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | min-max |",
+          "|---|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+    for arm, per in summary.items():
+        for key, _, label in METRICS:
+            m = per[key]
+            md.append(f"| {ARMS[arm]} | {kept[arm]:,} | {label} | " + " | ".join(f"{v:.3f}" for v in m["values"])
+                      + f" | {m['mean']:.3f} | {m['std']:.3f} | {m['min']:.3f}-{m['max']:.3f} |")
+    md += ["", "Chance is 0.100 on the digits. 'digits acc1': zero-shot top-1 on held-out digits; "
+           "'caption R@5': mean of image and text recall@5 on 100 held-out images.", "",
+           "![accuracy](accuracy.png)", "", "## Pipeline", "", "| step | examples |", "|---|---|"]
+    md += [f"| {labels.get(k, k)} | {v:,} |" for k, v in counts.items()]
     md += ["", "Pool composition: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()), "",
-           "## Accuracy", "", "| run | held-out digits acc1 | balanced acc | caption retrieval mean R@5 |",
-           "|---|---|---|---|"]
-    md += [f"| {n} | {a:.3f} | {b:.3f} | {c:.3f} |" for n, a, b, c in runs]
-    md += ["", "Chance is 0.100 on the digits.", "", "![accuracy](accuracy.png)", "",
-           "## DBP: kept per cluster against complexity", "", "![dbp](dbp_clusters.png)", "",
+           "The chain's own report (funnel, per-cluster budgets, thumbnails, SemDeDup groups, and the diff of the "
+           "DBP chain against CLIP score alone at the same size):", "",
+           "[chain report](chain_report/index.html)", ""]
+    md += ["## DBP: kept per cluster against complexity", "", "![dbp](dbp_clusters.png)", "",
            "## Most and least prototypical members of the largest clusters", "", "![prototypes](prototypes.png)", "",
            "## Time (seconds)", "", "| step | s |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in timings.items()]
+    md += ["", "## Fingerprints (sha256; two runs with the same seed give the same)", "", "| file | sha256 |",
+           "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in fingerprints.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(_html(md))
-    (out / "report.json").write_text(json.dumps({"counts": counts, "timings": timings, "results": results,
+    (out / "report.json").write_text(json.dumps({"counts": counts, "kept": kept, "seeds": seeds, "timings": timings,
+                                                 "results": results, "summary": summary, "table": table,
+                                                 "answer": answer, "fingerprints": fingerprints,
                                                  "config": cfg.__dict__}, indent=2, default=str))
     return out / "report.html"
 
@@ -149,6 +182,10 @@ def _html(md_lines: list[str]) -> str:
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("[") and line.endswith(")"):  # a link to a report: the link and the report inline
+            text, src = line[1:-1].split("](")
+            body.append(f'<p><a href="{html.escape(src)}">{html.escape(text)}</a> (opens on its own)</p>'
+                        f'<iframe src="{html.escape(src)}" title="{html.escape(text)}"></iframe>')
         elif line.startswith("!["):
             alt, src = line[2:].split("](")
             body.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
@@ -157,6 +194,7 @@ def _html(md_lines: list[str]) -> str:
     flush_table()
     style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}")
+             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}"
+             "iframe{width:100%;height:900px;border:1px solid #ccc}")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>conceptprune demo</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")

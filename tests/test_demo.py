@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptprune.apps.demo import DemoConfig, run_demo
+from conceptprune.apps.demo import ARMS, DemoConfig, run_demo, summarize, verdict
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +17,65 @@ def quick_demo(tmp_path_factory):
     return out, run_demo(DemoConfig(out=str(out), quick=True))
 
 
-def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
+def test_quick_demo_runs_every_arm_and_seed_and_writes_the_report(quick_demo):
     out, report = quick_demo
     assert report == out / "report.html"
     html = report.read_text()
-    for piece in ("<table>", "accuracy.png", "dbp_clusters.png", "prototypes.png", "Pipeline"):
+    for piece in ("<table>", "accuracy.png", "dbp_clusters.png", "prototypes.png", "Pipeline",
+                  'src="chain_report/index.html"', "Does DBP add anything over CLIP score?"):
         assert piece in html
+    assert (out / "chain_report" / "index.html").exists()
     for png in ("accuracy.png", "dbp_clusters.png", "prototypes.png"):
         assert (out / png).stat().st_size > 5000
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["results"]) == {"full", "random", "dbp"}
-    c = rep["counts"]
-    assert c["downloaded"] == c["pool"] and c["semdedup -> dbp"] == c["random"] < c["after clip score"] <= c["after semdedup"]
-    for run in ("full", "random", "dbp"):  # every stage produced its artefact through the normal paths
-        assert json.loads((out / "runs" / run / "run.json").read_text())["status"] == "finished"
-        assert 0.0 <= rep["results"][run]["demo/digits"]["acc1"] <= 1.0
+    arms = ["full", "random", "clip-score", "dbp"]
+    assert list(rep["summary"]) == arms and rep["seeds"] == [0, 1]
+    c, kept = rep["counts"], rep["kept"]
+    assert c["downloaded"] == c["pool"] == kept["full"]
+    # the subsets have exactly the same size
+    assert kept["random"] == kept["clip-score"] == kept["dbp"] == c["semdedup -> clip score -> dbp"] \
+        < c["after clip score"] <= c["after semdedup"]
+    for arm in arms:  # every stage produced its artefact through the normal paths
+        for seed in (0, 1):
+            run = json.loads((out / "runs" / f"{arm}-s{seed}" / "run.json").read_text())
+            assert run["status"] == "finished" and run["seed"] == seed
+            assert run["recipe"]["samples_seen"] == DemoConfig(quick=True).scaled().samples_seen
+        s = rep["summary"][arm]["demo/digits"]
+        values = [rep["results"][arm][str(seed)]["demo/digits"]["acc1"] for seed in (0, 1)]
+        assert s["values"] == values and s["min"] <= s["mean"] <= s["max"] and 0.0 <= s["min"] <= s["max"] <= 1.0
+        assert ARMS[arm] in "\n".join(rep["table"])
+    # the two seeds are two different trainings
+    assert rep["fingerprints"]["runs/dbp-s0"] != rep["fingerprints"]["runs/dbp-s1"]
     assert (out / "data" / "shards_dbp" / "meta.json").exists()
     assert (out / "filters" / "dbp.clusters.parquet").exists()
+
+
+def test_a_rerun_gives_the_same_keep_lists_checkpoints_and_numbers(quick_demo, tmp_path):
+    """Same seed, another run (one training seed, so half the work): the seed-0 runs, every
+    keep-list and every number are identical."""
+    out, _ = quick_demo
+    first = json.loads((out / "report.json").read_text())
+    run_demo(DemoConfig(out=str(tmp_path / "again"), quick=True, train_seeds=1))
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["kept"] == first["kept"]
+    for key, sha in again["fingerprints"].items():
+        assert sha == first["fingerprints"][key], key
+    assert {k for k in again["fingerprints"] if k.startswith("filters/")} == \
+        {k for k in first["fingerprints"] if k.startswith("filters/")}
+    for arm in ARMS:
+        if arm in first["results"]:
+            assert again["results"][arm]["0"] == first["results"][arm]["0"], arm
+
+
+def test_summary_and_verdict():
+    s = summarize([0.2, 0.4])
+    assert s == {"values": [0.2, 0.4], "mean": pytest.approx(0.3), "std": pytest.approx(0.1414, abs=1e-4),
+                 "min": 0.2, "max": 0.4}
+    summary = {"dbp": {"demo/digits": summarize([0.35, 0.4])}, "clip-score": {"demo/digits": summarize([0.3, 0.32])}}
+    assert "+0.065" in verdict(summary) and "every SemDeDup -> CLIP score -> DBP seed is above" in verdict(summary)
+    summary["clip-score"] = {"demo/digits": summarize([0.3, 0.36])}
+    assert "overlap" in verdict(summary)
+    assert verdict({"dbp": summary["dbp"]}) == ""
 
 
 def test_report_renders_in_headless_chromium(quick_demo, tmp_path):
