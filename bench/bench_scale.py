@@ -196,6 +196,7 @@ def _load() -> list[float]:
 
 def measure(cmd: list[str], log) -> dict:
     load_before = _load()
+    t_start = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV,
                             cwd=CHILD_CWD[0])
@@ -224,7 +225,27 @@ def measure(cmd: list[str], log) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak[0] / 2 ** 20, 1),
             "max_process_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "load_before": load_before, "load_after": _load(), "command": " ".join(cmd),
+            "phases_s": phases("".join(out_lines), t_start, wall), "started_unix": round(t_start, 1),
             "output_tail": "".join(out_lines)[-1500:]}
+
+
+_MARKS = (("assign", " assign: "), ("shuffle", " shuffle: "), ("dedup", " dedup: "), ("write", " kept "))
+
+
+def phases(output: str, start: float, wall: float) -> dict:
+    """Seconds between the CLI's own log lines (HH:MM:SS, UTC): ``train`` until the assignment
+    stage is launched (start-up, reading --within, k-means), then ``assign``, ``shuffle`` and
+    ``dedup`` (SemDeDup) until the next, ``write`` from "kept ..." to the end. 1 s resolution."""
+    day0 = start - start % 86400
+    marks = [("train", start)]
+    for line in output.splitlines():
+        for name, needle in _MARKS:
+            if needle in line and line[:8].count(":") == 2 and name not in dict(marks):
+                h, m, sec = (int(x) for x in line[:8].split(":"))
+                t = day0 + h * 3600 + m * 60 + sec
+                marks.append((name, t + 86400 if t < start - 60 else t))
+    marks.append(("end", start + wall))
+    return {a: round(max(0.0, tb - ta), 1) for (a, ta), (_, tb) in zip(marks, marks[1:])}
 
 
 def _entries(keep: Path) -> int:
