@@ -173,6 +173,8 @@ class StageSubmission:
 
     def wait(self, poll_s: float = 1.0) -> StageResult:
         if self.jobs:
+            if self.executor == "local":  # a local job is polled by a process check, no scheduler query:
+                poll_s = min(poll_s, 0.05)  # polling often costs nothing and holds no result back
             try:
                 results = J.wait(self.jobs, desc=self.stage.name, units=[len(g) for g in self.groups],
                                  poll_s=poll_s)
