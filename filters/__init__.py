@@ -5,6 +5,7 @@ Every filter is a plain function ``f(pool, *, ..., within=None) -> FilterResult`
 """
 
 from .base import FilterResult, Within, run_filter, target_count
+from .clustering_config import ClusteringConfig
 from .simple import keep_all, random_subset
 from .clip_score import clip_score
 from .basic import basic, laion2b
@@ -14,5 +15,5 @@ from .dbp import dbp
 from .semdedup import semdedup
 from .ssl_prototypes import ssl_prototypes
 
-__all__ = ["FilterResult", "Within", "run_filter", "target_count", "keep_all", "random_subset",
+__all__ = ["FilterResult", "Within", "run_filter", "target_count", "ClusteringConfig", "keep_all", "random_subset",
            "clip_score", "basic", "laion2b", "image_based", "text_based", "dbp", "semdedup", "ssl_prototypes"]

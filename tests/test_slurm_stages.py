@@ -151,3 +151,59 @@ def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, s
     assert got == {p.name: p.read_bytes() for p in (tmp_path / "attached").glob("*.tar")} and got
     rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_results.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == ["cifar10", "stl10"]
+
+
+def test_semdedup_graph_submitted_detached_then_collected(slurm_cluster, tmp_path):
+    """`filter semdedup --executor slurm --detach`: the launcher submits the whole graph (k-means ->
+    assignment -> shuffle -> dedup, each afterok the one before) and exits without a keep-list;
+    once SLURM has run it, the same command collects a keep-list byte-identical to the inline one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conceptprune.filters import run_filter, semdedup
+    from conceptprune.slurm.status import status
+    from conceptprune.synthetic import SyntheticPoolConfig, make_pool
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=2000, files=2, seed=4, concepts=6, block_rows=500),
+              progress=False)
+    out = tmp_path / "sd_slurm.npy"
+    command = [sys.executable, "-m", "conceptprune.cli", "filter", "semdedup", "--pool", str(tmp_path / "pool"),
+               "--out", str(out), "--target-fraction", "0.8", "--clusters", "5", "--niter", "10",
+               "--executor", "slurm", "--workers", "2", "--time", "10", "--detach"]
+    t0 = time.time()
+    launched = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert time.time() - t0 < 60 and not out.exists()  # submitted, not waited for
+    cdir = tmp_path / "sd_slurm.clustering"
+    assert f"conceptprune status {cdir}" in launched.stderr and "rerun the same command" in launched.stderr
+    assert launched.stderr.count(" parts on slurm") == 4  # one submission a stage
+
+    graph = ("kmeans", "assign", "shuffle", "dedup")
+    records = {p.parent.name: (p, json.loads(p.read_text())) for p in tmp_path.rglob("submission.record")}
+    assert sorted(records) == sorted(graph)
+    for before, stage in zip(graph, graph[1:]):
+        rec, earlier = records[stage][1], records[before][1]
+        assert rec["after"] == earlier["job_ids"] and rec["job_ids"]
+        scripts = list(Path(rec["log_folder"]).rglob("*_submission.sh"))
+        assert scripts and all(f"--dependency=afterok:{':'.join(earlier['job_ids'])}" in s.read_text()
+                               for s in scripts), f"{stage}: no afterok on {before} in its sbatch script"
+
+    t0 = time.time()
+    while len(status(cdir)) < 4 or not all(r.state == "done" for r in status(cdir)):
+        assert time.time() - t0 < 240, [r.line() for r in status(cdir)]
+        time.sleep(1)
+    last = {s: max(p.stat().st_mtime for p in records[s][0].parent.glob("*-of-*.json")) for s in graph}
+    first = {s: min(p.stat().st_mtime for p in records[s][0].parent.glob("*-of-*.json")) for s in graph}
+    assert all(first[b] >= last[a] for a, b in zip(graph, graph[1:]))  # each stage ran after the one before
+
+    collected = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    assert out.exists() and " parts on slurm" not in collected.stderr  # collected: nothing submitted again
+    assert not list(cdir.glob("semdedup/*/shuffle"))  # the embeddings copy goes once the result is collected
+    ref = tmp_path / "sd_inline.npy"
+    run_filter(semdedup, tmp_path / "pool", ref, embedding_key="l14_img", target_fraction=0.8,
+               clustering=ClusteringConfig(clusters=5, niter=10), executor=Executor.create("inline", workers=2))
+    assert out.read_bytes() == ref.read_bytes() and 0 < len(K.read_keep_list(out)) < 2000
+    _assert_small_pickles(tmp_path, at_least=7)
