@@ -501,34 +501,6 @@ def _group(path, buf, name: np.ndarray, length: np.ndarray, offsets: np.ndarray,
                     has_image, json_member)
 
 
-_COPY_MODE = ["copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"]
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
-
-
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Append ``length`` bytes of ``src_fd`` from ``offset`` at ``dst_fd``'s position: one
-    copy_file_range (or sendfile) call where the kernel has it, else read and write."""
-    while length > 0:
-        mode = _COPY_MODE[0]
-        try:
-            if mode == "copy_file_range":
-                done = os.copy_file_range(src_fd, dst_fd, length, offset)
-            elif mode == "sendfile":
-                done = os.sendfile(dst_fd, src_fd, offset, length)
-            else:
-                data = os.pread(src_fd, min(length, 1 << 22), offset)
-                done = os.write(dst_fd, data) if data else 0
-        except OSError as e:
-            if mode == "readwrite" or e.errno not in _NO_KERNEL_COPY:
-                raise
-            _COPY_MODE[0] = "sendfile" if mode == "copy_file_range" else "readwrite"
-            continue
-        if done == 0:
-            raise PoolError(f"input ended {length} bytes early while copying at byte {offset}")
-        offset += done
-        length -= done
-
-
 def _iov_max() -> int:
     try:
         return max(16, min(1024, os.sysconf("SC_IOV_MAX")))
@@ -541,20 +513,26 @@ _IOV_MAX = _iov_max()
 
 def write_views(fd: int, views: list) -> None:
     """Write the buffers ``views`` to ``fd`` in order: one writev call per ``_IOV_MAX`` of them,
-    going on after a short write."""
+    going on after a short write from the byte it stopped at."""
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
         done = os.writev(fd, batch)
         i += len(batch)
-        if done == sum(map(len, batch)):
-            continue
-        for k, v in enumerate(batch):  # a short write: finish the view it stopped in, go on after it
-            if done < len(v):
-                _write_rest(fd, v, done)
-                i -= len(batch) - k - 1
-                break
-            done -= len(v)
+        if done < sum(map(len, batch)):
+            k, written = stopped_at([len(v) for v in batch], done)
+            _write_rest(fd, batch[k], written)
+            i -= len(batch) - k - 1
+
+
+def stopped_at(lengths: list, done: int) -> tuple[int, int]:
+    """Where a write of buffers of these ``lengths`` that wrote ``done`` bytes (fewer than all)
+    stopped: (which buffer, how many of its bytes were written)."""
+    for k, n in enumerate(lengths):
+        if done < n:
+            return k, done
+        done -= n
+    raise ValueError(f"{done} bytes more than the buffers hold were written")
 
 
 def _write_rest(fd: int, view: memoryview, done: int) -> None:
@@ -588,18 +566,10 @@ class ShardWriter:
                 self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
-    def write_range(self, src_fd: int, start: int, end: int, samples: int) -> None:
-        """Append ``samples`` whole samples stored as bytes ``[start, end)`` of another tar,
-        copied by the kernel (see :func:`copy_range`)."""
-        self._f.flush()
-        copy_range(src_fd, self._f.fileno(), start, end - start)
-        self._tar.offset += end - start
-        self.count += samples
-
     def write_spans(self, buf, starts: list, ends: list, samples: int) -> None:
         """Append ``samples`` whole samples stored as the byte ranges ``[starts[k], ends[k])`` of
         the mapped tar ``buf``, in order: the kernel copies them from the mapping (see
-        :func:`write_views`), nothing passes through Python objects."""
+        :func:`write_views`); no byte passes through Python."""
         self._f.flush()
         base = memoryview(buf)
         views = [base[s:e] for s, e in zip(starts, ends)]

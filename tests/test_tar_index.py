@@ -15,7 +15,7 @@ import pytest
 
 from conceptprune import uids as U
 from conceptprune.data.reshard import reshard
-from conceptprune.data.tars import Sample, ShardWriter, copy_range, index_plain, iter_samples
+from conceptprune.data.tars import Sample, ShardWriter, index_plain, iter_samples, stopped_at
 
 UID = "0123456789abcdef0123456789ABCDEF"
 
@@ -59,6 +59,16 @@ TRICKY = [  # one plain tar with every case the index must read as iter_samples 
     ("j.jpg", b""), ("j.json", b'{"uid": "' + b"5" * 32 + b'", "other": "\\"uid\\""}'),
     ("k.jpg", b"k"), ("k.json", b'{"uid": "' + b"6" * 31 + b'g"}'),
     ("l.jpg", b"k"), ("l.json", b'{"uid": \n "' + b"7" * 32 + b'"}'),
+    # the spellings the array scan reads, and the ones it leaves to json_uid
+    ("m.jpg", b"m"), ("m.json", b'{"uid":"' + b"8" * 32 + b'"}'),
+    ("n.jpg", b"n"), ("n.json", b'{"uid" : "' + b"9" * 32 + b'"}'),
+    ("o.jpg", b"o"), ("o.json", b'{"uid":  "' + b"a" * 32 + b'"}'),
+    ("p.jpg", b"p"), ("p.json", b'{"uid": "' + b"b" * 33 + b'"}'),  # 33 digits: not a uid
+    ("q.jpg", b"q"), ("q.json", b'{"a": "\0", "uid": "' + b"c" * 32 + b'"}'),  # a NUL before it
+    ("r.jpg", b"r"), ("r.json", b'{"uid": "' + b"d" * 31 + b'"}'),  # 31 digits: the parser's uid
+    ("s.jpg", b"s"), ("s.json", b'{"uid": "'),  # cut short: the next member must not complete it
+    ("t.jpg", b"t"), ("t.json", b'"' + b"e" * 32 + b'"}'),
+    ("u.jpg", b"u"), ("u.json", b'{"uid": "' + b"F" * 32 + b'", "x": "\"uid\": \"' + b"0" * 32 + b'\""}'),
 ]
 
 
@@ -136,19 +146,55 @@ def _dir(name: str) -> tarfile.TarInfo:
     return info
 
 
-def test_copy_range_fallbacks(tmp_path, monkeypatch):
+def test_write_views_writes_every_buffer_in_order(tmp_path):
+    """More buffers than one writev call takes, of mixed sizes (an empty one too), from a map
+    that can be closed afterwards (no view of it is left)."""
     src = tmp_path / "src"
-    src.write_bytes(bytes(range(256)) * 100)
-    import conceptprune.data.tars as T
+    src.write_bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes())
+    rng = np.random.default_rng(1)
+    cuts = np.sort(rng.integers(0, 300_000, 6001))
+    spans = list(zip(cuts[0::2].tolist(), cuts[1::2].tolist())) + [(5, 5)]
+    with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        w = ShardWriter(tmp_path / "out.tar")
+        w.write_spans(buf, [s for s, _ in spans], [e for _, e in spans], len(spans))
+        w.close()
+    data = src.read_bytes()
+    want = b"".join(data[s:e] for s, e in spans)
+    out = (tmp_path / "out.tar").read_bytes()
+    assert out[:len(want)] == want and not out[len(want):].strip(b"\0")
 
-    for mode in ("copy_file_range", "sendfile", "readwrite"):
-        monkeypatch.setattr(T, "_COPY_MODE", [mode])
-        dst = tmp_path / f"dst_{mode}"
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            fo.write(b"head")
-            fo.flush()
-            copy_range(fi.fileno(), fo.fileno(), 1000, 20000)
-        assert dst.read_bytes() == b"head" + src.read_bytes()[1000:21000]
+
+def test_a_short_write_goes_on_from_the_byte_it_stopped_at():
+    assert stopped_at([3, 0, 5, 2], 0) == (0, 0)
+    assert stopped_at([3, 0, 5, 2], 3) == (2, 0)  # the empty buffer counts as written
+    assert stopped_at([3, 0, 5, 2], 7) == (2, 4)
+    assert stopped_at([3, 0, 5, 2], 9) == (3, 1)
+    with pytest.raises(ValueError):
+        stopped_at([3, 5], 8)
+
+
+def test_write_views_at_the_file_size_limit(tmp_path):
+    """The writev that reaches the file-size limit writes short, the write of the rest fails:
+    an OSError (EFBIG) is raised, and the file holds the buffers' first bytes in order."""
+    script = f"""
+import errno, os, resource, signal
+from conceptprune.data.tars import write_views
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+data = bytes(range(256)) * 100
+fd = os.open({str(tmp_path / "limited")!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+try:
+    write_views(fd, [memoryview(data)[i:i + 700] for i in range(0, len(data), 700)])
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "EFBIG"
+    assert (tmp_path / "limited").read_bytes() == (bytes(range(256)) * 100)[:10_000]
 
 
 def _pool(d: Path) -> list[str]:
