@@ -161,6 +161,7 @@ class StageSubmission:
     jobs: list
     groups: list[list[int]]
     done: dict
+    here: list[int] = field(default_factory=list)  # parts the launcher runs itself while the jobs run
 
     @property
     def job_ids(self) -> list[str]:
@@ -172,6 +173,14 @@ class StageSubmission:
         return [j.job_id for j in self.jobs if self.executor == "slurm"]
 
     def wait(self, poll_s: float = 1.0) -> StageResult:
+        ran_here, self.here = self.here, []
+        if ran_here:
+            try:
+                self.done.update(run_inline(PartRunner(), self.stage, ran_here, self.world_size))
+            except KeyboardInterrupt:
+                for j in self.jobs:  # local workers die with their launcher
+                    j.cancel(check=False)
+                raise
         if self.jobs:
             if self.executor == "local":  # a local job is polled by a process check, no scheduler query:
                 poll_s = min(poll_s, 0.05)  # polling often costs nothing and holds no result back
@@ -185,7 +194,7 @@ class StageSubmission:
                 raise
             for res in results:
                 self.done.update(res)
-        ran = [r for g in self.groups for r in g]
+        ran = ran_here + [r for g in self.groups for r in g]
         return StageResult([self.done[r] for r in range(self.world_size)], ran, self.executor)
 
 
@@ -284,21 +293,26 @@ class Executor:
                      len(pending))
         groups = self._groups(pending)
         runner = PartRunner(launcher=None if self.kind == "slurm" else launcher_identity())
-        if self.kind == "inline" or (self.kind == "local" and len(groups) == 1 and not self.options.local_isolated):
+        shared = self.kind == "local" and not self.options.local_isolated
+        if self.kind == "inline" or (shared and len(groups) == 1):
             # in this process (datatrove runs a single local worker the same way): no interpreter
             # to start, and a failure raises right here
             log.info("%s: %d parts in this process", stage.name, len(pending))
             done.update(run_inline(runner, stage, pending, world_size))
             return StageSubmission(stage, world_size, self.kind, [], [pending], done)
+        # the launcher would only wait for local workers: it runs the first group itself (in wait()),
+        # one interpreter fewer to start (unless GPUs are handed out to the workers)
+        here = groups.pop(0) if shared and not self.options.gpus_per_node else []
         folder = self.log_folder(stage, log_folder)
         deps = [j for d in after for j in d.pending_job_ids()]
         ex = self._submitit(folder, f"cp-{stage.name}", nodes=1, tasks_per_node=1, after=deps)
         with _quiet_ctrl_c(self.kind), ex.batch():
             jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
-        sub = StageSubmission(stage, world_size, self.kind, jobs, groups, done)
+        sub = StageSubmission(stage, world_size, self.kind, jobs, groups, done, here)
         record_submission(stage, sub, folder, deps)
-        log.info("%s: %d parts on %s%s: %s", stage.name, len(pending), self.kind,
-                 f" after {','.join(deps)}" if deps else "", J.describe(jobs))
+        log.info("%s: %d parts on %s%s: %s%s", stage.name, len(pending), self.kind,
+                 f" after {','.join(deps)}" if deps else "", J.describe(jobs),
+                 f"; parts {here} in this process" if here else "")
         return sub
 
     def run(self, stage: Stage, world_size: int = 1, **kwargs) -> "StageResult":
