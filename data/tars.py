@@ -263,8 +263,6 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
 
 # -- the fast path: an offset index of a plain tar, samples copied as byte ranges -------------------
 
-_OCTAL6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
-_OCTAL11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _NIBBLE[_c] = _i
@@ -381,9 +379,9 @@ def index_plain(path: str | Path, buf: mmap.mmap) -> TarIndex | None:
         nblocks = len(blocks)
         cand = np.flatnonzero((a.view("<u8")[32::_BLOCK // 8] & _MAGIC_MASK) == _MAGIC_WORD)  # "ustar" at 257
         heads = np.take(blocks, cand, axis=0)
-        digits = heads[:, 124:135].astype(np.int64) - 0x30
-        good = ((digits >= 0) & (digits <= 7)).all(axis=1) & (heads[:, 135] == 0)
-        size = np.where(good, digits @ _OCTAL11, 0)
+        size, good = _octal(heads[:, 124:135])
+        good &= heads[:, 135] == 0
+        size[~good] = 0
         succ = np.where(good, cand + 1 + (size + _BLOCK - 1) // _BLOCK, 1 << 62)
         if len(cand) and cand[0] == 0 and (succ[:-1] == cand[1:]).all():
             chain, b = np.arange(len(cand)), int(succ[-1])  # the usual case: every candidate is a header
@@ -401,6 +399,14 @@ def index_plain(path: str | Path, buf: mmap.mmap) -> TarIndex | None:
     if checked is None:
         return None
     return _group(str(path), buf, *checked, offsets, size)
+
+
+def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the value of each row of octal digits as int64, whether the row is all octal digits)."""
+    digits = fields - np.uint8(0x30)  # wraps below '0': anything but '0'-'7' is > 7
+    good = digits.max(axis=1) <= 7
+    weights = 8.0 ** np.arange(fields.shape[1] - 1, -1, -1)  # float64 products: exact below 2**53
+    return (digits @ weights).astype(np.int64), good
 
 
 def _follow(cand: np.ndarray, succ: list, nblocks: int) -> tuple[np.ndarray, int]:
@@ -425,10 +431,9 @@ def _plain_names(h: np.ndarray) -> tuple | None:
         return h[:, :1], np.zeros(0, dtype=np.int64)
     if not np.isin(h[:, 156], (0x30, 0, 0x37)).all() or h[:, 345].any():
         return None
-    digits = h[:, 148:154].astype(np.int64) - 0x30
-    if (digits < 0).any() or (digits > 7).any() or h[:, 154].any() or (h[:, 155] != 0x20).any():
+    stored, good = _octal(h[:, 148:154])
+    if not good.all() or h[:, 154].any() or (h[:, 155] != 0x20).any():
         return None
-    stored = digits @ _OCTAL6
     if (h.sum(axis=1, dtype=np.uint32).astype(np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
             != stored).any():
         return None
