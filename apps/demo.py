@@ -57,6 +57,7 @@ class DemoConfig:
     samples_seen: int = 40_000  # per training run, every arm and seed
     train_seeds: int = 2  # each arm is trained with seeds seed, seed + 1, ...
     ssl: bool = False  # also the arm SemDeDup -> CLIP score -> SSL prototypes
+    only: tuple | None = None  # train only these subset arms (the full pool is always trained: it is the encoder)
     semdedup_keep: float = 0.8  # near-duplicate bursts are ~20% of the pool
     clip_keep: float = 0.75  # image-caption similarity under the full-pool model
     clusters: int = 20
@@ -250,7 +251,8 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t_start, timings, counts = time.time(), {}, {}
     seeds = [cfg.seed + i for i in range(cfg.train_seeds)]  # training seeds; the filters use cfg.seed
-    arms = [a for a in ARMS if a != "ssl" or cfg.ssl]
+    arms = ["full"] + [a for a in ARMS if a != "full" and (a != "ssl" or cfg.ssl)
+                       and (cfg.only is None or a in cfg.only)]
 
     def timed(name, fn):
         t = time.time()
@@ -336,10 +338,9 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 
     _step(6, f"reshard each keep-list and train every arm with seeds {seeds} (the same {cfg.samples_seen:,} "
              "samples seen)")
-    files = {"random": "random", "clip-score": "clip-score", "dbp": "dbp", "ssl": "ssl"}
     for arm in arms[1:]:
         data[arm] = out / "data" / f"shards_{arm}"
-        timed(f"reshard {arm}", lambda: reshard(shards, filt / f"{files[arm]}.npy", data[arm], shard_size=1000,
+        timed(f"reshard {arm}", lambda: reshard(shards, filt / f"{arm}.npy", data[arm], shard_size=1000,
                                                 overwrite=True))
     for seed in seeds:
         for arm in arms:

@@ -51,20 +51,19 @@ def test_quick_demo_runs_every_arm_and_seed_and_writes_the_report(quick_demo):
 
 
 def test_a_rerun_gives_the_same_keep_lists_checkpoints_and_numbers(quick_demo, tmp_path):
-    """Same seed, another run (one training seed, so half the work): the seed-0 runs, every
-    keep-list and every number are identical."""
+    """Same seed, another run, in a third of the time (one training seed, no subset arm trained:
+    download, the full-pool training, embedding and every filter are redone): every keep-list,
+    the full-pool checkpoint and its numbers are identical."""
     out, _ = quick_demo
     first = json.loads((out / "report.json").read_text())
-    run_demo(DemoConfig(out=str(tmp_path / "again"), quick=True, train_seeds=1))
+    run_demo(DemoConfig(out=str(tmp_path / "again"), quick=True, train_seeds=1, only=()))
     again = json.loads((tmp_path / "again" / "report.json").read_text())
-    assert again["kept"] == first["kept"]
-    for key, sha in again["fingerprints"].items():
-        assert sha == first["fingerprints"][key], key
-    assert {k for k in again["fingerprints"] if k.startswith("filters/")} == \
-        {k for k in first["fingerprints"] if k.startswith("filters/")}
-    for arm in ARMS:
-        if arm in first["results"]:
-            assert again["results"][arm]["0"] == first["results"][arm]["0"], arm
+    assert list(again["results"]) == ["full"] and again["kept"] == first["kept"]
+    filters = sorted(k for k in first["fingerprints"] if k.startswith("filters/"))
+    assert filters == sorted(k for k in again["fingerprints"] if k.startswith("filters/")) and len(filters) == 5
+    for key in filters + ["runs/full-s0"]:
+        assert again["fingerprints"][key] == first["fingerprints"][key], key
+    assert again["results"]["full"]["0"] == first["results"]["full"]["0"]
 
 
 def test_summary_and_verdict():
