@@ -215,13 +215,14 @@ def verdict(summary: dict, a: str = "dbp", b: str = "clip-score", metric: str = 
 
 def format_table(summary: dict, seeds: list[int], kept: dict) -> list[str]:
     """The table ``make demo`` prints: per arm and metric, each seed, the mean and min-max."""
-    head = f"{'arm':32s} {'kept':>5s}  {'metric':12s} " + " ".join(f"{'s' + str(s):>6s}" for s in seeds)
+    w = max(len(ARMS[a]) for a in summary)
+    head = f"{'arm':{w}s} {'kept':>5s}  {'metric':12s} " + " ".join(f"{'s' + str(s):>6s}" for s in seeds)
     lines = [head + f"  {'mean':>6s}  {'min-max':>11s}"]
     for arm, per in summary.items():
         for i, (key, _, label) in enumerate(METRICS):
             m = per[key]
             name, k = (ARMS[arm], f"{kept[arm]:5d}") if i == 0 else ("", " " * 5)
-            lines.append(f"{name:32s} {k}  {label:12s} " + " ".join(f"{v:6.3f}" for v in m["values"])
+            lines.append(f"{name:{w}s} {k}  {label:12s} " + " ".join(f"{v:6.3f}" for v in m["values"])
                          + f"  {m['mean']:6.3f}  {m['min']:.3f}-{m['max']:.3f}")
     return lines
 
