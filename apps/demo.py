@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import contextlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -58,6 +60,7 @@ class DemoConfig:
     train_seeds: int = 2  # each arm is trained with seeds seed, seed + 1, ...
     ssl: bool = False  # also the arm SemDeDup -> CLIP score -> SSL prototypes
     only: tuple | None = None  # train only these subset arms (the full pool is always trained: it is the encoder)
+    threads: int = 2  # torch/OpenMP threads everywhere: the numbers depend on it, not on the machine's cores
     semdedup_keep: float = 0.8  # near-duplicate bursts are ~20% of the pool
     clip_keep: float = 0.75  # image-caption similarity under the full-pool model
     clusters: int = 20
@@ -235,7 +238,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def pinned_threads(n: int):
+    """``n`` threads for torch and OpenMP here and in the worker processes started meanwhile.
+    torch splits its reductions by its thread count (by default the number of cores, whatever
+    the load), so the trained weights change with it: pinned, the demo gives the same numbers
+    on any number of cores (for the same CPU type and package versions)."""
+    import torch
+
+    saved_env, saved_torch = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)  # read by the training and embedding workers' torch and faiss
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_torch)
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+
+
 def run_demo(cfg: DemoConfig | None = None) -> Path:
+    cfg = (cfg or DemoConfig()).scaled()
+    with pinned_threads(cfg.threads):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> Path:
     import pandas as pd
 
     from conceptprune.data.download import download
@@ -247,7 +277,6 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     from conceptprune.slurm.stage import Executor
     from conceptprune.training.launch import TrainConfig, train
 
-    cfg = (cfg or DemoConfig()).scaled()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start, timings, counts = time.time(), {}, {}

@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int_arg("--seeds", min=1), default=2,
                    help="training seeds per arm: --seed, --seed + 1, ... (default 2)")
     p.add_argument("--ssl", action="store_true", help="also the arm SemDeDup -> CLIP score -> SSL prototypes")
+    p.add_argument("--threads", type=int_arg("--threads", min=1), default=2,
+                   help="torch/OpenMP threads in every step (default 2); the numbers depend on it, not on the "
+                        "machine's cores or load")
     p.add_argument("--quick", action="store_true", help="a much smaller configuration (seconds, for tests)")
     p.set_defaults(func=_demo)
 
@@ -24,4 +27,5 @@ def register(sub) -> None:
 def _demo(a) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=a.out, seed=a.seed, quick=a.quick, train_seeds=a.seeds, ssl=a.ssl))
+    run_demo(DemoConfig(out=a.out, seed=a.seed, quick=a.quick, train_seeds=a.seeds, ssl=a.ssl,
+                         threads=a.threads))
