@@ -323,6 +323,106 @@ def fit(results: list[dict]) -> dict:
     return out
 
 
+# Projection to DataComp medium at 768-d. Row-parallel phases (the executor's parts) scale
+# perfectly over workers; the launcher's phases (start-up, reading --within, k-means on the
+# sample, the global selection, the keep-list) do not. Two models for the width:
+#   "x d": every phase that touches embeddings (assign, shuffle, dedup) costs 768/32 times more
+#          per row (the issue's assumption; an upper bound: at 32-d these phases are per-row
+#          overhead, not bytes or flops);
+#   "calibrated": the assignment's k-dependent term, the shuffle and the pairwise pass at the
+#          per-row / per-flop rates the 768-d benches measured on this machine
+#          (results/semdedup_k4000.json, results/dbp_k100.json), plus our per-row overhead.
+ROW_PARALLEL = {"assign", "shuffle", "dedup"}
+
+
+def _per_row_fit(results: list[dict]) -> dict:
+    """SemDeDup's assignment seconds per pool row = a + b * k (2 workers, measured width) from
+    the two largest complete sizes (k differs between them: k = candidates / rows-per-cluster)."""
+    r1, r2 = results[-2], results[-1]
+    y = [r["stages"]["semdedup"]["phases_s"]["assign"] / r["rows"] for r in (r1, r2)]
+    k = [r["stages"]["semdedup"]["parameters"]["clusters"] for r in (r1, r2)]
+    b = (y[1] - y[0]) / (k[1] - k[0]) if k[1] != k[0] else 0.0
+    return {"a": y[1] - b * k[1], "b": b}
+
+
+def project(res: dict, rows: int = 128_000_000, dim: int = 768, workers=(1, 64)) -> list[dict]:
+    """Seconds per stage for ``rows`` pool rows at ``dim`` on each number of workers, from the
+    per-row costs of the largest complete size, under both width models (see above)."""
+    results = [r for r in res["results"] if r.get("complete", True)]
+    big = results[-1]
+    w0, d0 = int(res.get("workers", 2)), int(res["pool"]["dim"])
+    xd = dim / d0
+    f = res["results"][0]["stages"]["clip-score"]["parameters"]["fraction"]
+    s = res["results"][0]["stages"]["semdedup"]["parameters"]["rows_per_cluster"]
+    cand = f * rows
+    k = max(1, round(cand / s))
+    fit = _per_row_fit(results)
+    sem768 = json.loads((ROOT / "bench" / "results" / "semdedup_k4000.json").read_text())
+    dbp768 = json.loads((ROOT / "bench" / "results" / "dbp_k100.json").read_text())
+    r768 = sem768["results"][0]
+    bd = sem768["breakdown_4m_s"]
+    b768 = bd["assign"] / (r768["rows"] * r768["k"])  # s per row-centroid, 2 workers, 768-d
+    shuffle768 = bd["shuffle"] / r768["rows"]
+    pair768 = bd["dedup_pairwise"] / (sem768["pairwise_tflop_4m"]["ours_upper_triangle_sum_n2_d"] * 1e12)
+    d4 = dbp768["results"][-1]
+    dbp_assign768 = (d4["ours_wall_s"] - d4["floor_train_s"]) / d4["rows"]  # s per row, k = 100
+    n0, c0 = big["rows"], big["kept"]["clip-score"]
+
+    def per(stage, phase, per_what):
+        return big["stages"][stage]["phases_s"].get(phase, 0.0) / per_what
+
+    out = []
+    # (stage, phase, seconds at 128M x measured width, x-d seconds, calibrated seconds)
+    terms = [
+        ("clip-score", "scan", big["stages"]["clip-score"]["wall_s"] / n0 * rows, None, None),
+        ("semdedup", "train", per("semdedup", "train", n0) * rows, None, None),
+        ("semdedup", "assign", rows * (fit["a"] + fit["b"] * k), None, rows * (fit["a"] + b768 * k)),
+        ("semdedup", "shuffle", per("semdedup", "shuffle", c0) * cand, None, shuffle768 * cand),
+        ("semdedup", "dedup", per("semdedup", "dedup", c0) * cand, None, pair768 * cand * s * dim),
+        ("semdedup", "write", per("semdedup", "write", c0) * cand, None, None),
+        ("dbp", "train", per("dbp", "train", n0) * rows, None, None),
+        ("dbp", "assign", per("dbp", "assign", n0) * rows, None, dbp_assign768 * rows),
+        ("dbp", "write", per("dbp", "write", n0) * rows, None, None),
+        ("keep-list info", "read", big["stages"]["keep-list info"]["wall_s"], None, None),
+    ]
+    for stage, phase, t32, _, cal in terms:
+        par = phase in ROW_PARALLEL
+        t_xd = t32 * (xd if par else 1.0)
+        t_cal = cal if cal is not None else t_xd
+        row = {"stage": stage, "phase": phase, "row_parallel": par, f"{d0}d_{w0}w_s": round(t32, 1)}
+        for w in workers:
+            scale = w0 / w if par else 1.0
+            row[f"xd_{w}w_s"] = round(t_xd * scale, 1)
+            row[f"calibrated_{w}w_s"] = round(t_cal * scale, 1)
+        out.append(row)
+    return [{"rows": rows, "dim": dim, "candidates": int(cand), "semdedup_k": k, "fit": fit,
+             "rates_768d": {"assign_s_per_row_centroid": b768, "shuffle_s_per_row": shuffle768,
+                            "pairwise_s_per_n2d": pair768, "dbp_assign_s_per_row": dbp_assign768}}] + out
+
+
+def markdown(res: dict) -> str:
+    """The README's two tables from a scale.json."""
+    stages = list(res["results"][0]["stages"])
+    out = ["| rows | " + " | ".join(f"{s}: s / MiB" for s in stages) + " |", "|---|" + "---|" * len(stages)]
+    for r in res["results"]:
+        cells = [f"{r['stages'][s]['wall_s']:.0f} / {r['stages'][s]['peak_rss_mib']:.0f}" if s in r["stages"]
+                 else "not run" for s in stages]
+        out.append(f"| {r['rows'] / 1e6:g}M{'' if r.get('complete', True) else ' (partial)'} | " + " | ".join(cells) + " |")
+    head, *terms = project(res)
+    out += ["", f"Projection to {head['rows'] / 1e6:g}M rows x {head['dim']}-d (SemDeDup on {head['candidates']:,} "
+                f"candidates, k = {head['semdedup_k']}), hours:", "",
+            "| stage | phase | row-parallel | x d, 1 worker | x d, 64 workers | calibrated, 1 worker | calibrated, 64 workers |",
+            "|---|---|---|---|---|---|---|"]
+    tot = {c: 0.0 for c in ("xd_1w_s", "xd_64w_s", "calibrated_1w_s", "calibrated_64w_s")}
+    for t in terms:
+        for c in tot:
+            tot[c] += t[c]
+        out.append(f"| {t['stage']} | {t['phase']} | {'yes' if t['row_parallel'] else 'no'} | "
+                   + " | ".join(f"{t[c] / 3600:.2f}" for c in tot) + " |")
+    out.append("| **total** | | | " + " | ".join(f"**{v / 3600:.1f}**" for v in tot.values()) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="16000000,32000000,128000000", help="pool sizes, comma-separated")
@@ -345,7 +445,11 @@ def main(argv=None):
     p.add_argument("--code", default=None, metavar="REV",
                    help="run the CLI from this commit (a snapshot under --workdir) instead of the working tree")
     p.add_argument("--keep", action="store_true", help="keep the pools and outputs (default: deleted)")
+    p.add_argument("--table", metavar="JSON", help="print the README tables of a scale.json and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown(json.loads(Path(a.table).read_text())))
+        return
     sizes = sorted(int(float(x)) for x in a.rows.split(","))
     if any(s % a.rows_per_file for s in sizes[:-1]):
         p.error("every size but the largest must be a multiple of --rows-per-file (row-prefix pools)")
@@ -368,7 +472,7 @@ def main(argv=None):
         return {
             "what": f"clip-score -> semdedup -> dbp -> keep-list info through the CLI, --workers {a.workers}, "
                     f"{a.executor} executor",
-            "code": code,
+            "code": code, "workers": a.workers,
             "machine": {"cpus": os.cpu_count(), "note": "2-core machine shared with other sessions"},
             "pool": gen,
             "k_policy": {"semdedup": f"k = round(candidates / {a.rows_per_cluster})",
