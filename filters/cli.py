@@ -171,7 +171,7 @@ def _laion(p):
 
 
 def _clustering_args(p, default_k: str | None = None):
-    from .clustering_config import DEFAULT_CLUSTERS, DEFAULT_NITER, DEFAULT_SEED, KMEANS_MEMORY
+    from .clustering_config import DEFAULT_CLUSTERS, DEFAULT_NITER, DEFAULT_SEED, KMEANS_MEMORY, POINTS_PER_CENTROID
 
     # defaults stay None here: ClusteringConfig holds each one (the help only quotes them)
     g = p.add_argument_group("clustering (shared by semdedup, ssl-prototypes and dbp)")
@@ -186,8 +186,8 @@ def _clustering_args(p, default_k: str | None = None):
     g.add_argument("--niter", type=int_arg("--niter", 1), default=None,
                    help=f"k-means iterations, >= 1 (default {DEFAULT_NITER})")
     g.add_argument("--train-sample", type=int_arg("--train-sample", 1), default=None,
-                   help="k-means training sample size (default min(candidates, max(min(1000 k, 500000), 64 k), "
-                        "--kmeans-memory / (4 x dim))); faiss is made to use all of it")
+                   help="k-means training sample size (default min(candidates, max(min(1000 k, 500000), "
+                        f"{POINTS_PER_CENTROID} k), --kmeans-memory / (4 x dim))); faiss is made to use all of it")
     g.add_argument("--kmeans-memory", default=None, metavar="SIZE",
                    help="memory the default training sample may take as float32 rows, e.g. 8G or 512M "
                         f"(default {KMEANS_MEMORY})")
@@ -245,7 +245,9 @@ def _semdedup(p):
     p.add_argument("--rule", choices=["paper", "greedy", "components"], default="paper",
                    help="paper (default): compare with every earlier member; greedy: only with kept ones; "
                         "components: one per connected component")
-    _clustering_args(p, default_k="candidates / 10000")
+    from .clustering_config import SEMDEDUP_CLUSTER_SIZE
+
+    _clustering_args(p, default_k=f"candidates / {SEMDEDUP_CLUSTER_SIZE}")
     _job_args(p)
 
     def run(a):
