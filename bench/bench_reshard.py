@@ -71,18 +71,22 @@ def main():
     ap.add_argument("--workdir", default="/tmp/cp-bench-reshard")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the floor and of each command (default 3)")
     ap.add_argument("--out", default=None, help="results file (default bench/results/reshard.json)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the shards and keep-list a former run left in --workdir (same --shards, --per-shard)")
     args = ap.parse_args()
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    uids = make_shards(work / "in", args.shards, args.per_shard)
     from conceptprune import keeplist as K
     from conceptprune import uids as U
 
-    rng = np.random.default_rng(1)
-    keep = [u for u in uids if rng.random() < 0.3]
-    K.write_keep_list(work / "keep.npy", U.uids_to_array(keep))
+    if not (args.reuse and len(list((work / "in").glob("*.tar"))) == args.shards and (work / "keep.npy").exists()):
+        shutil.rmtree(work, ignore_errors=True)
+        uids = make_shards(work / "in", args.shards, args.per_shard)
+        rng = np.random.default_rng(1)
+        K.write_keep_list(work / "keep.npy", U.uids_to_array([u for u in uids if rng.random() < 0.3]))
+    shutil.rmtree(work / "one", ignore_errors=True)  # a former run's fixed-cost input
+    keep = K.read_keep_list(work / "keep.npy")
     total_mb = sum(p.stat().st_size for p in (work / "in").glob("*.tar")) / 2**20
-    n = len(uids)
+    n = args.shards * args.per_shard
     rows = []
     load_before = os.getloadavg()
     floor_cmd = ["bash", "-c", f"for f in {work}/in/*.tar; do tar -xOf $f > /dev/null; done"]

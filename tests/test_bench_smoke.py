@@ -34,11 +34,11 @@ def test_gpu_check_cpu_tiny(tmp_path):
 def test_reshard_bench_toy(tmp_path):
     out = tmp_path / "reshard.json"
     _run(["bench/bench_reshard.py", "--shards", "2", "--per-shard", "60", "--workdir", str(tmp_path / "w"),
-          "--out", str(out)], tmp_path)
+          "--repeat", "1", "--out", str(out)], tmp_path)
     res = json.loads(out.read_text())
     assert all(res["byte_identical_to_reference"].values())
-    # tar floor, the whole command with 1 and 2 workers, its worker loop alone, the reference path
-    assert len(res["results"]) == 5
+    # tar floor, the whole command with 1 and 2 workers, the reference path, the fixed cost, the worker loop
+    assert len(res["results"]) == 6
 
 
 def test_scale_bench_tiny(tmp_path):
