@@ -291,6 +291,16 @@ class Executor:
         if done:
             log.info("%s: %d of %d parts already done; running the other %d", stage.name, len(done), world_size,
                      len(pending))
+        folder = self.log_folder(stage, log_folder)
+        deps = [j for d in after for j in d.pending_job_ids()]
+        live_jobs, live_groups = self._live_jobs(stage, world_size, pending) if self.kind == "slurm" else ([], [])
+        if live_jobs:  # an earlier launcher's jobs still queued or running: wait for those, submit the rest
+            covered = {r for g in live_groups for r in g}
+            log.info("%s: parts %s are still in SLURM jobs %s from an earlier submission; not submitted again",
+                     stage.name, sorted(covered), ",".join(j.job_id for j in live_jobs))
+            pending = [r for r in pending if r not in covered]
+            if not pending:
+                return StageSubmission(stage, world_size, self.kind, live_jobs, live_groups, done)
         groups = self._groups(pending)
         runner = PartRunner(launcher=None if self.kind == "slurm" else launcher_identity())
         shared = self.kind == "local" and not self.options.local_isolated
@@ -303,12 +313,10 @@ class Executor:
         # the launcher would only wait for local workers: it runs the first group itself (in wait()),
         # one interpreter fewer to start (unless GPUs are handed out to the workers)
         here = groups.pop(0) if shared and not self.options.gpus_per_node else []
-        folder = self.log_folder(stage, log_folder)
-        deps = [j for d in after for j in d.pending_job_ids()]
         ex = self._submitit(folder, f"cp-{stage.name}", nodes=1, tasks_per_node=1, after=deps)
         with _quiet_ctrl_c(self.kind), ex.batch():
             jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
-        sub = StageSubmission(stage, world_size, self.kind, jobs, groups, done, here)
+        sub = StageSubmission(stage, world_size, self.kind, live_jobs + jobs, live_groups + groups, done, here)
         record_submission(stage, sub, folder, deps)
         log.info("%s: %d parts on %s%s: %s%s", stage.name, len(pending), self.kind,
                  f" after {','.join(deps)}" if deps else "", J.describe(jobs),
@@ -331,6 +339,28 @@ class Executor:
                      sub.stage.work_dir)
             return None
         return sub.wait()
+
+    @staticmethod
+    def _live_jobs(stage: Stage, world_size: int, pending: list[int]) -> tuple[list, list[list[int]]]:
+        """The jobs of this stage's last SLURM submission (``submission.record``) that are still
+        queued or running and hold parts in ``pending``, with those parts: a rerun of a detached
+        command waits for them instead of running the same parts twice."""
+        from .status import queued_or_running
+
+        try:
+            rec = json.loads((stage.marker_dir() / "submission.record").read_text())
+        except (FileNotFoundError, ValueError):
+            return [], []
+        if rec.get("executor") != "slurm" or rec.get("world_size") != world_size:
+            return [], []
+        live = queued_or_running(rec.get("job_ids", []))
+        jobs, groups = [], []
+        for job_id, group in zip(rec.get("job_ids", []), rec.get("groups", [])):
+            mine = [r for r in group if r in pending]
+            if mine and job_id in live:
+                jobs.append(submitit.SlurmJob(folder=Path(rec["log_folder"]) / "%j", job_id=job_id))
+                groups.append(mine)
+        return jobs, groups
 
     def _groups(self, pending: list[int]) -> list[list[int]]:
         # one job per part on SLURM (an array), a few worker processes locally, one call inline

@@ -58,11 +58,14 @@ def find_stages(root: str | Path) -> list[Path]:
     return sorted({p for m in root.rglob(".markers") if m.is_dir() for p in m.iterdir() if p.is_dir()})
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, str]:
+def slurm_states(job_ids: list[str], unknown: str = "PENDING") -> dict[str, str]:
+    """SLURM's state of each job id (``sacct``); ``unknown`` for a job sacct does not list
+    (an array task not started yet is listed as ``12_[0-3]``: its range is read)."""
     if not job_ids or not shutil.which("sacct"):
         return {}
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j",
+                              ",".join(sorted({j.split("_")[0] for j in job_ids}))],
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -70,8 +73,41 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str]:
     for line in out.splitlines():
         jid, _, state = line.partition("|")
         states[jid.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
-    # an array submitted as 12_[0-3] appears per task once it has started; keep what we asked for
-    return {j: states.get(j, states.get(j.split("_")[0], "PENDING")) for j in job_ids}
+    return {j: states.get(j) or _array_range_state(j, states) or states.get(j.split("_")[0], unknown)
+            for j in job_ids}
+
+
+def queued_or_running(job_ids: list[str]) -> set[str]:
+    """Which of ``job_ids`` the controller still holds, queued or running (``squeue``: live and
+    immediate, where the accounting that ``sacct`` reads lags by seconds). Empty without SLURM."""
+    if not job_ids or not shutil.which("squeue"):
+        return set()
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    held = {line.partition("|")[0].strip() for line in out.stdout.splitlines()
+            if line.partition("|")[2].strip() not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT")}
+    return {j for j in job_ids if j in held}
+
+
+def _array_range_state(job_id: str, states: dict[str, str]) -> str | None:
+    """The state of array task ``12_3`` from a pending-array line such as ``12_[0-3,5%2]``."""
+    base, _, task = job_id.partition("_")
+    if not task.isdigit():
+        return None
+    for jid, state in states.items():
+        m = re.fullmatch(re.escape(base) + r"_\[([0-9,\-]+)(?:%\d+)?\]", jid)
+        if m and any(_in_range(int(task), part) for part in m.group(1).split(",")):
+            return state
+    return None
+
+
+def _in_range(task: int, part: str) -> bool:
+    lo, _, hi = part.partition("-")
+    return int(lo) <= task <= int(hi or lo)
 
 
 def _failure_tail(log_folder: str, job_ids: list[str], states: dict[str, str]) -> str:
@@ -97,7 +133,7 @@ def stage_status(stage_dir: Path) -> StageStatus:
     if sub and done < world:
         ids = list(sub.get("job_ids", []))
         if sub.get("executor") == "slurm":
-            st.job_states = _slurm_states(ids)
+            st.job_states = slurm_states(ids)
         st.failure = _failure_tail(sub.get("log_folder", ""), ids, st.job_states)
     return st
 

@@ -11,6 +11,7 @@ from conceptprune.slurm.diagnostics import CountingStage, allreduce_check
 from conceptprune.slurm.jobs import JobCancelledError, JobFailedError
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.stage import Executor
+from conceptprune.slurm.status import queued_or_running
 
 pytestmark = pytest.mark.slurm
 
@@ -162,3 +163,22 @@ def test_status_shows_a_running_and_a_failed_slurm_stage(slurm_cluster, tmp_path
     rows = rows()
     assert rows["bad"].state == "failed" and "failed at step 1, as asked" in rows["bad"].failure
     subprocess.run(["scancel", s1.job_ids[0].split("_")[0]], check=True)
+
+
+def test_rerun_while_jobs_run_waits_for_them_instead_of_submitting_again(slurm_cluster, tmp_path):
+    """A detached launcher's jobs are still queued or running when the same command is run
+    again: the rerun waits for those jobs (found through submission.record and sacct) and
+    submits nothing for their parts; only a part with no live job is submitted."""
+    ex = Executor.create("slurm", ClusterOptions(time=5), detach=True)
+    stage = CountingStage(work_dir=str(tmp_path), steps=8, step_seconds=0.4, name="slow")
+    first = ex.submit(stage, 3)
+    assert ex.finish(first) is None and len(first.job_ids) == 3
+    first.jobs[2].cancel()  # this part's job will not run: a rerun must submit it again
+    _wait_until(lambda: first.job_ids[2] not in queued_or_running(first.job_ids), 30, "the cancel")
+    again = Executor.create("slurm", ClusterOptions(time=5)).submit(stage, 3)
+    assert again.job_ids[:2] == first.job_ids[:2]  # reattached, not resubmitted
+    assert len(again.job_ids) == 3 and again.job_ids[2] not in first.job_ids
+    res = again.wait()
+    assert [s["count"] for s in res.summaries] == [8, 8, 8]
+    starts = [json.loads(stage.state_path(r).read_text())["starts"] for r in range(2)]
+    assert [len(s) for s in starts] == [1, 1]  # parts 0 and 1 ran once, in the first jobs
