@@ -564,6 +564,8 @@ def _assemble(out, stage, world, summaries, keep, keep_uids, multiplicity, compl
     for rank in range(world):
         seen[np.load(stage.part_dir(rank, world) / "seen.npy")] = True
     shutil.copyfile(keep, dest / "sample_ids.npy")
+    with open(dest / "sample_ids.npy", "rb") as f:  # on disk before the rename that publishes it, as the rest
+        os.fsync(f.fileno())
     write_json(dest / "sizes.json", sizes)
     total = {k: int(sum(s.get(k, 0) for s in summaries)) for k in _COUNTS}
     meta = {
