@@ -60,7 +60,7 @@ def main():
     env = {"HF_HUB_OFFLINE": "1"}
     ours = measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "evaluate", "--model",
                     str(work / "model" / "open_clip_pytorch_model.bin"), "--arch", arch, "--data-dir",
-                    str(work / "data"), "--output", str(work / "ours"), "--tasks", *TASKS, "--batch-size", "256",
+                    str(work / "data"), "--out", str(work / "ours"), "--tasks", *TASKS, "--batch-size", "256",
                     "--executor", "local"], env=env)
     base_wall, per_task = 0.0, []
     (work / "cb").mkdir()

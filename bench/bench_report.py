@@ -147,7 +147,7 @@ def report_part(args, work: Path) -> dict:
     steps = {}
     steps["make_pool"] = cli("make-pool", "--out", pool, "--rows", args.rows, "--files", 8, "--seed", 0,
                              "--embedding-keys", "b32_img")
-    steps["clip_score"] = cli("filter", "clip-score", "--pool", pool, "--out", k / "cs.npy", "--model", "b32",
+    steps["clip_score"] = cli("filter", "clip-score", "--pool", pool, "--out", k / "cs.npy", "--arch", "b32",
                               "--fraction", 0.3)
     chain = [k / "cs.npy"]
     if args.semdedup:

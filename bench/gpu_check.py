@@ -206,7 +206,7 @@ def step_evaluate(cfg: dict, device: str, work: Path) -> dict:
     (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
     r = measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "evaluate", "--model",
                  str(model_dir / "open_clip_pytorch_model.bin"), "--arch", f"local-dir:{model_dir}", "--data-dir",
-                 str(work / "data"), "--output", str(work / "eval"), "--tasks", *tasks, "--batch-size", "256",
+                 str(work / "data"), "--out", str(work / "eval"), "--tasks", *tasks, "--batch-size", "256",
                  "--device", device, "--executor", "local"], env={"HF_HUB_OFFLINE": "1"})
     images = cfg["eval_samples"] * len(tasks)
     return {"model": name, "tasks": tasks, "images": images, "wall_s": r["wall_s"],

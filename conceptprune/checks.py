@@ -111,3 +111,15 @@ def seed_arg(flag: str = "--seed"):
 
 def fraction_arg(flag: str = "--fraction"):
     return float_arg(flag, 0.0, 1.0, min_open=True)
+
+
+def renamed_flag(parser, old: str, new: str, why: str = "") -> None:
+    """``old`` is no longer a flag of this command: using it is a one-line error naming ``new``
+    (each flag name means one thing across commands)."""
+    import argparse
+
+    class Renamed(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            p.error(f"{old} is now {new}" + (f" ({why})" if why else ""))
+
+    parser.add_argument(old, nargs="?", action=Renamed, help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ import json
 
 
 def register(sub) -> None:
+    from conceptprune.checks import renamed_flag
     from conceptprune.slurm.options import add_cluster_args
 
     p = sub.add_parser("evaluate", help="run DataComp's 38-task evaluation on a trained model",
@@ -19,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--arch", help="open_clip architecture (default: the run's, else ViT-B-32)")
     p.add_argument("--data-dir", help="folder of evaluation sets: made by 'evaluate download' or by DataComp's "
                                       "download_evalsets.py (wds_<name>_test/ + hf_cache/), as is")
-    p.add_argument("--output", help="results folder")
+    p.add_argument("--out", help="results folder")
+    renamed_flag(p, "--output", "--out")
     p.add_argument("--tasks", nargs="+", help="task keys (default: all 40)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when present)")
@@ -75,13 +77,13 @@ def _evaluate(a) -> int:
     if a.list_tasks:
         print(table(a.data_dir))
         return 0
-    if not (a.model and a.data_dir and a.output):
-        raise ConfigError("evaluate needs --model, --data-dir and --output (or --list-tasks)")
+    if not (a.model and a.data_dir and a.out):
+        raise ConfigError("evaluate needs --model, --data-dir and --out (or --list-tasks)")
     from conceptprune.slurm.options import executor_from_args
 
     from .run import evaluate
 
-    res = evaluate(a.model, a.data_dir, a.output, arch=a.arch, tasks=a.tasks, batch_size=a.batch_size,
+    res = evaluate(a.model, a.data_dir, a.out, arch=a.arch, tasks=a.tasks, batch_size=a.batch_size,
                    device=a.device, executor=executor_from_args(a), precision=a.precision)
     for r in res["results"]:
         v = r["metrics"]["main_metric"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from conceptprune.checks import float_arg, fraction_arg, int_arg, seed_arg
+from conceptprune.checks import float_arg, fraction_arg, int_arg, renamed_flag, seed_arg
 
 METHODS = {}  # name -> (help, add_arguments, run)
 
@@ -116,7 +116,9 @@ def _random(p):
 @method("clip-score", "DataComp's CLIP-score filter (top fraction, or score >= threshold)")
 def _clip(p):
     _common(p)
-    p.add_argument("--model", choices=["l14", "b32"], default="l14", help="which CLIP score column (default l14)")
+    p.add_argument("--arch", choices=["l14", "b32"], default="l14",
+                   help="which CLIP model's score column (DataComp's --arch; default l14)")
+    renamed_flag(p, "--model", "--arch", "DataComp's name; --model names a trained model elsewhere")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=fraction_arg(),
                    help="keep the top fraction (threshold at index int(N*F), ties kept)")
@@ -130,7 +132,7 @@ def _clip(p):
 
         from . import clip_score, run_filter
         run_filter(clip_score, a.pool, a.out, **output_args(a), within=a.within, fraction=a.fraction,
-                   threshold=a.threshold, model=a.model, column=a.score_column, executor=executor_from_args(a))
+                   threshold=a.threshold, model=a.arch, column=a.score_column, executor=executor_from_args(a))
     return run
 
 
@@ -218,8 +220,9 @@ def _dbp(p):
     p.add_argument("--neighbors", type=int_arg("--neighbors", 1), default=20, help="nearest other centroids for d_inter (default 20)")
     p.add_argument("--balance", type=float_arg("--balance", 0.0, 1.0), default=0.0,
                    help="per-cluster floor r: at least min(r*N/k, n_j) kept (default 0, the paper's best)")
-    p.add_argument("--keep", choices=["hard", "easy", "random"], default="hard",
+    p.add_argument("--prefer", choices=["hard", "easy", "random"], default="hard",
                    help="which members of a cluster to keep (default hard: furthest from the centroid)")
+    renamed_flag(p, "--keep", "--prefer", "--keep names a keep-list elsewhere")
     _clustering_args(p)
     _job_args(p)
 
@@ -230,7 +233,7 @@ def _dbp(p):
         run_filter(dbp, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings,
                    fraction=a.fraction, temperature=a.temperature, neighbors=a.neighbors,
-                   balance=a.balance, keep=a.keep, clustering=_clustering_config(a), executor=executor_from_args(a))
+                   balance=a.balance, keep=a.prefer, clustering=_clustering_config(a), executor=executor_from_args(a))
     return run
 
 
@@ -266,8 +269,9 @@ def _ssl(p):
     _common(p, embeddings=True)
     p.add_argument("--fraction", type=fraction_arg(), required=True,
                    help="fraction of the candidates to keep, in (0, 1]")
-    p.add_argument("--keep", choices=["hard", "easy"], default="hard",
+    p.add_argument("--prefer", choices=["hard", "easy"], default="hard",
                    help="hard (abundant data, default) or easy (scarce data)")
+    renamed_flag(p, "--keep", "--prefer", "--keep names a keep-list elsewhere")
     p.add_argument("--balance", type=float_arg("--balance", 0.0, 1.0), default=None,
                    help="per-cluster floor R: each cluster keeps at least min(R*N/k, n_j) (the DBP paper's "
                         "SSP baseline uses 0.5)")
@@ -280,7 +284,7 @@ def _ssl(p):
         from . import run_filter, ssl_prototypes
         run_filter(ssl_prototypes, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, fraction=a.fraction,
-                   keep=a.keep, balance=a.balance, clustering=_clustering_config(a), executor=executor_from_args(a))
+                   keep=a.prefer, balance=a.balance, clustering=_clustering_config(a), executor=executor_from_args(a))
     return run
 
 

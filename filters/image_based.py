@@ -15,7 +15,7 @@ this is not the nearest centroid; ``assign="l2"`` is the corrected variant (Eucl
 nearest, the rule the centroids were trained with).
 
 ``image_based ∩ CLIP score`` (DataComp's ``image_based_intersect_clip_score``) equals
-``filter clip-score --model l14 --fraction 0.3`` followed by ``filter image-based --within``:
+``filter clip-score --arch l14 --fraction 0.3`` followed by ``filter image-based --within``:
 DataComp takes the score threshold over the whole pool, then applies the same steps to the
 rows above it.
 

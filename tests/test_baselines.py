@@ -313,7 +313,7 @@ def test_image_based_matches_independent(pool, tmp_path, served):
     assert uid_set(K.read_keep_list(tmp_path / "img_l2.npy")) == expect_l2 and expect_l2 != expect
 
     # image-based AND CLIP score (DataComp's image_based_intersect_clip_score, l14, 30%)
-    _run("filter", "clip-score", "--pool", pool, "--out", tmp_path / "clip.npy", "--model", "l14", "--fraction", "0.3")
+    _run("filter", "clip-score", "--pool", pool, "--out", tmp_path / "clip.npy", "--arch", "l14", "--fraction", "0.3")
     _run("filter", "image-based", "--pool", pool, "--out", tmp_path / "both.npy", "--scale", "small",
          "--within", tmp_path / "clip.npy")
     df = read_pool_frame(pool)

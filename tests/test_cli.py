@@ -91,3 +91,20 @@ def test_make_pool_and_pool_commands(tmp_path, capsys):
     assert info["rows"] == 500 and info["embedding_keys"] == ["b32_img"]
     assert main(["--quiet", "pool", "validate", str(tmp_path / "p"), "--embedding-key", "b32_img"]) == 0
     assert "ok: 2 files, 500 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["filter", "clip-score", "--model", "b32", "--fraction", "0.3"], "--model is now --arch"),
+    (["filter", "dbp", "--keep", "easy", "--fraction", "0.5"], "--keep is now --prefer"),
+    (["filter", "ssl-prototypes", "--keep", "easy", "--fraction", "0.5"], "--keep is now --prefer"),
+    (["evaluate", "--model", "x.pt", "--data-dir", "d", "--output", "r"], "--output is now --out"),
+])
+def test_a_flag_name_means_one_thing(small_pool, tmp_path, capsys, argv, said):
+    """--model names a trained model, --keep a keep-list, --out the output: the old spellings
+    that meant something else are one-line errors naming the new flag, and write nothing."""
+    if argv[0] == "filter":
+        argv = [*argv, "--pool", str(small_pool), "--out", str(tmp_path / "k.npy")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

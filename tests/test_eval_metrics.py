@@ -614,7 +614,7 @@ def test_cli_fp32_all_done_and_torn_lines(full_run, all_sets, tiny_checkpoint, t
     shutil.copytree(src, out)
     before = (out / "eval_results.jsonl").read_text()
     base = ["evaluate", "--model", str(tiny_checkpoint), "--arch", "cp-tiny-vit", "--data-dir", str(all_sets[0]),
-            "--output", str(out), "--executor", "local"]
+            "--out", str(out), "--executor", "local"]
     assert main(base) == 0  # every task done: nothing to do, exit 0
     assert (out / "eval_results.jsonl").read_text() == before
     # a run killed while writing the last row: the torn line is dropped with a warning, its task rerun

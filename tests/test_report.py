@@ -34,7 +34,7 @@ def chain(tmp_path_factory):
     make_pool(pool, SyntheticPoolConfig(rows=3000, files=2, seed=3, concepts=8, embedding_keys=("b32_img",),
                                         dims={"b32_img": 512}), progress=False)
     k = d / "k"
-    _cli("filter", "clip-score", "--pool", pool, "--out", k / "cs.npy", "--fraction", 0.7, "--model", "b32")
+    _cli("filter", "clip-score", "--pool", pool, "--out", k / "cs.npy", "--fraction", 0.7, "--arch", "b32")
     _cli("filter", "semdedup", "--pool", pool, "--within", k / "cs.npy", "--out", k / "sd.npy",
          "--embedding-key", "b32_img", "--clusters", 8, "--target-fraction", 0.8)
     _cli("filter", "dbp", "--pool", pool, "--within", k / "sd.npy", "--out", k / "dbp.npy",

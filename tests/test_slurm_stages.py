@@ -123,7 +123,7 @@ def test_detached_reshard_and_evaluate_then_collected(slurm_cluster, tmp_path, s
         ["reshard", "--shards", str(shards), "--keep", str(tmp_path / "keep.npy"), "--out", str(tmp_path / "out"),
          "--shard-size", "6"],
         ["evaluate", "--model", str(tiny_checkpoint), "--arch", "cp-tiny-vit", "--data-dir", str(tmp_path / "evalsets"),
-         "--output", str(tmp_path / "eval"), "--tasks", "cifar10", "stl10"],
+         "--out", str(tmp_path / "eval"), "--tasks", "cifar10", "stl10"],
     ]
     slurm = ["--executor", "slurm", "--workers", "2", "--time", "10"]
     for cmd in commands:
