@@ -113,7 +113,13 @@ _WORKER_PREPROCESS = None
 
 def _init_decode_worker(preprocess) -> None:
     global _WORKER_PREPROCESS
+    import signal
+
     import torch
+
+    # a forked worker inherits its parent's handlers: inside a submitit job SIGTERM is "bypassed",
+    # so Pool.terminate() (SIGTERM) would never end the worker and close() would wait forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     torch.set_num_threads(1)
     _WORKER_PREPROCESS = preprocess

@@ -45,3 +45,28 @@ def test_process_and_thread_decoding_agree(tmp_path):
     assert results[1][0][1] == [f"{1:016x}{i:016x}" for i in range(23) if i != 5]
     for a, b in zip(results[1][1], results[2][1]):
         assert np.array_equal(a, b)
+
+
+def test_decode_workers_end_when_a_job_bypasses_sigterm(tmp_path):
+    """Inside a submitit job SIGTERM is caught and ignored; forked decode workers inherit that
+    handler, so closing the pool (SIGTERM) while they are busy hung the job for ever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import signal, time
+        signal.signal(signal.SIGTERM, lambda *a: None)  # what submitit does in a SLURM job
+        import conceptprune.data.embed as E
+        def slow(data, preprocess):
+            time.sleep(30)
+        E._decode_bytes = slow
+        d = E._Decoders(lambda im: im, 2)
+        d.pool.map_async(E._decode_in_worker, [b"x"] * 4, chunksize=1)
+        time.sleep(1)  # the workers are busy
+        d.close()
+        print("closed")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=25)
+    assert out.returncode == 0 and "closed" in out.stdout, out.stderr[-2000:]
