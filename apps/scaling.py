@@ -284,9 +284,13 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
         keep = out / f"keep_{f:g}.npy"
         extra = dict(filter_args or {})
         if method != "random":
+            import dataclasses
+
             from conceptprune.filters.clustering_config import ClusteringConfig
 
-            config = ClusteringConfig(clusters=extra.pop("clusters", None), dir=clustering)
+            # the clustering's own settings (clusters, niter, seed, ...) go into its config, one shared folder
+            names = {f.name for f in dataclasses.fields(ClusteringConfig)} - {"dir"}
+            config = ClusteringConfig(dir=clustering, **{n: extra.pop(n) for n in names if n in extra})
             extra.update(clustering=config, embedding_key=embedding_key)
         r = run_filter(fn, pool, keep, fraction=f, **extra)
         rows.append({"fraction": f, "kept": len(r.kept), "keep_list": str(keep)})
