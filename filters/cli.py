@@ -248,6 +248,10 @@ def _semdedup(p):
     p.add_argument("--rule", choices=["paper", "greedy", "components"], default="paper",
                    help="paper (default): compare with every earlier member; greedy: only with kept ones; "
                         "components: one per connected component")
+    p.add_argument("--pairwise", choices=["auto", "fp32", "bf16-recheck"], default="auto",
+                   help="how M is computed; every choice gives float32's exact bits where a decision depends "
+                        "on them. auto (default): a bfloat16 GEMM plus an exact recheck near the eps threshold "
+                        "where bfloat16 is fast (CUDA, avx512_bf16), else float32")
     from .clustering_config import SEMDEDUP_CLUSTER_SIZE
 
     _clustering_args(p, default_k=f"candidates / {SEMDEDUP_CLUSTER_SIZE}")
@@ -260,7 +264,7 @@ def _semdedup(p):
         run_filter(semdedup, a.pool, a.out, **output_args(a), within=a.within, embedding_key=a.embedding_key,
                    embedding_dir=a.embedding_dir, bad_embeddings=a.bad_embeddings, eps=a.eps,
                    target_fraction=a.target_fraction, rule=a.rule, clustering=_clustering_config(a),
-                   executor=executor_from_args(a))
+                   executor=executor_from_args(a), pairwise=a.pairwise)
     return run
 
 

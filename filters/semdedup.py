@@ -57,7 +57,7 @@ from .clustering import (BLOCK_ROWS, Clustering, ClusteringChain, PoolSpec, alig
 from .clustering_config import SEMDEDUP_CLUSTER_SIZE, ClusteringConfig
 from .common import cluster_table, table_writer
 from .dbp import complexity
-from .pairwise import (PAIR_BLOCK, ROW_BLOCK, PairwiseConfig, column_max_upper, components_keep,  # noqa: F401
+from .pairwise import (PAIR_BLOCK, PRECISIONS, ROW_BLOCK, PairwiseConfig, column_max_upper, components_keep,  # noqa: F401
                        exact_column_max, greedy_keep, normalized, single_threaded_torch)
 from .select import grouped_select
 
@@ -290,14 +290,16 @@ def iter_results(work: Path, k: int):
 
 def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = None, rule: str = "paper",
              within=None, clustering: ClusteringConfig | None = None, executor: "Executor | str | None" = None,
-             out=None) -> FilterResult | None:
-    """The whole chain (k-means -> assignment -> shuffle -> dedup) is submitted at once, each
+             out=None, pairwise: str = "auto") -> FilterResult | None:
+    """``pairwise``: how M is computed (``pairwise.PRECISIONS``; the same bits whichever). The whole chain (k-means -> assignment -> shuffle -> dedup) is submitted at once, each
     stage after the one before (SLURM ``afterok``; in order locally). None when the executor
     detaches before the jobs are done: the same call, rerun afterwards, collects the result."""
     if (eps is None) == (target_fraction is None):
         raise ConfigError("semdedup needs exactly one of --eps or --target-fraction")
     if rule not in RULES:
         raise ConfigError(f"--rule must be one of {', '.join(RULES)}")
+    if pairwise not in PRECISIONS:
+        raise ConfigError(f"--pairwise must be one of {', '.join(PRECISIONS)}, got {pairwise!r}")
     if eps is not None and not 0 <= eps < 1:
         raise ConfigError(f"--eps must be in [0, 1), got {eps}")
     if target_fraction is not None:
@@ -313,7 +315,7 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
     with folder_lock(cdir, "building or checking the clustering"):
         chain = submit_clustering(cdir, pool, config, within, executor, default_k=default_k)
         with folder_lock(work, "running SemDeDup"):  # a concurrent run waits, then reuses the results
-            subs = _submit_stages(work, chain, pool, within, rule, eps, executor)
+            subs = _submit_stages(work, chain, pool, within, rule, eps, executor, pairwise)
             if not finish_chain(executor, chain.submissions + subs, cdir):
                 return None
             shutil.rmtree(work / "shuffle", ignore_errors=True)  # the embeddings copy is no longer needed
@@ -373,13 +375,13 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
 
 
 def _submit_stages(work: Path, chain: ClusteringChain, pool, within: Within, rule, eps,
-                   executor: Executor) -> list:
+                   executor: Executor, pairwise: str = "auto") -> list:
     """Submit the shuffle after the clustering's last stage and the dedup after the shuffle;
     nothing when the dedup's results are there (they serve any worker count)."""
     _discard_older_format(work)
     write_json(work / "semdedup.json", {"rule": rule, "eps": eps, "k": chain.k, "format": FORMAT})  # parameters
     emb_dtype = stored_dtype(pool)
-    dedup = DedupStage(str(work), chain.k, pool.dim, rule, eps, emb_dtype=emb_dtype)
+    dedup = DedupStage(str(work), chain.k, pool.dim, rule, eps, emb_dtype=emb_dtype, pairwise=pairwise)
     if finished_world(dedup) is not None:
         log.info("reusing SemDeDup results in %s", work)
         return []

@@ -108,3 +108,11 @@ def test_a_flag_name_means_one_thing(small_pool, tmp_path, capsys, argv, said):
         main(argv)
     assert e.value.code == 2 and said in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_semdedup_pairwise_flag_is_checked(small_pool, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["filter", "semdedup", "--pool", str(small_pool), "--out", str(tmp_path / "s.npy"), "--eps", "0.1",
+              "--pairwise", "fp16"])
+    assert e.value.code == 2 and "--pairwise: invalid choice: 'fp16'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -105,7 +105,8 @@ def _reference_kept(clustering: Clustering, e: np.ndarray) -> set:
     return uid_set(uids[m <= np.float32(1 - EPS)])
 
 
-def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog):
+@pytest.mark.parametrize("pairwise", ["auto", "fp32", "bf16-recheck"])
+def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog, pairwise):
     pool, x16 = planted_pool
     e = _as_float32(pool)
     # the planted pairs do sit within 1e-4 of the threshold, on both sides
@@ -116,7 +117,8 @@ def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog
     assert (near > THRESHOLD).sum() >= 100 and (near <= THRESHOLD).sum() >= 100
     with caplog.at_level(logging.INFO, logger="conceptprune.filters.clustering"):
         r = run_filter(semdedup, pool, tmp_path / "sd.npy", embedding_key="l14_img", eps=EPS,
-                       clustering=ClusteringConfig(clusters=CLUSTERS, niter=20), executor="debug")
+                       clustering=ClusteringConfig(clusters=CLUSTERS, niter=20), executor="debug",
+                       pairwise=pairwise)
     clustering = Clustering(tmp_path / "sd.clustering")
     expected = _reference_kept(clustering, e)
     assert 0 < len(expected) < len(x16)
