@@ -310,11 +310,9 @@ class Executor:
             log.info("%s: %d parts in this process", stage.name, len(pending))
             done.update(run_inline(runner, stage, pending, world_size))
             return StageSubmission(stage, world_size, self.kind, [], [pending], done)
-        # 7361fcb let the launcher run the first group itself (in wait()), one interpreter fewer to
-        # start; a full suite then failed the Ctrl-C test once (the launcher ended in J.wait with its
-        # worker's job gone). Every group is a job again until that is understood; wait() still
-        # runs ``here`` parts, which nothing asks for now.
-        here: list[int] = []
+        # the launcher would only wait for local workers: it runs the first group itself (in wait()),
+        # one interpreter fewer to start (unless GPUs are handed out to the workers)
+        here = groups.pop(0) if shared and not self.options.gpus_per_node else []
         ex = self._submitit(folder, f"cp-{stage.name}", nodes=1, tasks_per_node=1, after=deps)
         with _quiet_ctrl_c(self.kind), ex.batch():
             jobs = [ex.submit(runner, stage, g, world_size) for g in groups]
