@@ -99,19 +99,7 @@ def _write_one(args) -> str:
     n = int(bounds[i + 1] - bounds[i])
     rng = np.random.default_rng([cfg.seed, i])
     concept = rng.choice(cfg.concepts, size=n, p=world.weights)
-    dup_of = np.full(n, -1, dtype=np.int64)  # near-duplicates of an earlier row of the same block
-    ndup = int(round(cfg.duplicate_fraction * n))
-    if ndup and n > 1:
-        t = np.sort(rng.choice(np.arange(1, n), size=min(ndup, n - 1), replace=False))
-        start = (t // cfg.block_rows) * cfg.block_rows
-        t, start = t[t > start], start[t > start]
-        dup_of[t] = rng.integers(start, t)
-        while True:  # a copy of a copy points at the original (vectorised make-pool loop)
-            chained = dup_of[t] >= 0
-            chained &= dup_of[np.maximum(dup_of[t], 0)] >= 0
-            if not chained.any():
-                break
-            dup_of[t[chained]] = dup_of[dup_of[t[chained]]]
+    dup_of = S.near_duplicates(n, cfg, rng)  # make-pool's near-duplicates, same rng calls
     has_dup = dup_of >= 0
     concept[has_dup] = concept[dup_of[has_dup]]
     kind = rng.choice(3, size=n, p=[0.8, 0.1, 0.1])

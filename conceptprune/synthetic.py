@@ -152,11 +152,9 @@ def _caption_bank(rng):
     return {"good": good, "foreign": _FOREIGN, "junk": _JUNK}
 
 
-def _write_file(out: Path, name: str, offset: int, n: int, world: _World, cfg, rng, bar) -> None:
-    k = cfg.concepts
-    concept = rng.choice(k, size=n, p=world.weights)
-    # A near-duplicate copies an earlier row of the same generation block, so the original
-    # vector is at hand when the copy is made.
+def near_duplicates(n: int, cfg, rng) -> np.ndarray:
+    """For each of ``n`` rows the earlier row of the same generation block it copies, or -1:
+    ``cfg.duplicate_fraction`` of the rows, a copy of a copy pointing at the original."""
     dup_of = np.full(n, -1, dtype=np.int64)
     ndup = int(round(cfg.duplicate_fraction * n))
     if ndup and n > 1:
@@ -164,9 +162,21 @@ def _write_file(out: Path, name: str, offset: int, n: int, world: _World, cfg, r
         block_start = (targets // cfg.block_rows) * cfg.block_rows
         targets, block_start = targets[targets > block_start], block_start[targets > block_start]
         dup_of[targets] = rng.integers(block_start, targets)
-        for t in targets:  # a copy of a copy points at the original
-            if dup_of[dup_of[t]] >= 0:
-                dup_of[t] = dup_of[dup_of[t]]
+        while True:  # follow chains to their original, all rows at once
+            chained = dup_of[np.maximum(dup_of[targets], 0)] >= 0
+            chained &= dup_of[targets] >= 0
+            if not chained.any():
+                break
+            dup_of[targets[chained]] = dup_of[dup_of[targets[chained]]]
+    return dup_of
+
+
+def _write_file(out: Path, name: str, offset: int, n: int, world: _World, cfg, rng, bar) -> None:
+    k = cfg.concepts
+    concept = rng.choice(k, size=n, p=world.weights)
+    # A near-duplicate copies an earlier row of the same generation block, so the original
+    # vector is at hand when the copy is made.
+    dup_of = near_duplicates(n, cfg, rng)
     has_dup = dup_of >= 0
     concept[has_dup] = concept[dup_of[has_dup]]
     dup_global = np.where(has_dup, dup_of + offset, -1)

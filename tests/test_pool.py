@@ -150,3 +150,36 @@ def test_short_uids_in_pool(tmp_path):
     assert any(len(u) < 32 for u in raw)
     got = U.array_to_uids(Pool(tmp_path).read_uids())
     assert got == [u.rjust(32, "0") for u in raw]
+
+
+def test_generated_near_duplicates_point_at_an_earlier_original_of_their_block():
+    """make-pool's (and bench_scale's) near-duplicate map, resolved all at once: every copy
+    points at an earlier row of its own generation block that is itself no copy, and the
+    map equals the one-row-at-a-time resolution it replaced."""
+    from types import SimpleNamespace
+
+    from conceptprune.synthetic import near_duplicates
+
+    def one_at_a_time(dup_of):
+        dup_of = dup_of.copy()
+        for t in np.flatnonzero(dup_of >= 0):  # ascending: an earlier copy is resolved first
+            if dup_of[dup_of[t]] >= 0:
+                dup_of[t] = dup_of[dup_of[t]]
+        return dup_of
+
+    for seed, frac, block, n in [(0, 0.3, 7, 3000), (1, 0.9, 100, 5000), (2, 0.05, 4096, 10000), (3, 0.5, 3, 2)]:
+        cfg = SimpleNamespace(duplicate_fraction=frac, block_rows=block)
+        dup_of = near_duplicates(n, cfg, np.random.default_rng(seed))
+        copies = np.flatnonzero(dup_of >= 0)
+        assert (dup_of[copies] < copies).all() and (dup_of[copies] // block == copies // block).all()
+        assert (dup_of[dup_of[copies]] == -1).all()
+        if frac >= 0.3 and n > 100:
+            assert len(copies) > 0.2 * frac * n
+        # the raw map (before resolution) from the same rng calls, resolved row by row
+        rng = np.random.default_rng(seed)
+        raw = np.full(n, -1, dtype=np.int64)
+        t = np.sort(rng.choice(np.arange(1, n), size=min(int(round(frac * n)), n - 1), replace=False))
+        start = (t // block) * block
+        t, start = t[t > start], start[t > start]
+        raw[t] = rng.integers(start, t)
+        assert (one_at_a_time(raw) == dup_of).all()
