@@ -19,9 +19,10 @@ Every step is the production code path with a small configuration.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
-import contextlib
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ class DemoConfig:
     clip_keep: float = 0.75  # image-caption similarity under the full-pool model
     clusters: int = 20
     quick: bool = False  # a much smaller configuration (tests)
+    command: tuple | None = None  # the command line the keep-lists' manifests record (the CLI's argv)
 
     def scaled(self) -> "DemoConfig":
         if not self.quick:
@@ -333,30 +335,31 @@ def _run_demo(cfg: DemoConfig) -> Path:
     _step(5, "filter: SemDeDup -> CLIP score -> DBP (the DBP paper's DataComp pipeline); "
              "CLIP score alone and random at the same size")
     filt = out / "filters"
+    keep_list = functools.partial(run_filter, command=cfg.command)
     n = counts["downloaded"]
     target = round(cfg.keep_fraction * n)
-    sd = timed("semdedup", lambda: run_filter(semdedup, emb, filt / "semdedup.npy", embedding_key="img",
+    sd = timed("semdedup", lambda: keep_list(semdedup, emb, filt / "semdedup.npy", embedding_key="img",
                                               target_fraction=cfg.semdedup_keep,
                                               clustering=ClusteringConfig(clusters=cfg.clusters, niter=30)))
     counts["after semdedup"] = len(sd.uids)
-    cs = timed("clip score (chain)", lambda: run_filter(clip_score, emb, filt / "clipscore.npy",
+    cs = timed("clip score (chain)", lambda: keep_list(clip_score, emb, filt / "clipscore.npy",
                                                         within=filt / "semdedup.npy", fraction=cfg.clip_keep,
                                                         column="similarity_score"))
     counts["after clip score"] = len(cs.uids)
     frac = min(1.0, target / len(cs.uids))
-    d = timed("dbp", lambda: run_filter(dbp, emb, filt / "dbp.npy", embedding_key="img", within=filt / "clipscore.npy",
+    d = timed("dbp", lambda: keep_list(dbp, emb, filt / "dbp.npy", embedding_key="img", within=filt / "clipscore.npy",
                                         fraction=frac, clustering=ClusteringConfig(dir=filt / "semdedup.clustering"),
                                         neighbors=min(20, cfg.clusters - 1)))
     size = len(d.uids)  # every subset arm keeps this many
     counts["semdedup -> clip score -> dbp"] = size
-    r = timed("random", lambda: run_filter(random_subset, emb, filt / "random.npy", fraction=size / n, seed=cfg.seed))
+    r = timed("random", lambda: keep_list(random_subset, emb, filt / "random.npy", fraction=size / n, seed=cfg.seed))
     counts["random"] = len(r.uids)
     # DataComp's rule keeps the rows scoring >= the score at index int(N f): f = (size - 0.5) / N keeps `size`
-    c = timed("clip score", lambda: run_filter(clip_score, emb, filt / "clip-score.npy", fraction=(size - 0.5) / n,
+    c = timed("clip score", lambda: keep_list(clip_score, emb, filt / "clip-score.npy", fraction=(size - 0.5) / n,
                                                column="similarity_score"))
     counts["clip score alone"] = len(c.uids)
     if cfg.ssl:
-        s = timed("ssl prototypes", lambda: run_filter(
+        s = timed("ssl prototypes", lambda: keep_list(
             ssl_prototypes, emb, filt / "ssl.npy", embedding_key="img", within=filt / "clipscore.npy",
             fraction=size / len(cs.uids), clustering=ClusteringConfig(dir=filt / "semdedup.clustering")))
         counts["semdedup -> clip score -> ssl prototypes"] = len(s.uids)

@@ -28,4 +28,4 @@ def _demo(a) -> None:
     from .demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=a.out, seed=a.seed, quick=a.quick, train_seeds=a.seeds, ssl=a.ssl,
-                         threads=a.threads))
+                         threads=a.threads, command=tuple(a.command_line)))

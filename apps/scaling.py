@@ -267,9 +267,10 @@ def plot_perceptron(rows, cfg: PerceptronConfig, out: Path) -> list[Path]:
 def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding_key: str = "l14_img",
           shards: str | None = None, train_scale: str | None = None, eval_data: str | None = None,
           tasks: list[str] | None = None, filter_args: dict | None = None, train_args: dict | None = None,
-          executor: str = "auto") -> dict:
+          executor: str = "auto", command: list[str] | None = None) -> dict:
     """Keep-lists at several fractions sharing one clustering; optionally reshard, train and
-    evaluate each through the normal stages, and plot accuracy against the kept fraction."""
+    evaluate each through the normal stages, and plot accuracy against the kept fraction.
+    ``command``: the command line the keep-lists' manifests record (the CLI's argv)."""
     from conceptprune.filters import dbp, random_subset, run_filter, ssl_prototypes
 
     methods = {"dbp": dbp, "ssl-prototypes": ssl_prototypes, "random": random_subset}
@@ -292,7 +293,7 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
             names = {f.name for f in dataclasses.fields(ClusteringConfig)} - {"dir"}
             config = ClusteringConfig(dir=clustering, **{n: extra.pop(n) for n in names if n in extra})
             extra.update(clustering=config, embedding_key=embedding_key)
-        r = run_filter(fn, pool, keep, fraction=f, **extra)
+        r = run_filter(fn, pool, keep, fraction=f, command=command, **extra)
         rows.append({"fraction": f, "kept": len(r.kept), "keep_list": str(keep)})
     if train_scale:
         if not shards:

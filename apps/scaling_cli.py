@@ -84,5 +84,5 @@ def _sweep(a) -> None:
     filter_args = {"clusters": a.clusters} if a.clusters and a.method != "random" else {}
     res = sweep(a.pool, a.method, list(_floats(a.fractions)), a.out, embedding_key=a.embedding_key, shards=a.shards,
                 train_scale=a.train, eval_data=a.evaluate, tasks=a.tasks, filter_args=filter_args,
-                train_args={"samples_seen": a.samples_seen} if a.samples_seen else None)
+                train_args={"samples_seen": a.samples_seen} if a.samples_seen else None, command=a.command_line)
     print(json.dumps(res["rows"], indent=2))

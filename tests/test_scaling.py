@@ -105,8 +105,11 @@ def test_sweep_shares_one_clustering(tmp_path):
     make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=3000, files=1, seed=3, concepts=5,
                                                      embedding_keys=("l14_img",)), progress=False)
     res = sweep(str(tmp_path / "pool"), "dbp", [0.2, 0.5], str(tmp_path / "sweep"),
-                filter_args={"clusters": 5, "niter": 10, "executor": "debug"})
+                filter_args={"clusters": 5, "niter": 10, "executor": "debug"},
+                command=["conceptprune", "scaling", "sweep", "--method", "dbp"])
     assert [r["kept"] for r in res["rows"]] == [600, 1500]
+    manifest = json.loads((tmp_path / "sweep" / "keep_0.2.json").read_text())
+    assert manifest["command"] == ["conceptprune", "scaling", "sweep", "--method", "dbp"]
     assert len(read_keep_list(tmp_path / "sweep" / "keep_0.2.npy")) == 600
     assert len(list((tmp_path / "sweep").glob("*.clustering"))) == 0  # one shared folder, not one per fraction
     assert (tmp_path / "sweep" / "clustering" / "clustering.json").exists()
