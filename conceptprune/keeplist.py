@@ -347,25 +347,52 @@ def write_keep_list(path: str | os.PathLike, arr: np.ndarray, manifest: dict | N
 # -- set operations -----------------------------------------------------------------------
 
 
-def member(sorted_keep: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each query uid: is it in ``sorted_keep``, and at which index (-1 if not)."""
-    khi, klo = U.split(sorted_keep)
+class UidIndex:
+    """A sorted uid array prepared for many ``member`` queries: its high and low words as
+    contiguous columns. numpy's searchsorted copies a strided column (a field of the uid
+    array) on every call: against 3.84M candidates that was 11 of the 37 ms a 16k-row chunk
+    took, O(list) work per chunk of a pass over the pool."""
+
+    def __init__(self, sorted_keep: np.ndarray):
+        if isinstance(sorted_keep, UidIndex):
+            sorted_keep = sorted_keep.uids
+        self.uids = sorted_keep
+        hi, lo = U.split(sorted_keep)
+        self.hi, self.lo = np.ascontiguousarray(hi), np.ascontiguousarray(lo)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+
+def member(sorted_keep: "np.ndarray | UidIndex", query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query uid: is it in ``sorted_keep``, and at which index (-1 if not). Pass a
+    ``UidIndex`` when querying the same list many times."""
+    index_ = sorted_keep if isinstance(sorted_keep, UidIndex) else UidIndex(sorted_keep)
+    khi, klo = index_.hi, index_.lo
     qhi, qlo = U.split(query)
-    if len(sorted_keep) == 0:
+    n = len(index_)
+    if n == 0:
         return np.zeros(len(query), bool), np.full(len(query), -1, np.int64)
-    left = np.searchsorted(khi, qhi, side="left")
-    right = np.searchsorted(khi, qhi, side="right")
+    # the queries in sorted order: each binary search then starts where the last one ended, on
+    # memory the cache still holds (2.5x faster for 16k random queries into 3.84M uids)
+    order = np.argsort(qhi, kind="stable")
+    left = np.empty(len(query), dtype=np.int64)
+    left[order] = np.searchsorted(khi, qhi[order], side="left")
+    same_hi = khi[np.minimum(left, n - 1)] == qhi
+    same_hi &= left < n
+    run = same_hi & (left + 1 < n)
+    run &= khi[np.minimum(left + 1, n - 1)] == qhi  # several keep entries share this high word
     found = np.zeros(len(query), dtype=bool)
     index = np.full(len(query), -1, dtype=np.int64)
-    single = right - left == 1
-    cand = left[single]
-    hit = klo[cand] == qlo[single]
-    found[np.flatnonzero(single)[hit]] = True
-    index[np.flatnonzero(single)[hit]] = cand[hit]
+    single = np.flatnonzero(same_hi & ~run)
+    hit = single[klo[left[single]] == qlo[single]]
+    found[hit] = True
+    index[hit] = left[hit]
     # Several keep entries share a high word (short uids, or a chance collision): search
     # the low word inside each run.
-    for q in np.flatnonzero(right - left > 1):
-        lo_run = klo[left[q]:right[q]]
+    for q in np.flatnonzero(run):
+        right = int(np.searchsorted(khi, qhi[q], side="right"))
+        lo_run = klo[left[q]:right]
         j = int(np.searchsorted(lo_run, qlo[q]))
         if j < len(lo_run) and lo_run[j] == qlo[q]:
             found[q] = True

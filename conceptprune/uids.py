@@ -109,14 +109,10 @@ def arrow_uids_to_array(col, *, source: str = "uids", row_offset: int = 0) -> np
             bad = int(np.flatnonzero((nib == 255).any(axis=1))[0])
             raise PoolError(f"{source}: row {row_offset + bad}: uid {col[bad].as_py()!r} "
                             "is not a 128-bit hex string")
-        nib = nib.astype(np.uint64)
+        # two nibbles a byte, and the 16 bytes of a row read as two big-endian 64-bit words
+        words = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2]).view(">u8")
         out = np.empty(n, dtype=UID_DTYPE)
-        for field, cols in (("f0", range(0, 16)), ("f1", range(16, 32))):
-            acc = np.zeros(n, dtype=np.uint64)
-            for c in cols:
-                acc <<= np.uint64(4)
-                acc |= nib[:, c]
-            out[field] = acc
+        out["f0"], out["f1"] = words[:, 0], words[:, 1]
         return out
     # Rare path: uids of other lengths (shorter ones are left-padded with zeros).
     out = np.empty(n, dtype=UID_DTYPE)

@@ -99,6 +99,7 @@ class Within:
         self.path = Path(path) if path else None
         self.uids = K.read_keep_list(self.path) if self.path else None  # a multiset counts as its set
         self.seen = np.zeros(len(self.uids), dtype=bool) if self.path else None
+        self._index = None  # built on the first mask(): one copy of the words, not one a chunk
 
     def __bool__(self) -> bool:
         return self.path is not None
@@ -106,7 +107,9 @@ class Within:
     def mask(self, chunk_uids: np.ndarray) -> np.ndarray:
         if self.uids is None:
             return np.ones(len(chunk_uids), dtype=bool)
-        found, idx = K.member(self.uids, chunk_uids)
+        if self._index is None:
+            self._index = K.UidIndex(self.uids)
+        found, idx = K.member(self._index, chunk_uids)
         self.seen[idx[found]] = True
         return found
 

@@ -198,6 +198,8 @@ def cluster_examples(step: Step, candidates: np.ndarray | None, n: int, availabl
     restricts the choice (e.g. to uids present in the shards)."""
     cl = step.clustering()
     state = None
+    candidates = None if candidates is None else K.UidIndex(candidates)
+    keep = K.UidIndex(step.keep)
     for _start, uids, cluster, dist in cl.iter_assignment():
         m = cluster >= 0
         if candidates is not None:
@@ -206,7 +208,7 @@ def cluster_examples(step: Step, candidates: np.ndarray | None, n: int, availabl
             m &= available(uids)
         if not m.any():
             continue
-        block = (cluster[m], K.member(step.keep, uids[m])[0], dist[m], uids[m])
+        block = (cluster[m], K.member(keep, uids[m])[0], dist[m], uids[m])
         if state is not None:
             block = tuple(np.concatenate([a, b]) for a, b in zip(state, block))
         state = _extremes(*block, n)
@@ -217,6 +219,8 @@ def kept_per_cluster(step: Step, lists: list[np.ndarray], candidates: np.ndarray
     """k x len(lists) counts: members of each list in each cluster of step's clustering."""
     cl = step.clustering()
     out = np.zeros((cl.k, len(lists)), np.int64)
+    candidates = None if candidates is None else K.UidIndex(candidates)
+    lists = [K.UidIndex(lst) for lst in lists]
     for _start, uids, cluster, _dist in cl.iter_assignment():
         m = cluster >= 0
         if candidates is not None:

@@ -204,3 +204,22 @@ def test_empty_lists(tmp_path):
     (tmp_path / "zero.bin").write_bytes(b"")
     with pytest.raises(KeepListError, match="empty file"):
         K.read_keep_list(tmp_path / "zero.bin")
+
+
+def test_member_finds_every_uid_and_its_index_also_among_shared_high_words():
+    """``member`` (plain and through a reused ``UidIndex``) against a dictionary, on lists whose
+    uids often share their high word (short uids) and on full 128-bit ones, queries unsorted."""
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        hmax = [3, 50, 2 ** 63][trial % 3]
+        n, m = int(rng.integers(0, 200)), int(rng.integers(0, 300))
+        keep = np.unique(U.make_array(rng.integers(0, hmax, n, dtype=np.uint64), rng.integers(0, 9, n, dtype=np.uint64)))
+        query = U.make_array(rng.integers(0, hmax, m, dtype=np.uint64), rng.integers(0, 9, m, dtype=np.uint64))
+        if len(keep) and m:
+            some = rng.random(m) < 0.5
+            query[some] = keep[rng.integers(0, len(keep), int(some.sum()))]
+        where = {(int(h), int(lo)): i for i, (h, lo) in enumerate(keep.tolist())}
+        want = np.array([where.get((int(h), int(lo)), -1) for h, lo in query.tolist()], dtype=np.int64)
+        index = K.UidIndex(keep)
+        for got in (K.member(keep, query), K.member(index, query), K.member(index, query)):
+            assert (got[1] == want).all() and (got[0] == (want >= 0)).all(), trial
