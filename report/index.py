@@ -423,6 +423,26 @@ def _merge(runs: list[tuple[Path, int]], total: int, folder: Path, memory: int) 
     return wu.n, dups
 
 
+def _remove_orphan_runs(folder: Path) -> None:
+    """Delete the sorted-run folders (``.runs-PID-*``) of builds whose process is gone (a
+    killed build leaves its runs behind); those of a build still running stay."""
+    for d in folder.glob(".runs-*"):
+        m = re.fullmatch(r"\.runs-(\d+)-.*", d.name)
+        if m and not _alive(int(m.group(1))):
+            log.info("%s: removing the sorted runs of an interrupted index build", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = None, *,
                 fallback: str | os.PathLike | None = None, workers: int | None = None,
                 memory: str | int | None = None) -> ShardIndex:
@@ -447,7 +467,8 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
              len(tars), folder, budget / 2**20, run_rows, workers)
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # written last again: until then the folder holds no index
-    tmp = Path(tempfile.mkdtemp(prefix=".runs-", dir=folder))
+    _remove_orphan_runs(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".runs-{os.getpid()}-", dir=folder))
     try:
         runs = _RunWriter(tmp, min(run_rows, 1 << 16))
         for i, (u, o, s) in _scans(tars, workers):

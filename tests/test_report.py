@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -397,3 +399,27 @@ def test_index_external_sort_is_byte_identical_for_any_budget(tmp_path, capsys):
     with pytest.raises(Exception, match="index-memory"):
         build_index(shards, tmp_path / "bad", memory="lots")
     assert main(["report", "x.npy", "--shards", str(shards), "--index-memory", "1", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_an_index_build_removes_the_runs_a_killed_build_left(tmp_path):
+    """A build killed mid-sort leaves its ``.runs-PID-*`` folder; the next build removes it,
+    but not the runs of a build whose process still lives."""
+    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.report.index import build_index
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    w = ShardWriter(shards / "00000.tar")
+    for i in range(20):
+        w.write(Sample(f"{i:05d}", {"jpg": b"x", "json": json.dumps({"uid": f"{i:032x}"}).encode()}))
+    w.close()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "index"
+    orphan, live = folder / f".runs-{gone.pid}-abc", folder / f".runs-{os.getpid()}-def"
+    for d in (orphan, live):
+        d.mkdir(parents=True)
+        (d / "run000000.u.npy").write_bytes(b"partial")
+    idx = build_index(shards, folder, workers=1)
+    assert idx.stats["samples"] == 20
+    assert not orphan.exists() and live.exists()
