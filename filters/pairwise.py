@@ -180,9 +180,9 @@ class PairwiseConfig:
 
 
 def _cuda_available() -> bool:
-    import torch
+    from .torch_search import torch_sees_cuda
 
-    return torch.cuda.is_available()
+    return torch_sees_cuda()
 
 
 @lru_cache(maxsize=1)
@@ -198,9 +198,11 @@ def cpu_has_fast_bf16() -> bool:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
+    if "amx_bf16" not in flags:
+        return False
     import torch
 
-    return "amx_bf16" in flags and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @contextlib.contextmanager
@@ -258,20 +260,53 @@ def exact_column_max(e: np.ndarray, config: PairwiseConfig | None = None,
     value wherever the exact value may be >= ``exact_from`` (so every decision
     ``M_j > t`` with t >= exact_from is float32's); below it, the fast GEMM's value. ``e``
     float32 rows (any norm). See the module doc."""
-    import torch
-
     cfg = (config or PairwiseConfig()).resolved(exact_everywhere=exact_from == -math.inf)
     x = np.ascontiguousarray(e, dtype=np.float32)
     n = len(x)
     m = np.full(n, -np.inf, dtype=np.float32)
     if n < 2:
         return m
+    if cfg.device == "cpu" and cfg.precision == "fp32":  # numpy's BLAS: no torch in the process
+        gemm = _NumpyGemm(x)
+        for c0 in range(0, n, cfg.block):
+            m[c0:min(n, c0 + cfg.block)] = gemm.column_max(c0, min(n, c0 + cfg.block), exact_from)
+        m[0] = -np.inf
+        return m
+    import torch
+
     with torch.no_grad(), _exact_cuda_matmul(cfg.device):
         gemm = _Gemm(x, cfg)
         for c0 in range(0, n, cfg.block):
             m[c0:min(n, c0 + cfg.block)] = gemm.column_max(c0, min(n, c0 + cfg.block), exact_from)
     m[0] = -np.inf
     return m
+
+
+class _NumpyGemm:
+    """``_Gemm``'s float32 path on the CPU in numpy alone (the same GEMMs, candidates and
+    exact recheck): a dedup process then never imports torch."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self.bound = _bound(x.shape[1], _max_norm(x))
+
+    def column_max(self, c0: int, c1: int, exact_from: float) -> np.ndarray:
+        """M of the columns [c0, c1): exact wherever it may reach ``exact_from``."""
+        s = self.x[c0:c1] @ self.x[:c1].T  # columns x rows, float32
+        np.copyto(s[:, c0:c1], np.float32(-np.inf), where=_lower_mask(c1 - c0).T)  # rows i >= j
+        approx = s.max(axis=1)
+        a64 = approx.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            need = np.flatnonzero(np.isfinite(a64) & (a64 + self.bound.c0 >= exact_from))
+        if not len(need):
+            return approx
+        sub = s if len(need) == len(s) else s[need]
+        t = self.bound.upper_inverse(self.bound.lower(approx[need].astype(np.float64))).astype(np.float32)
+        t = np.nextafter(t, np.float32(-np.inf))  # float32 rounding never drops a candidate
+        k, ri = np.nonzero(sub >= t[:, None])
+        out = approx.copy()
+        out[need] = _exact_max(self.x, ri, need[k] + c0, k, len(need), sub[k, ri], self.bound)
+        return out
 
 
 @contextlib.contextmanager

@@ -31,6 +31,17 @@ def _torch():
     return torch
 
 
+def torch_sees_cuda() -> bool:
+    """torch sees a GPU. Without an NVIDIA device node there is none, and torch (~480 MiB of
+    RSS a process) is not imported to learn that (CONCEPTPRUNE_PROBE_CUDA=1 asks torch anyway)."""
+    import glob
+    import os
+
+    if not glob.glob("/dev/nvidia[0-9]*") and not os.environ.get("CONCEPTPRUNE_PROBE_CUDA"):
+        return False
+    return _torch().cuda.is_available()
+
+
 def centroid_index(centroids: np.ndarray, gpu: str = "auto"):
     """An exact inner-product index over ``centroids`` with faiss's ``search(x, k)``: faiss-gpu
     when faiss sees a GPU, else the torch CUDA index when torch sees one, else faiss on the CPU.
@@ -45,7 +56,7 @@ def centroid_index(centroids: np.ndarray, gpu: str = "auto"):
     faiss_gpus = faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "get_num_gpus") else 0
     if gpu != "no" and faiss_gpus > 0:
         index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(c.shape[1]))
-    elif gpu != "no" and _torch().cuda.is_available():
+    elif gpu != "no" and torch_sees_cuda():
         return TorchIPIndex(c, "cuda", block=max(1024, min(65536, CUDA_SCORES // max(1, len(c)))))
     elif gpu == "yes":
         raise ConfigError("--gpu yes: neither faiss nor torch sees a GPU")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filters.pairwise import PairwiseConfig, _exact_max, _Gemm, exact_column_max, normalized
+from conceptprune.filters.pairwise import PairwiseConfig, _exact_max, _Gemm, exact_column_max, normalized
 
 THRESHOLD = np.float32(1 - 0.05)
 PATHS = [PairwiseConfig("fp32", "cpu"), PairwiseConfig("bf16-recheck", "cpu")]
@@ -115,7 +115,7 @@ def test_a_gemm_outside_its_bound_is_refused():
 
 
 def test_auto_takes_the_fast_path_only_where_it_pays():
-    from filters.pairwise import cpu_has_fast_bf16
+    from conceptprune.filters.pairwise import cpu_has_fast_bf16
 
     cpu = PairwiseConfig(device="cpu")
     assert cpu.resolved(exact_everywhere=True).precision == "fp32"
@@ -136,3 +136,23 @@ def test_cuda_gives_the_same_bits():
         np.testing.assert_array_equal(exact_column_max(e, cfg), want)
         got = exact_column_max(e, cfg, exact_from=float(THRESHOLD))
         np.testing.assert_array_equal(got > THRESHOLD, want > THRESHOLD)
+
+
+def test_a_cpu_without_amx_computes_m_without_importing_torch():
+    """float32 on the CPU is numpy alone: a SemDeDup process does not pay torch's ~480 MiB."""
+    import glob
+    import subprocess
+    import sys
+
+    if glob.glob("/dev/nvidia[0-9]*"):
+        pytest.skip("an NVIDIA device is present: auto asks torch about CUDA")
+    code = ("import sys, numpy as np\n"
+            "from conceptprune.filters.pairwise import PairwiseConfig, cpu_has_fast_bf16, exact_column_max\n"
+            "x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)\n"
+            "cfg = PairwiseConfig().resolved(exact_everywhere=False)\n"
+            "m = exact_column_max(x, PairwiseConfig(), 0.5)\n"
+            "print(cfg.precision, 'torch' in sys.modules, cpu_has_fast_bf16())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[2] == "True":
+        pytest.skip("this CPU has AMX: auto takes bf16-recheck through torch")
+    assert out[:2] == ["fp32", "False"], out

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from filters.torch_search import TorchIPIndex, column_max_upper
+from conceptprune.filters.torch_search import TorchIPIndex, column_max_upper
 
 faiss = pytest.importorskip("faiss")
 
@@ -45,7 +45,7 @@ def test_exact_ties_go_to_the_lowest_id():
 def test_nearest_centroids_through_torch_equals_faiss():
     """Plugged into the clustering's assignment (near-ties rechecked in float64), the torch
     index gives the faiss path's clusters, planted exact and near ties included."""
-    from filters.clustering import nearest_centroids
+    from conceptprune.filters.clustering import nearest_centroids
 
     x, c = _data(1, n=4000, k=100, d=24)
     c[50] = c[7]  # an exact duplicate centroid: rows nearest it go to 7
@@ -62,7 +62,7 @@ def test_nearest_centroids_through_torch_equals_faiss():
 
 
 def test_column_max_upper_matches_the_cpu_pass():
-    from filters.semdedup import column_max_upper as cpu
+    from conceptprune.filters.semdedup import column_max_upper as cpu
 
     rng = np.random.default_rng(3)
     e = rng.standard_normal((1500, 32)).astype(np.float32)
@@ -81,7 +81,7 @@ def test_centroid_index_is_faiss_on_a_cpu_machine():
     import torch
 
     from conceptprune.errors import ConfigError
-    from filters.torch_search import centroid_index
+    from conceptprune.filters.torch_search import centroid_index
 
     if torch.cuda.is_available() or (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0):
         pytest.skip("a GPU is present")
@@ -99,8 +99,8 @@ def test_centroid_index_is_faiss_on_a_cpu_machine():
 def test_centroid_index_on_cuda_assigns_as_faiss_cpu():
     import torch
 
-    from filters.clustering import nearest_centroids
-    from filters.torch_search import centroid_index
+    from conceptprune.filters.clustering import nearest_centroids
+    from conceptprune.filters.torch_search import centroid_index
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
