@@ -331,12 +331,18 @@ class Clustering:
             bad["examples"] = (bad["examples"] + part["examples"])[:5]
         return bad
 
-    def iter_assignment(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """(first row, uids, cluster, dist) blocks in global row order (BLOCK_ROWS-aligned)."""
+    def iter_assignment(self, start: int = 0, stop: int | None = None
+                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first row, uids, cluster, dist) blocks in global row order (BLOCK_ROWS-aligned);
+        only the blocks that overlap rows [start, stop) are read."""
         for a, b, paths in self.parts():
+            if b <= start or (stop is not None and a >= stop):
+                continue
             with NpyColumn(paths["uid"]) as u, NpyColumn(paths["cluster"]) as c, NpyColumn(paths["dist"]) as d:
                 for s in range(0, b - a, BLOCK_ROWS):
                     e = min(b - a, s + BLOCK_ROWS)
+                    if a + e <= start or (stop is not None and a + s >= stop):
+                        continue
                     yield a + s, u.read(s, e), c.read(s, e), d.read(s, e)
 
     def candidates(self, within: Within) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
