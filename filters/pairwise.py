@@ -205,9 +205,19 @@ def cpu_has_fast_bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def needs_torch(config: "PairwiseConfig", exact_everywhere: bool = False) -> bool:
+    """Whether ``exact_column_max`` runs on torch with this config (else numpy alone)."""
+    cfg = config.resolved(exact_everywhere)
+    return not (cfg.device == "cpu" and cfg.precision == "fp32")
+
+
 @contextlib.contextmanager
-def single_threaded_torch():
-    """torch's CPU GEMMs on one thread for the block (SemDeDup runs one bucket a core)."""
+def single_threaded_torch(needed: bool = True):
+    """torch's CPU GEMMs on one thread for the block (SemDeDup runs one bucket a core);
+    nothing, and no torch import, when not ``needed``."""
+    if not needed:
+        yield
+        return
     import torch
 
     before = torch.get_num_threads()

@@ -58,7 +58,7 @@ from .clustering_config import SEMDEDUP_CLUSTER_SIZE, ClusteringConfig
 from .common import cluster_table, table_writer
 from .dbp import complexity
 from .pairwise import (PAIR_BLOCK, PRECISIONS, ROW_BLOCK, PairwiseConfig, column_max_upper, components_keep,  # noqa: F401
-                       exact_column_max, greedy_keep, normalized, single_threaded_torch)
+                       exact_column_max, greedy_keep, needs_torch, normalized, single_threaded_torch)
 from .select import grouped_select
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ class DedupStage(Stage):
         # one bucket a core, each with a single-threaded BLAS: most clusters are small GEMMs,
         # which a multi-threaded BLAS runs far below its speed (and far worse on a busy machine)
         threads = max(1, min(len(os.sched_getaffinity(0)), DEDUP_THREADS, len(buckets)))
-        with threadpool_limits(1, user_api="blas"), single_threaded_torch(), \
+        torch = self.rule == "paper" and needs_torch(PairwiseConfig(self.pairwise), self.exact_from() == -math.inf)
+        with threadpool_limits(1, user_api="blas"), single_threaded_torch(torch), \
                 ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
             return {"rows": sum(ex.map(lambda b: self._one(work, b), buckets))}
 

@@ -139,15 +139,25 @@ def test_cuda_gives_the_same_bits():
 
 
 def test_a_cpu_without_amx_computes_m_without_importing_torch():
-    """float32 on the CPU is numpy alone: a SemDeDup process does not pay torch's ~480 MiB."""
+    """float32 on the CPU is numpy alone: a SemDeDup process (here the whole filter inline)
+    does not pay torch's ~480 MiB."""
     import glob
     import subprocess
     import sys
 
     if glob.glob("/dev/nvidia[0-9]*"):
         pytest.skip("an NVIDIA device is present: auto asks torch about CUDA")
-    code = ("import sys, numpy as np\n"
+    # the whole filter in one process (k-means, assignment, shuffle, dedup), then the kernel
+    code = ("import sys, tempfile, numpy as np\n"
+            "from conceptprune.filters import run_filter, semdedup\n"
+            "from conceptprune.filters.clustering_config import ClusteringConfig\n"
             "from conceptprune.filters.pairwise import PairwiseConfig, cpu_has_fast_bf16, exact_column_max\n"
+            "from conceptprune.synthetic import SyntheticPoolConfig, make_pool\n"
+            "d = tempfile.mkdtemp()\n"
+            "make_pool(d + '/pool', SyntheticPoolConfig(rows=2000, files=1, seed=1, concepts=4, "
+            "embedding_keys=('l14_img',)), progress=False)\n"
+            "run_filter(semdedup, d + '/pool', d + '/k.npy', embedding_key='l14_img', eps=0.05, executor='inline', "
+            "clustering=ClusteringConfig(clusters=4, niter=5))\n"
             "x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)\n"
             "cfg = PairwiseConfig().resolved(exact_everywhere=False)\n"
             "m = exact_column_max(x, PairwiseConfig(), 0.5)\n"
