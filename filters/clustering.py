@@ -592,21 +592,22 @@ def _train(directory: Path, pool: Pool, spec: ClusteringConfig, within: Within, 
 
 def sample_rows(pool: Pool, within: Within, spec: ClusteringConfig) -> np.ndarray:
     """Sorted global rows of the training sample: the candidate rows with the smallest
-    seeded hashes of their row index (no reading without --within; one uid pass with it)."""
-    mask = None
+    seeded hashes of their row index (no reading without --within; one uid pass with it,
+    keeping the candidates' row numbers: 8 B a candidate, nothing a pool row)."""
+    cand = None
     if within:
-        mask = np.zeros(pool.rows, dtype=bool)
-        for chunk in pool.iter_chunks(progress="candidates"):
-            mask[chunk.start:chunk.start + len(chunk)] = within.mask(chunk.uids)
+        cand = np.concatenate([np.flatnonzero(within.mask(chunk.uids)) + chunk.start
+                               for chunk in pool.iter_chunks(progress="candidates")] or [np.empty(0, np.int64)])
         within.check()
-        mask = np.packbits(mask)  # 1 bit a row
     step = 1 << 20  # rows a batch: bounds memory (~80 MB), the selection is the same for any step
 
     def batches():
         for a in range(0, pool.rows, step):
-            rows = np.arange(a, min(pool.rows, a + step), dtype=np.uint64)
-            if mask is not None:
-                rows = rows[_bits(mask, a, len(rows))]
+            if cand is None:
+                rows = np.arange(a, min(pool.rows, a + step), dtype=np.uint64)
+            else:
+                lo, hi = np.searchsorted(cand, [a, a + step])
+                rows = cand[lo:hi].astype(np.uint64)
             keys = U.hash_uids(U.make_array(rows, rows), spec.seed)
             yield np.zeros(len(rows), np.int64), keys, U.make_array(np.zeros(len(rows), np.uint64), rows)
 
@@ -616,7 +617,3 @@ def sample_rows(pool: Pool, within: Within, spec: ClusteringConfig) -> np.ndarra
     kept, _ = grouped_select(batches, np.array([spec.resolved_sample(n, pool.dim)]), "hash", clamp=True)
     return kept.to_array()["f1"].astype(np.int64)
 
-
-def _bits(packed: np.ndarray, start: int, n: int) -> np.ndarray:
-    """Bits [start, start + n) of a packbits array as bools (start a multiple of 8)."""
-    return np.unpackbits(packed[start // 8:(start + n + 7) // 8], count=n).astype(bool)

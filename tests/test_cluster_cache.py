@@ -346,3 +346,25 @@ def test_a_corrupt_semdedup_cache_is_named_not_used(small_pool_dir, tmp_path):
     with pytest.raises(ConfigError, match=f"hold {4000 + len(res):,} rows for 4,000 candidates; delete {work}"):
         run_filter(semdedup, small_pool_dir, tmp_path / "b.npy", embedding_key="l14_img", eps=0.02,
                    executor="debug", clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
+
+
+def test_the_training_sample_is_the_candidates_with_the_smallest_row_hashes(tmp_path):
+    """``sample_rows`` with --within: the n candidate rows (files of odd sizes, so chunks start
+    anywhere) whose seeded row hashes are smallest, in row order; without it, the same over
+    every row."""
+    from conceptprune import uids as U
+    from conceptprune.filters.base import Within, as_pool
+    from conceptprune.filters.clustering import sample_rows
+    from conceptprune.synthetic import SyntheticPoolConfig, make_pool
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=20003, files=3, seed=4, concepts=3,
+                                                     embedding_keys=("l14_img",)), progress=False)
+    pool = as_pool(tmp_path / "pool", embedding_key="l14_img")
+    uids = np.concatenate([c.uids for c in pool.iter_chunks()])
+    chosen = np.flatnonzero(np.random.default_rng(1).random(len(uids)) < 0.2)
+    K.write_keep_list(tmp_path / "w.npy", uids[chosen])
+    for within, rows in ((Within(tmp_path / "w.npy"), chosen), (Within(None), np.arange(len(uids)))):
+        cfg = ClusteringConfig(clusters=3, train_sample=500, seed=7).filled()
+        keys = U.hash_uids(U.make_array(rows.astype(np.uint64), rows.astype(np.uint64)), 7)
+        want = np.sort(rows[np.argsort(keys, kind="stable")[:500]])
+        assert (sample_rows(pool, within, cfg) == want).all()
