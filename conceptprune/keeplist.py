@@ -354,8 +354,6 @@ class UidIndex:
     took, O(list) work per chunk of a pass over the pool."""
 
     def __init__(self, sorted_keep: np.ndarray):
-        if isinstance(sorted_keep, UidIndex):
-            sorted_keep = sorted_keep.uids
         self.uids = sorted_keep
         hi, lo = U.split(sorted_keep)
         self.hi, self.lo = np.ascontiguousarray(hi), np.ascontiguousarray(lo)

@@ -251,7 +251,7 @@ def _semdedup(p):
     p.add_argument("--pairwise", choices=["auto", "fp32", "bf16-recheck"], default="auto",
                    help="how M is computed; every choice gives float32's exact bits where a decision depends "
                         "on them. auto (default): a bfloat16 GEMM plus an exact recheck near the eps threshold "
-                        "where bfloat16 is fast (CUDA, avx512_bf16), else float32")
+                        "where bfloat16 is fast (CUDA, AMX CPUs), else float32")
     from .clustering_config import SEMDEDUP_CLUSTER_SIZE
 
     _clustering_args(p, default_k=f"candidates / {SEMDEDUP_CLUSTER_SIZE}")

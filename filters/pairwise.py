@@ -49,6 +49,8 @@ import numpy as np
 
 from conceptprune.npz import row_parallel, to_float32
 
+from .torch_search import torch_sees_cuda
+
 PRECISIONS = ("auto", "fp32", "bf16-recheck")
 DEVICES = ("auto", "cpu", "cuda")
 PAIR_BLOCK = 256  # columns a block: the diagonal blocks' wasted half stays small
@@ -171,18 +173,16 @@ class PairwiseConfig:
             raise ValueError(f"pairwise device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         device = self.device
         if device == "auto":
-            device = "cuda" if _cuda_available() else "cpu"
+            device = "cuda" if torch_sees_cuda() else "cpu"
         precision = self.precision
         if precision == "auto":
             fast = device.startswith("cuda") or cpu_has_fast_bf16()
             precision = "bf16-recheck" if fast and not exact_everywhere else "fp32"
         return PairwiseConfig(precision, device, self.block)
 
-
-def _cuda_available() -> bool:
-    from .torch_search import torch_sees_cuda
-
-    return torch_sees_cuda()
+    def numpy_only(self) -> bool:
+        """(A resolved config) float32 on the CPU: numpy's BLAS, no torch in the process."""
+        return self.device == "cpu" and self.precision == "fp32"
 
 
 @lru_cache(maxsize=1)
@@ -207,8 +207,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def needs_torch(config: "PairwiseConfig", exact_everywhere: bool = False) -> bool:
     """Whether ``exact_column_max`` runs on torch with this config (else numpy alone)."""
-    cfg = config.resolved(exact_everywhere)
-    return not (cfg.device == "cpu" and cfg.precision == "fp32")
+    return not config.resolved(exact_everywhere).numpy_only()
 
 
 @contextlib.contextmanager
@@ -276,7 +275,7 @@ def exact_column_max(e: np.ndarray, config: PairwiseConfig | None = None,
     m = np.full(n, -np.inf, dtype=np.float32)
     if n < 2:
         return m
-    if cfg.device == "cpu" and cfg.precision == "fp32":  # numpy's BLAS: no torch in the process
+    if cfg.numpy_only():
         gemm = _NumpyGemm(x)
         for c0 in range(0, n, cfg.block):
             m[c0:min(n, c0 + cfg.block)] = gemm.column_max(c0, min(n, c0 + cfg.block), exact_from)
@@ -311,9 +310,7 @@ class _NumpyGemm:
         if not len(need):
             return approx
         sub = s if len(need) == len(s) else s[need]
-        t = self.bound.upper_inverse(self.bound.lower(approx[need].astype(np.float64))).astype(np.float32)
-        t = np.nextafter(t, np.float32(-np.inf))  # float32 rounding never drops a candidate
-        k, ri = np.nonzero(sub >= t[:, None])
+        k, ri = np.nonzero(sub >= _candidate_floor(approx[need], self.bound)[:, None])
         out = approx.copy()
         out[need] = _exact_max(self.x, ri, need[k] + c0, k, len(need), sub[k, ri], self.bound)
         return out
@@ -399,10 +396,16 @@ class _Gemm:
         """(rows, columns of s, approx values) of the pairs that may be their column's max
         (``s``: columns x rows)."""
         torch = self.torch
-        t = bound.upper_inverse(bound.lower(best.astype(np.float64))).astype(np.float32)
-        t = np.nextafter(t, np.float32(-np.inf))  # float32 rounding never drops a candidate
+        t = _candidate_floor(best, bound)
         k, ri = torch.nonzero(s >= torch.from_numpy(t).to(s.device)[:, None], as_tuple=True)
         return ri.cpu().numpy(), k.cpu().numpy(), s[k, ri].float().cpu().numpy()
+
+
+def _candidate_floor(best: np.ndarray, bound: "_Bound") -> np.ndarray:
+    """Per column, the smallest approximate value a pair can have and still be the column's
+    exact maximum (its upper bound reaches the largest lower bound), rounded down in float32."""
+    t = bound.upper_inverse(bound.lower(best.astype(np.float64))).astype(np.float32)
+    return np.nextafter(t, np.float32(-np.inf))  # float32 rounding never drops a candidate
 
 
 @lru_cache(maxsize=1)

@@ -111,9 +111,8 @@ class ShuffleStage(Stage):
         a, b = aligned_split(pool.rows, rank, world_size)
         written = 0
         with _RawRows(pool) as raw:
-            for start, uids, cluster, dist in clustering.iter_assignment(a, b):  # this part's rows only
-                if start + len(uids) <= a or start >= b:
-                    continue  # blocks and parts both start at multiples of BLOCK_ROWS
+            # this part's rows only: blocks and parts both start at multiples of BLOCK_ROWS
+            for start, uids, cluster, dist in clustering.iter_assignment(a, b):
                 keep = cluster >= 0
                 if within:
                     keep &= within.mask(uids)
