@@ -60,7 +60,7 @@ def _prototypes_plot(out: Path, path: Path, n_clusters: int = 4, n: int = 6) -> 
     """For the largest clusters: the members closest to the centroid and the furthest."""
     from PIL import Image
 
-    from conceptprune.data.tars import iter_samples
+    from conceptprune.tars import iter_samples
     from conceptprune.filters.clustering import Clustering
     from conceptprune.uids import array_to_uids
 

@@ -24,7 +24,7 @@ from common import measure, save, table  # noqa: E402
 BARE = r'''
 import sys, time, json
 import numpy as np, torch, open_clip, webdataset as wds
-from conceptprune.training.models import register
+from conceptprune.models import register
 register()
 shards, model_name, ckpt, batch, workers, device, out = sys.argv[1:8]
 batch, workers = int(batch), int(workers)
@@ -48,7 +48,7 @@ print(json.dumps({"n": len(uids)}))
 def make_shards(out: Path, shards: int, per_shard: int, size: int) -> int:
     from PIL import Image
 
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
 
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def checkpoint(model: str, path: Path) -> Path:
     import open_clip
     import torch
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     torch.manual_seed(0)

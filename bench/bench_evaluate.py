@@ -36,7 +36,7 @@ def make_model(d: Path) -> None:
     import open_clip
     import torch
 
-    from conceptprune.training.models import CONFIG_DIR, register
+    from conceptprune.models import CONFIG_DIR, register
 
     register()
     torch.manual_seed(0)

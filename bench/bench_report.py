@@ -54,7 +54,7 @@ def tiny_shards(out: Path, samples: int, per_shard: int) -> list[Path]:
     """Shards of tiny samples: 8 distinct ~300-byte JPEGs, a caption, a json with a random uid."""
     from PIL import Image
 
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ print(time.perf_counter() - t)
 def make_shards(out: Path, shards: int, per_shard: int) -> list[str]:
     from PIL import Image
 
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
 
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def stream_digest(folder: Path) -> str:
     import hashlib
     import mmap
 
-    from conceptprune.data.tars import index_plain
+    from conceptprune.tars import index_plain
 
     h = hashlib.sha256()
     for tar in sorted(folder.glob("*.tar")):

@@ -19,7 +19,7 @@ from common import measure, python, save, table  # noqa: E402
 
 DIRECT = r"""
 import sys, json
-from conceptprune.training.models import register
+from conceptprune.models import register
 register()
 from open_clip_train.main import main
 argv = json.load(open(sys.argv[1]))

@@ -191,7 +191,7 @@ def step_evaluate(cfg: dict, device: str, work: Path) -> dict:
     import torch
 
     from bench_evaluate import TASKS, make_sets
-    from conceptprune.training.models import CONFIG_DIR, register
+    from conceptprune.models import CONFIG_DIR, register
 
     tasks = TASKS[:2]
     make_sets(work / "data", cfg["eval_samples"])

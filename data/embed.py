@@ -28,7 +28,7 @@ from conceptprune.npz import NpzWriter
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Stage
 
-from .tars import iter_samples
+from conceptprune.tars import iter_samples
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -52,7 +52,7 @@ class Encoder:
         else:
             import open_clip
 
-            from conceptprune.training.models import register
+            from conceptprune.models import register
 
             register()
             if model not in open_clip.list_models() and not model.startswith(("local-dir:", "hf-hub:")):

@@ -56,7 +56,7 @@ from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
 from conceptprune.slurm.stage import Executor, Stage
 
-from .tars import IMAGE_EXTS, Sample, ShardWriter, index_plain, iter_samples
+from conceptprune.tars import IMAGE_EXTS, Sample, ShardWriter, index_plain, iter_samples
 
 log = logging.getLogger(__name__)
 STATE = ".reshard.json"

@@ -116,7 +116,7 @@ def _as_list(v, where: str) -> list[str]:
 
 
 def retrieval_sample(i: int, row: dict, where: str, base: Path | None):
-    from conceptprune.data.tars import Sample
+    from conceptprune.tars import Sample
 
     if "image" not in row or "caption" not in row:
         raise ConfigError(f"{where}: row {i} lacks 'image' or 'caption' (columns: {', '.join(sorted(row))})")
@@ -133,7 +133,7 @@ def retrieval_sample(i: int, row: dict, where: str, base: Path | None):
 
 
 def winogavil_sample(i: int, row: dict, where: str, base: Path | None):
-    from conceptprune.data.tars import Sample
+    from conceptprune.tars import Sample
 
     need = ("candidate_images", "cue", "candidates", "associations")
     if any(k not in row for k in need):
@@ -155,7 +155,7 @@ def winogavil_sample(i: int, row: dict, where: str, base: Path | None):
 def write_set(kind: str, rows: Iterator[dict], dest: Path, where: str, base: Path | None = None) -> int:
     """Convert rows into ``dest`` (built beside it, renamed into place when complete). Returns the
     number of rows."""
-    from conceptprune.data.tars import ShardWriter
+    from conceptprune.tars import ShardWriter
 
     make = {"retrieval": retrieval_sample, "winogavil": winogavil_sample}[kind]
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")

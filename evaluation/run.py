@@ -67,7 +67,7 @@ def resolve_model(model: str, arch: str | None) -> tuple[str, str]:
 def load_model(arch: str, checkpoint: str | None, device: str):
     import open_clip
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     try:
@@ -294,7 +294,7 @@ class Evaluator:
         import torch
         from PIL import Image
 
-        from conceptprune.data.tars import iter_samples
+        from conceptprune.tars import iter_samples
 
         model, preprocess, tokenizer, device = self.model()
         scores, groups = [], []
@@ -342,7 +342,7 @@ def _custom_groups(task: Task, correct: np.ndarray, meta: np.ndarray) -> dict:
 
 
 def _count_samples(d: Path) -> int:
-    from conceptprune.data.tars import iter_samples
+    from conceptprune.tars import iter_samples
 
     n = int((d / "test" / "nshards.txt").read_text().strip())
     return sum(1 for i in range(n) for _ in iter_samples(d / "test" / f"{i}.tar"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptprune.data.tars import Sample, ShardWriter
+from conceptprune.tars import Sample, ShardWriter
 
 
 def _jpg(image) -> bytes:

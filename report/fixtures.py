@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptprune import uids as U
-from conceptprune.data.tars import Sample, ShardWriter
+from conceptprune.tars import Sample, ShardWriter
 from conceptprune.pool import Pool
 
 

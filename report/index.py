@@ -34,7 +34,7 @@ import numpy as np
 
 from conceptprune import uids as U
 from conceptprune.atomic import StagedFile, write_json
-from conceptprune.data.tars import Sample, _members, index_plain, split_name
+from conceptprune.tars import Sample, tar_members, index_plain, split_name
 from conceptprune.errors import ConfigError, PoolError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _signature(tars: list[Path]) -> list[list]:
 
 
 class _Tell:
-    """A file wrapper whose position is the bytes consumed so far (tars._members reads sequentially)."""
+    """A file wrapper whose position is the bytes consumed so far (tars.tar_members reads sequentially)."""
 
     def __init__(self, f):
         self.f, self.pos = f, 0
@@ -109,7 +109,7 @@ def _scan_members(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with open(path, "rb", buffering=1 << 20) as raw:
         f = _Tell(raw)
         prev_end = 0
-        for name, kind, data, _raw, _others in _members(f, path):
+        for name, kind, data, _raw, _others in tar_members(f, path):
             m_start, prev_end = prev_end, f.pos
             if kind == "dir":
                 continue
@@ -229,7 +229,7 @@ class ShardIndex:
         with open(path, "rb") as f:
             data = os.pread(f.fileno(), int(rec["size"]), int(rec["offset"]))
         sample = None
-        for name, kind, body, _raw, _o in _members(io.BytesIO(data), path):
+        for name, kind, body, _raw, _o in tar_members(io.BytesIO(data), path):
             if kind != "file":
                 continue
             k, ext = split_name(name)

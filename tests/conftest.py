@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import open_clip
     import torch
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def write_circle_shards(out: Path, shards: int, per_shard: int) -> Path:
 
     from PIL import Image, ImageDraw
 
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
 
     rng = np.random.default_rng(0)
     colors = ["red", "green", "blue", "yellow"]

@@ -160,7 +160,7 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
     from open_clip_train.data import get_wds_dataset
     from open_clip_train.params import parse_args
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     import open_clip
@@ -237,7 +237,7 @@ def test_reshard_rejects_unsafe_members_and_missing_shards(tmp_path):
 
 
 def test_sample_uid_reads_flat_jsons_fast_and_odd_ones_by_parsing():
-    from conceptprune.data.tars import Sample
+    from conceptprune.tars import Sample
 
     uid = "0123456789abcdef0123456789ABCDEF"
     assert Sample("k", {"json": json.dumps({"caption": "x", "uid": uid}).encode()}).uid() == uid

@@ -22,7 +22,7 @@ import pytest
 from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.data.reshard import read_keep_counts, reshard, state_dir
-from conceptprune.data.tars import Sample, ShardWriter, iter_samples
+from conceptprune.tars import Sample, ShardWriter, iter_samples
 from conceptprune.errors import ConfigError, KeepListError, PoolError
 from conceptprune.slurm.stage import Executor
 
@@ -146,7 +146,7 @@ def test_output_is_read_by_datacomp_rules_and_open_clip_without_warnings(shards,
     from open_clip_train.params import parse_args
 
     import open_clip
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     _, _, preprocess = open_clip.create_model_and_transforms("cp-tiny-vit")

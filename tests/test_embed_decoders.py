@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from conceptprune.data.embed import EmbedStage
-from conceptprune.data.tars import Sample, ShardWriter
+from conceptprune.tars import Sample, ShardWriter
 
 
 def test_process_and_thread_decoding_agree(tmp_path):
@@ -16,7 +16,7 @@ def test_process_and_thread_decoding_agree(tmp_path):
     import torch
     from PIL import Image
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     torch.manual_seed(0)

@@ -395,7 +395,7 @@ def test_download_retrieval_set_from_the_hubs_parquet_conversion(online, tmp_pat
 
 
 def test_download_winogavil_from_the_repos_own_parquet(online, tmp_path):
-    from conceptprune.data.tars import iter_samples
+    from conceptprune.tars import iter_samples
     from conceptprune.evaluation.download import download
 
     table, rows, imgs = winogavil_table()
@@ -475,7 +475,7 @@ def datacomp_download_folder(root: Path) -> dict:
 
 
 def test_datacomp_folder_is_resolved_without_renaming(tmp_path):
-    from conceptprune.data.tars import iter_samples
+    from conceptprune.tars import iter_samples
     from conceptprune.evaluation import layout
     from conceptprune.evaluation.download import dry_run
 

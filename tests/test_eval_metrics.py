@@ -365,7 +365,7 @@ class Ref:
     def __init__(self, ckpt):
         import open_clip
 
-        from conceptprune.training.models import register
+        from conceptprune.models import register
 
         register()
         self.model, _, self.pre = open_clip.create_model_and_transforms("cp-tiny-vit", pretrained=str(ckpt))

@@ -72,7 +72,7 @@ EVAL_TASKS = ["cifar10", "vtab/pets", "retrieval/flickr_1k_test_image_text_retri
 def _model(ckpt):
     import open_clip
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     model, _, pre = open_clip.create_model_and_transforms("cp-tiny-vit", pretrained=str(ckpt))

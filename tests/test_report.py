@@ -341,7 +341,7 @@ def test_index_external_sort_is_byte_identical_for_any_budget(tmp_path, capsys):
     files, equal to an independent tarfile reading; repeated uids keep the first sample in
     shard order; a GNU-format shard (not plain) is read member by member; lookups are on the
     memory-mapped files."""
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
     from conceptprune.report.index import build_index
 
     shards = tmp_path / "shards"
@@ -404,7 +404,7 @@ def test_index_external_sort_is_byte_identical_for_any_budget(tmp_path, capsys):
 def test_an_index_build_removes_the_runs_a_killed_build_left(tmp_path):
     """A build killed mid-sort leaves its ``.runs-PID-*`` folder; the next build removes it,
     but not the runs of a build whose process still lives."""
-    from conceptprune.data.tars import Sample, ShardWriter
+    from conceptprune.tars import Sample, ShardWriter
     from conceptprune.report.index import build_index
 
     shards = tmp_path / "shards"

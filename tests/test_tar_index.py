@@ -15,7 +15,7 @@ import pytest
 
 from conceptprune import uids as U
 from conceptprune.data.reshard import reshard
-from conceptprune.data.tars import Sample, ShardWriter, index_plain, iter_samples, stopped_at
+from conceptprune.tars import Sample, ShardWriter, index_plain, iter_samples, stopped_at
 
 UID = "0123456789abcdef0123456789ABCDEF"
 
@@ -178,7 +178,7 @@ def test_write_views_at_the_file_size_limit(tmp_path):
     an OSError (EFBIG) is raised, and the file holds the buffers' first bytes in order."""
     script = f"""
 import errno, os, resource, signal
-from conceptprune.data.tars import write_views
+from conceptprune.tars import write_views
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
 data = bytes(range(256)) * 100

@@ -27,7 +27,7 @@ def tiny_shards(tmp_path_factory):
 def _load_final(run_dir):
     import open_clip
 
-    from conceptprune.training.models import register
+    from conceptprune.models import register
 
     register()
     ckpt = final_checkpoint(run_dir)

@@ -250,7 +250,7 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         from conceptprune.slurm.dist import export_torch_env
 
-        from .models import register
+        from conceptprune.models import register
 
         env = export_torch_env()
         register()

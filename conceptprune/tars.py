@@ -118,7 +118,7 @@ def _pax_records(data: bytes, where: str) -> dict:
     return out
 
 
-def _members(f, path) -> Iterator[tuple]:
+def tar_members(f, path) -> Iterator[tuple]:
     """``(name, kind, data, raw, other_names)`` of each tar member as Python's tarfile (and so
     ``extractall``) reads it: kind "file", "dir" or "special" (a link, device or FIFO); raw the
     member's tar bytes with its extension headers (None: its header must be rewritten). Headers parsed by
@@ -235,7 +235,7 @@ def iter_samples(path: str | Path, unsafe: list | None = None, special: list | N
         raise PoolError(f"{path}: not a readable tar shard ({e})") from None
     current: Sample | None = None
     with f:
-        for name, kind, data, raw, others in _members(f, path):
+        for name, kind, data, raw, others in tar_members(f, path):
             if kind == "dir":
                 continue
             if is_unsafe(name) or (others and any(map(is_unsafe, others))):  # unsafe to any tar program
