@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .checks import float_arg, int_arg
+from .errors import ConfigError
 
 
 SETOP_HELP = {
@@ -37,6 +38,15 @@ def register(sub) -> None:
                    help="npz arrays to write, comma-separated; '' writes no npz (default: all four)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the pool (parquet, npz, _planted/) already in --out")
+    p.add_argument("--shards", metavar="DIR", default=None,
+                   help="also write webdataset shards for every row into DIR, as DataComp's download leaves them "
+                        "(%%08d.tar with <key>.jpg/.txt/.json, %%08d_stats.json): small generated JPEGs that "
+                        "show each row's planted concept. The offline stand-in for `download`: reshard, train, "
+                        "report and explain read them")
+    p.add_argument("--shard-size", type=int_arg("--shard-size", 1), default=1000,
+                   help="samples a shard with --shards (default 1000; DataComp's download: 10000)")
+    p.add_argument("--image-size", type=int_arg("--image-size", 8, 1024), default=32,
+                   help="side of the generated square JPEGs in pixels with --shards (default 32)")
     p.set_defaults(func=_make_pool)
 
     p = sub.add_parser("pool", help="inspect or validate a pool")
@@ -90,8 +100,33 @@ def _make_pool(args: argparse.Namespace) -> None:
     keys = tuple(k for k in args.embedding_keys.split(",") if k)
     cfg = SyntheticPoolConfig(rows=args.rows, files=args.files, seed=args.seed, concepts=args.concepts,
                               duplicate_fraction=args.duplicate_fraction, embedding_keys=keys)
+    shards = _check_shards_out(args) if args.shards else None
     paths = make_pool(args.out, cfg, overwrite=args.overwrite)
     print(f"wrote {len(paths)} file pairs, {args.rows} rows -> {args.out}")
+    if shards is not None:
+        from .synthetic import write_shards
+
+        n = write_shards(args.out, shards, per_shard=args.shard_size, image_size=args.image_size, seed=args.seed)
+        print(f"wrote {-(-n // args.shard_size)} shards, {n} samples -> {shards}")
+
+
+def _check_shards_out(args) -> "Path":
+    """--shards: not inside the pool (its tars would not be pool files, but `pool` globs stay
+    clean), and holding no shards yet unless --overwrite (then they are replaced)."""
+    from pathlib import Path
+
+    shards, pool = Path(args.shards).resolve(), Path(args.out).resolve()
+    if shards == pool or pool in shards.parents or shards in pool.parents:
+        raise ConfigError(f"--shards {args.shards} may not be, contain or lie inside the pool folder --out {args.out}")
+    if shards.exists() and not shards.is_dir():
+        raise ConfigError(f"--shards {args.shards} is a file, not a folder")
+    old = sorted(shards.glob("*.tar")) + sorted(shards.glob("*_stats.json")) if shards.is_dir() else []
+    if old and not args.overwrite:
+        raise ConfigError(f"--shards {args.shards} already holds {len(old)} shard files; use an empty folder "
+                          "or pass --overwrite to replace them")
+    for p in old:
+        p.unlink()
+    return shards
 
 
 def _pool_info(args) -> None:

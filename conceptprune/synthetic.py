@@ -290,3 +290,146 @@ def _fixed_strings(chars: np.ndarray) -> pa.Array:
 def _unit(x):
     x = np.asarray(x, dtype=np.float32)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# -- shards: the images of a generated pool ------------------------------------------------
+
+def _concept_look(concept: int) -> tuple[np.ndarray, int]:
+    """A concept's colour and shape (0 disc, 1 square, 2 stripes, 3 cross): rows of one concept
+    look alike, so a tiny CLIP trained on the shards has something to learn."""
+    r = np.random.default_rng([7919, concept])
+    return r.integers(30, 226, 3), int(concept % 4)
+
+
+def _image(concept: int, source_row: int, own_row: int, seed: int, size: int) -> np.ndarray:
+    """An RGB image: the concept's shape in its colour, placed and shaded by ``source_row`` (a
+    near-duplicate shares its original's), with a little noise of its own."""
+    colour, shape = _concept_look(concept)
+    r = np.random.default_rng([seed, source_row])
+    bg = r.integers(0, 256, 3)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cy, cx = r.uniform(0.3, 0.7, 2)
+    rad = r.uniform(0.18, 0.32)
+    if shape == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2
+    elif shape == 1:
+        mask = (abs(yy - cy) < rad) & (abs(xx - cx) < rad)
+    elif shape == 2:
+        mask = ((xx * 6 + r.uniform(0, 1)) % 1) < 0.5
+    else:
+        mask = (abs(yy - cy) < rad / 3) | (abs(xx - cx) < rad / 3)
+    img = np.where(mask[..., None], colour, bg).astype(np.float32)
+    img += r.normal(0, 12, img.shape)  # the original's texture
+    img += np.random.default_rng([seed, own_row, 1]).normal(0, 2, img.shape)  # this copy's own
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg_bytes(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _planted_columns(parquet: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(concept, dup_of) of a generated pool file; a pool without ``_planted/`` gets one
+    concept per uid hash and no duplicates."""
+    p = parquet.parent / "_planted" / parquet.name
+    if not p.exists():
+        return np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    t = pq.read_table(p, columns=["concept", "dup_of"])
+    return (t.column("concept").to_numpy().astype(np.int64), t.column("dup_of").to_numpy().astype(np.int64))
+
+
+def write_shards(pool_dir: str | Path, out: str | Path, *, rows: np.ndarray | None = None, per_shard: int = 1000,
+                 image_size: int = 32, seed: int = 0, progress: bool = True) -> int:
+    """Webdataset shards of a pool's rows in the form DataComp's download leaves them
+    (img2dataset): ``%08d.tar`` holding per sample ``<key>.jpg`` (a small generated JPEG: the
+    row's planted concept, a near-duplicate drawn like its original), ``<key>.txt`` (the
+    caption) and ``<key>.json`` (uid, url, caption, key, status, sizes, sha256), and beside each
+    tar img2dataset's ``%08d_stats.json``, which ``reshard`` requires of a finished shard.
+    ``rows``: sorted global pool rows (default all). Returns the sample count. Tars and stats
+    are written atomically, the stats file after its tar."""
+    import hashlib as _hashlib
+    import io
+    import json
+    import tarfile
+    import time
+
+    from .pool import Pool
+
+    check_int("--shard-size", per_shard, min=1)
+    check_int("--image-size", image_size, min=8, max=1024)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = Pool(pool_dir)
+    want = None if rows is None else np.asarray(rows, np.int64)
+    total = pool.rows if want is None else len(want)
+    width = len(str(per_shard - 1))
+    state = {"tar": None, "ctx": None, "count": 0, "shard": 0, "bytes": 0, "t0": time.time()}
+
+    def close_shard():
+        state["tar"].close()
+        state["ctx"].__exit__(None, None, None)
+        n = state["count"]
+        stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
+                 "duration": round(time.time() - state["t0"], 3), "bytes_downloaded": state["bytes"],
+                 "start_time": state["t0"], "end_time": time.time(), "status_dict": {"success": n},
+                 "generated_by": "conceptprune make-pool --shards (synthetic images, no download)"}
+        with atomic_open(out / f"{state['shard']:08d}_stats.json", "w") as f:
+            json.dump(stats, f, indent=1)
+        state.update(tar=None, ctx=None, count=0, shard=state["shard"] + 1, bytes=0, t0=time.time())
+
+    def add(name: str, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
+        state["tar"].addfile(info, io.BytesIO(data))
+
+    n, planted = 0, {}
+    bar = progress_bar(total=total, desc="writing shards", unit="samples", disable=not progress)
+    have = set(pool.schema().names)
+    columns = [c for c in ("text", "url", "original_width", "original_height") if c in have]
+    for chunk in pool.iter_chunks(columns):
+        sel = np.arange(len(chunk)) if want is None else \
+            want[(want >= chunk.start) & (want < chunk.start + len(chunk))] - chunk.start
+        if not len(sel):
+            continue
+        if chunk.file.parquet not in planted:
+            planted.clear()  # one file's columns at a time
+            planted[chunk.file.parquet] = _planted_columns(chunk.file.parquet, chunk.local_start + len(chunk))
+        concept, dup_of = planted[chunk.file.parquet]
+        texts = chunk.pylist("text") if "text" in have else [""] * len(chunk)
+        urls = chunk.pylist("url") if "url" in have else [None] * len(chunk)
+        ow = chunk.column("original_width") if "original_width" in have else np.full(len(chunk), image_size)
+        oh = chunk.column("original_height") if "original_height" in have else np.full(len(chunk), image_size)
+        for i in sel:
+            if state["tar"] is None:
+                state["ctx"] = atomic_open(out / f"{state['shard']:08d}.tar", "wb")
+                state["tar"] = tarfile.open(fileobj=state["ctx"].__enter__(), mode="w", format=tarfile.USTAR_FORMAT)
+            local = chunk.local_start + int(i)
+            row = chunk.start + int(i)
+            source = int(dup_of[local]) if dup_of[local] >= 0 else row
+            c = int(concept[local]) if concept[local] >= 0 else int(U.hash_uids(chunk.uids[i:i + 1], seed)[0] % 64)
+            jpg = _jpeg_bytes(_image(c, source, row, seed, image_size))
+            hi, lo = (int(x) for x in chunk.uids[i])
+            key = f"{state['shard']:05d}{state['count']:0{width}d}"
+            meta = {"uid": U.pair_to_uid(hi, lo), "url": urls[i], "caption": texts[i], "key": key,
+                    "status": "success", "error_message": None, "width": image_size, "height": image_size,
+                    "original_width": int(ow[i]), "original_height": int(oh[i]), "exif": "{}",
+                    "sha256": _hashlib.sha256(jpg).hexdigest()}
+            add(f"{key}.jpg", jpg)
+            add(f"{key}.txt", (texts[i] or "").encode())
+            add(f"{key}.json", json.dumps(meta).encode())
+            state["count"] += 1
+            state["bytes"] += len(jpg)
+            n += 1
+            bar.update(1)
+            if state["count"] >= per_shard:
+                close_shard()
+    if state["tar"] is not None:
+        close_shard()
+    bar.close()
+    return n

@@ -1,0 +1,86 @@
+"""Issue 28: the offline loop's pieces. ``make-pool --shards`` (the stand-in for ``download``),
+and the checks that fail before the work."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from conceptprune.pool import Pool
+from conceptprune.synthetic import SyntheticPoolConfig, make_pool, write_shards
+
+CLI = [sys.executable, "-m", "conceptprune.cli"]
+
+
+def _members(tar):
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def test_make_pool_shards_are_what_datacomps_download_leaves(tmp_path):
+    r = subprocess.run(CLI + ["--quiet", "make-pool", "--rows", "700", "--files", "2", "--out", str(tmp_path / "pool"),
+                              "--shards", str(tmp_path / "shards"), "--shard-size", "300"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 3 shards, 700 samples" in r.stdout
+    tars = sorted((tmp_path / "shards").glob("*.tar"))
+    assert [t.name for t in tars] == ["00000000.tar", "00000001.tar", "00000002.tar"]
+    uids = []
+    for t in tars:
+        stats = json.loads(t.with_name(t.stem + "_stats.json").read_text())
+        m = _members(t)
+        n = len(m) // 3
+        assert stats["count"] == stats["successes"] == n
+        for name, data in m.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                key = name[:-5]
+                assert meta["key"] == key and meta["status"] == "success"
+                assert m[f"{key}.txt"].decode() == (meta["caption"] or "")
+                from PIL import Image
+                assert Image.open(io.BytesIO(m[f"{key}.jpg"])).size == (32, 32)
+                uids.append(meta["uid"])
+    pool = Pool(tmp_path / "pool")
+    from conceptprune import uids as U
+    assert uids == [U.pair_to_uid(int(a), int(b)) for a, b in pool.read_uids()]  # every row, in pool order
+    # a second run into the same folder is refused without --overwrite (before the pool is written)
+    r = subprocess.run(CLI + ["make-pool", "--rows", "10", "--out", str(tmp_path / "pool2"),
+                              "--shards", str(tmp_path / "shards")], capture_output=True, text=True)
+    assert r.returncode != 0 and "already holds" in r.stderr and not (tmp_path / "pool2").exists()
+
+
+def test_reshard_takes_make_pool_shards(tmp_path):
+    from conceptprune.data.reshard import reshard
+    from conceptprune.keeplist import write_keep_list
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=400, files=1, seed=3, embedding_keys=()), progress=False)
+    assert write_shards(tmp_path / "pool", tmp_path / "shards", per_shard=150, progress=False) == 400
+    uids = np.sort(Pool(tmp_path / "pool").read_uids())[::4]
+    write_keep_list(tmp_path / "k.npy", uids, {"method": "test"})
+    reshard(tmp_path / "shards", tmp_path / "k.npy", tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["kept_samples"] == len(uids) and meta["missing_from_shards"] == 0 and meta["input_shards"] == 3
+
+
+def test_near_duplicates_look_like_their_original(tmp_path):
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=300, files=1, seed=1, duplicate_fraction=0.2,
+                                                     embedding_keys=()), progress=False)
+    write_shards(tmp_path / "pool", tmp_path / "shards", progress=False)
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    planted = pq.read_table(next((tmp_path / "pool" / "_planted").glob("*.parquet"))).to_pandas()
+    m = _members(tmp_path / "shards" / "00000000.tar")
+    imgs = [np.asarray(Image.open(io.BytesIO(m[k])), np.float32) for k in sorted(k for k in m if k.endswith(".jpg"))]
+    dups = planted.index[planted.dup_of >= 0][:10]
+    assert len(dups)
+    for j in dups:
+        i = int(planted.dup_of[j])
+        other = next(r for r in range(len(imgs)) if planted.concept[r] != planted.concept[j])
+        assert np.abs(imgs[j] - imgs[i]).mean() < 6 < np.abs(imgs[j] - imgs[other]).mean()
