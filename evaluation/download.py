@@ -27,6 +27,7 @@ from pathlib import Path
 
 from conceptprune.atomic import file_digest, write_json
 from conceptprune.errors import ConfigError
+from conceptprune.paths import inside, relative
 
 from . import layout
 from .hf_sets import iter_table_rows, write_set
@@ -63,14 +64,16 @@ def _listing(api, repo: str, revision: str | None) -> tuple[str, list]:
     info = api.dataset_info(repo, revision=revision or "main")
     files = [f for f in api.list_repo_tree(repo, repo_type="dataset", recursive=True, revision=info.sha)
              if isinstance(f, RepoFile)]
+    for f in files:  # a mirror's listing names the files we read, write and delete: all inside, checked first
+        relative(f.path, f"{repo} listing at {revision or 'main'}", "the data folder")
     return info.sha, files
 
 
 def verify(dest: Path, files: list, where: str) -> dict[str, str]:
     """Check every listed file under ``dest``; a wrong one is removed and reported."""
     out, bad = {}, []
-    for f in files:
-        p = dest / f.path
+    local = [inside(dest, f.path, f"{where} listing") for f in files]  # every path checked before any delete
+    for f, p in zip(files, local):
         if not p.is_file():
             bad.append(f"{f.path} (missing)")
             continue

@@ -42,7 +42,11 @@ ROWS_PER_SHARD = 1000
 
 
 def _image_bytes(value, where: str, base: Path | None = None) -> bytes:
-    """Encoded bytes of a ``datasets`` Image value ({bytes, path}, raw bytes, or a path)."""
+    """Encoded bytes of a ``datasets`` Image value ({bytes, path}, raw bytes, or a path).
+
+    A path is followed only when converting a ``datasets`` cache (``base``, its folder), and only
+    to a file inside that cache: a downloaded table's rows must carry their bytes (a row naming a
+    local file would copy that file into an evaluation set)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     path = value
@@ -52,24 +56,31 @@ def _image_bytes(value, where: str, base: Path | None = None) -> bytes:
         path = value.get("path")
     if not path:
         raise ConfigError(f"{where}: an image has neither bytes nor a path")
+    if base is None:
+        raise ConfigError(f"{where}: the image is a path reference ({path!r}), not bytes; a downloaded "
+                          "set must carry its images")
     p = _locate(Path(path), base)
     if p is None:
-        raise ConfigError(f"{where}: image file {path} not found (nor under {base})")
+        raise ConfigError(f"{where}: image file {path} not found inside {base}")
     return p.read_bytes()
 
 
-def _locate(path: Path, base: Path | None) -> Path | None:
-    """The file itself, or, for a cache that was moved, the same path below ``base`` (the part
-    after ``downloads/``)."""
-    if path.is_file():
+def _locate(path: Path, base: Path) -> Path | None:
+    """The file itself if it lies inside the cache ``base``, or, for a cache that was moved, the
+    same path below ``base`` (the part after ``downloads/``)."""
+    from conceptprune.paths import UnsafePathError, inside, is_within
+
+    if path.is_file() and is_within(path, base):
         return path
-    if base is not None:
-        parts = path.parts
-        if "downloads" in parts:
-            last = len(parts) - 1 - parts[::-1].index("downloads")
-            moved = base.joinpath("downloads", *parts[last + 1:])
-            if moved.is_file():
-                return moved
+    parts = path.parts
+    if "downloads" in parts:
+        last = len(parts) - 1 - parts[::-1].index("downloads")
+        try:
+            moved = inside(base / "downloads", "/".join(parts[last + 1:]), "image path")
+        except UnsafePathError:
+            return None
+        if moved.is_file():
+            return moved
     return None
 
 
