@@ -5,9 +5,11 @@ smaller uid first). With S = E E^T, M_j = max_{i<j} S_ij (the column maximum of 
 upper triangle) and the paper's rule removes j when M_j > 1 - eps. M is computed in column
 blocks (memory O(n * B), never splitting a cluster; ``pairwise.py``: a fast GEMM, bfloat16
 where the hardware has it, then an exact recheck) and stored: every M_j that may exceed
-1 - eps is float32's exact value (all of them for a target size), so the decisions are
-float32's; a later run at that eps or a smaller one reads them off, one at a larger eps
-recomputes where needed. ``greedy`` (compare only
+1 - eps is float32's exact value, so the decisions are float32's. With float32 GEMMs (a CPU
+without AMX, ``--pairwise fp32``) every M_j is made exact, whatever eps or target size was
+asked, so any later eps or target size reads the stored M off without recomputing anything;
+with ``bf16-recheck`` (CUDA, AMX) M is exact from the threshold asked (all of it for a target
+size): a later run at that eps or a smaller one reads it off, one at a larger eps recomputes. ``greedy`` (compare only
 with kept members) and ``components`` (keep one per connected component) depend on eps and
 are computed for the eps asked.
 
@@ -196,11 +198,16 @@ class DedupStage(Stage):
     emb_dtype: str = "float16"
     name: str = "dedup"
     pairwise: str = "auto"  # M's fast precision (pairwise.PRECISIONS): the same decisions whichever
+    exact_everywhere: bool = False  # M exact for every j whatever eps (float32 GEMMs: the recheck is cheap)
 
     def exact_from(self) -> float:
         """M_j is exact (float32's) wherever it may reach this: the threshold of the eps asked
-        (the paper rule), else everywhere (a target size reads its threshold off M)."""
-        return float(np.float32(1.0 - self.eps)) if self.rule == "paper" and self.eps is not None else -math.inf
+        (the paper rule with bf16-recheck), else everywhere (a target size reads its threshold off
+        M; and on the float32 path, where exactness everywhere costs little, so that another eps
+        reuses the stored M)."""
+        if self.exact_everywhere or self.rule != "paper" or self.eps is None:
+            return -math.inf
+        return float(np.float32(1.0 - self.eps))
 
     def marker_dir(self) -> Path:
         """Results exact from a threshold serve only runs at or above it: the markers say which."""
@@ -381,7 +388,12 @@ def _submit_stages(work: Path, chain: ClusteringChain, pool, within: Within, rul
     _discard_older_format(work)
     write_json(work / "semdedup.json", {"rule": rule, "eps": eps, "k": chain.k, "format": FORMAT})  # parameters
     emb_dtype = stored_dtype(pool)
-    dedup = DedupStage(str(work), chain.k, pool.dim, rule, eps, emb_dtype=emb_dtype, pairwise=pairwise)
+    # float32 GEMMs (a CPU without AMX, or --pairwise fp32): M is made exact for every j, which
+    # costs a recheck of the few near-maximal pairs, so that any later eps reads it off; with
+    # bf16-recheck only from the threshold asked (exact everywhere would recheck most columns)
+    everywhere = PairwiseConfig(pairwise).resolved().precision == "fp32"
+    dedup = DedupStage(str(work), chain.k, pool.dim, rule, eps, emb_dtype=emb_dtype, pairwise=pairwise,
+                       exact_everywhere=everywhere)
     if finished_world(dedup) is not None:
         log.info("reusing SemDeDup results in %s", work)
         return []

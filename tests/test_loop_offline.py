@@ -84,3 +84,33 @@ def test_near_duplicates_look_like_their_original(tmp_path):
         i = int(planted.dup_of[j])
         other = next(r for r in range(len(imgs)) if planted.concept[r] != planted.concept[j])
         assert np.abs(imgs[j] - imgs[i]).mean() < 6 < np.abs(imgs[j] - imgs[other]).mean()
+
+
+def test_another_eps_reuses_the_stored_m(tmp_path, caplog):
+    """README: "SemDeDup stores its M_j, so another eps or target size costs no recomputation".
+    On the float32 path the first eps run stores M exact everywhere: a larger eps (a lower
+    threshold) and a target size are read off it (no shuffle, no dedup part runs) and equal
+    fresh runs."""
+    import logging
+
+    from conceptprune.filters import run_filter, semdedup
+    from conceptprune.filters.clustering_config import ClusteringConfig
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=3000, files=1, seed=5, concepts=6,
+                                                     duplicate_fraction=0.2, embedding_keys=("l14_img",)),
+              progress=False)
+    pool = tmp_path / "pool"
+    shared = {"clustering": ClusteringConfig(dir=tmp_path / "c", clusters=4), "executor": "inline",
+              "embedding_key": "l14_img", "pairwise": "fp32"}
+    run_filter(semdedup, pool, tmp_path / "a.npy", eps=0.01, **shared)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        b = run_filter(semdedup, pool, tmp_path / "b.npy", eps=0.3, **shared)
+        c = run_filter(semdedup, pool, tmp_path / "c.npy", target_fraction=0.5, **shared)
+    text = caplog.text
+    assert text.count("reusing SemDeDup results") == 2, text
+    assert "shuffle" not in text.replace("reusing SemDeDup results", "")
+    fresh = {**shared, "clustering": ClusteringConfig(dir=tmp_path / "f", clusters=4)}
+    assert (run_filter(semdedup, pool, tmp_path / "fb.npy", eps=0.3, **fresh).uids == b.uids).all()
+    fresh["clustering"] = ClusteringConfig(dir=tmp_path / "g", clusters=4)
+    assert (run_filter(semdedup, pool, tmp_path / "fc.npy", target_fraction=0.5, **fresh).uids == c.uids).all()
