@@ -58,15 +58,31 @@ def register(sub) -> None:
     q.add_argument("--public", action="store_true", help="make the repo public (default private)")
     q.set_defaults(func=_upload)
 
-    p = sub.add_parser("compare", help="DataComp aggregates of results files next to the published baselines",
-                       description="Aggregates (ImageNet, ImageNet dist. shifts, VTAB, Retrieval, Average over 38) "
-                                   "of each results file with the DataComp baselines, a per-task table and plots.")
-    p.add_argument("results", nargs="+", help="eval_results.jsonl files")
+    p = sub.add_parser("compare", help="results files per task and in aggregates next to published baselines, "
+                                       "with 95% intervals and verdicts",
+                       description="Each results file per task and in DataComp's aggregates (ImageNet, ImageNet dist. "
+                                   "shifts, VTAB, Retrieval, Average over 38) next to the DataComp baselines of a "
+                                   "scale and any OpenCLIP checkpoint or leaderboard entry (--against); every "
+                                   "difference gets a 95% interval and a verdict (better, worse, within noise): a "
+                                   "paired bootstrap between your runs, the run's bootstrap widened by DataComp's "
+                                   "seed noise against a published result. Prints where each run would rank on "
+                                   "the scale's leaderboard.")
+    p.add_argument("results", nargs="+", help="eval_results.jsonl files (their eval_outcomes/ is used when present)")
     p.add_argument("--names", nargs="+", help="a name per results file (default: its folder)")
-    p.add_argument("--baselines", default="medium", help="published baselines to show: medium, or none")
-    p.add_argument("--out", help="write comparison.md, aggregates.csv, per_task.csv and plots here")
+    p.add_argument("--against", nargs="+", default=[], metavar="NAME",
+                   help="OpenCLIP MODEL/PRETRAINED (e.g. ViT-B-32/commonpool_m_clip_s128m_b4k) or a DataComp "
+                        "leaderboard entry ('SCALE:entry' where several scales have it); "
+                        "'conceptprune baselines list' lists them")
+    p.add_argument("--scale", choices=["small", "medium", "large", "xlarge", "none"], default=None,
+                   help="DataComp's baselines and leaderboard of this scale (default medium; none: neither)")
+    p.add_argument("--baselines", default=None, help="older name of --scale (medium, ..., or none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0; recorded)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000; recorded)")
+    p.add_argument("--out", help="write comparison.md, comparison.html, aggregates.csv, per_task.csv, "
+                                 "comparison.json and plots here")
     p.add_argument("--partial", action="store_true", help="allow results files without all 38 tasks")
     p.set_defaults(func=_compare)
+    register_baselines(sub)
 
 
 def _evaluate(a) -> int:
@@ -161,10 +177,52 @@ def _submit(a) -> None:
 
 
 def _compare(a) -> None:
+    from conceptprune.errors import ConfigError
+
     from .compare import compare
 
-    res = compare(a.results, scale=None if a.baselines == "none" else a.baselines, names=a.names, out=a.out,
-                  partial=a.partial)
+    if a.scale is not None and a.baselines is not None and a.scale != a.baselines:
+        raise ConfigError(f"--scale {a.scale} and --baselines {a.baselines} disagree (--baselines is --scale's old name)")
+    scale = a.scale or a.baselines or "medium"
+    res = compare(a.results, scale=None if scale == "none" else scale, names=a.names, out=a.out,
+                  partial=a.partial, against=a.against, seed=a.seed, resamples=a.resamples)
     print(res["markdown"])
     if a.out:
-        print(f"written to {a.out}: comparison.md, aggregates.csv, per_task.csv, " + ", ".join(res.get("plots", [])))
+        print(f"written to {a.out}: comparison.md, comparison.html, aggregates.csv, per_task.csv, comparison.json, "
+              + ", ".join(res.get("plots", [])))
+
+
+def register_baselines(sub) -> None:
+    p = sub.add_parser("baselines", help="the published results compare knows: OpenCLIP checkpoints, DataComp "
+                                         "leaderboards",
+                       description="The reference table shipped with conceptprune: every row of open_clip's "
+                                   "docs/openclip_results.csv and DataComp's leaderboards (datacomp_site "
+                                   "dcclip/data/*.tsv), each file with its source commit (sources.json).")
+    acts = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    q = acts.add_parser("list", help="list the checkpoints and leaderboard entries")
+    q.add_argument("--scale", choices=["small", "medium", "large", "xlarge"], help="only this DataComp scale")
+    q.add_argument("--search", help="only names (or teams) containing this text (any case)")
+    q.set_defaults(func=_baselines_list)
+    q = acts.add_parser("update", help="replace a reference file by a newer copy of its source",
+                        description="FILE is named as in its source repository: openclip_results.csv (open_clip "
+                                    "docs/), filter_<scale>.tsv or byod_<scale>.tsv (datacomp_site dcclip/data/). It "
+                                    "is read with the same checks, then copied into the package's reference folder; "
+                                    "sources.json records --repository/--commit.")
+    q.add_argument("file")
+    q.add_argument("--commit", help="the source commit the file was taken from (recorded)")
+    q.add_argument("--repository", help="the source repository (default: as recorded before)")
+    q.set_defaults(func=_baselines_update)
+
+
+def _baselines_list(a) -> None:
+    from .baselines import listing
+
+    print(listing(a.scale, a.search))
+
+
+def _baselines_update(a) -> None:
+    from .baselines import update
+
+    src = {k: v for k, v in (("commit", a.commit), ("repository", a.repository)) if v}
+    res = update(a.file, source=src or None)
+    print(json.dumps(res, indent=2))

@@ -1,18 +1,45 @@
-"""``conceptprune compare``: DataComp's aggregates of one or more results files, side by side
-with the published baselines, a per-task table, and plots. Markdown and CSV."""
+"""``conceptprune compare``: results files side by side with published results, per task and in
+DataComp's aggregates, with an interval and a verdict for every difference.
+
+Baselines: DataComp's baseline checkpoints of a scale (``scale``; their per-task rows from
+open_clip's results table) and any OpenCLIP checkpoint (``model/pretrained``) or DataComp
+leaderboard entry named in ``against`` (see ``baselines``). Aggregates are recomputed from
+per-task values wherever there are some (a leaderboard entry has ImageNet and the average only).
+
+Intervals (95%) and verdicts (better / worse / within noise; see ``bootstrap``):
+
+- run vs run: the paired bootstrap over the examples both were evaluated on (each task's metric
+  recomputed on every resample; the average as the mean of the resampled tasks);
+- run vs a published baseline (no per-example data): the run's own bootstrap interval, widened
+  on both sides by DataComp's stated seed noise (ImageNet 0.002, average 0.006; other tasks
+  ImageNet's figure);
+- without per-example outcomes (``eval_outcomes/`` beside the results file): the seed noise alone.
+
+Outputs with ``out``: ``comparison.md``, ``comparison.html`` (tables and plots, no server),
+``aggregates.csv``, ``per_task.csv`` (one column per run and baseline, then per pair
+``delta RUN - NAME`` with ``... lo``, ``... hi``, ``... verdict``, ``... interval``; a last row
+``average``), ``comparison.json`` (settings and sources) and the plots, all written atomically.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 
 from . import baselines as B
+from . import bootstrap as BS
 from .run import read_results
 from .tasks import AGGREGATES, BY_KEY, TASKS
+
+MAIN_KEYS = [t.key for t in TASKS if t.main_metric is not None]
 
 
 def load(path: str | Path, require_all: bool = True) -> dict[str, dict]:
@@ -59,31 +86,140 @@ def aggregates(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def compare(paths: list[str], *, scale: str = "medium", names: list[str] | None = None, out: str | None = None,
-            partial: bool = False) -> dict:
-    if names is not None and len(names) != len(paths):
-        raise ConfigError(f"--names gives {len(names)} name(s) for {len(paths)} results file(s); give one per file")
-    runs = [load(p, require_all=not partial) for p in paths]
-    names = names or [Path(p).parent.name or Path(p).stem for p in paths]
+@dataclass
+class Side:
+    """One column of the comparison: a run (with its outcomes) or a published baseline."""
+
+    name: str
+    values: dict  # task key -> main metric
+    aggregates: dict
+    kind: str  # run | openclip | datacomp baseline | leaderboard
+    kept: int | None = None
+    outcomes: dict = field(default_factory=dict)  # task key -> bootstrap.Outcomes
+    samples: dict = field(default_factory=dict)  # task key -> resampled metric values
+    note: str = ""
+    problems: tuple = ()
+    leaderboard: tuple | None = None  # (imagenet, average) for a leaderboard entry
+
+
+@dataclass
+class CompareConfig:
+    results: list
+    names: list | None = None
+    against: list = field(default_factory=list)
+    scale: str | None = "medium"  # DataComp's baselines and leaderboard of this scale; None: neither
+    out: str | None = None
+    partial: bool = False
+    seed: int = 0
+    resamples: int = 1000
+
+
+def compare(paths: list[str], *, scale: str | None = "medium", names: list[str] | None = None,
+            out: str | None = None, partial: bool = False, against: list[str] | None = None, seed: int = 0,
+            resamples: int = 1000) -> dict:
+    return run(CompareConfig(list(paths), names, list(against or []), scale, out, partial, seed, resamples))
+
+
+def run(cfg: CompareConfig) -> dict:
+    if cfg.names is not None and len(cfg.names) != len(cfg.results):
+        raise ConfigError(f"--names gives {len(cfg.names)} name(s) for {len(cfg.results)} results file(s); "
+                          "give one per file")
+    if cfg.resamples < 100:
+        raise ConfigError(f"--resamples {cfg.resamples}: need at least 100 for a 95% interval")
+    if cfg.scale is not None:
+        B.check_scale(cfg.scale)
+    ref = B.load(warn=False)
+    against = [ref.find(n, cfg.scale) for n in cfg.against]  # all names checked before any work
+    loaded = [load(p, require_all=not cfg.partial) for p in cfg.results]
+    names = cfg.names or [Path(p).parent.name or Path(p).stem for p in cfg.results]
     if len(set(names)) < len(names):
         names = [f"{n} ({i})" for i, n in enumerate(names)]
-    agg_rows = [{"run": n, "kept": None, **aggregates(r)} for n, r in zip(names, runs)]
-    table_rows = agg_rows + (B.rows(scale) if scale else [])
-    per_task = [{"key": t.key, "task": t.name, **{n: _main(r, t.key) for n, r in zip(names, runs)}}
-                for t in TASKS if t.main_metric is not None and any(t.key in r for r in runs)]
-    own = sorted({k for r in runs for k in r if k not in BY_KEY})  # your own tasks, after DataComp's
-    per_task += [{"key": k, "task": next(r[k]["dataset"] for r in runs if k in r),
-                  **{n: _main(r, k) for n, r in zip(names, runs)}} for k in own]
-    md = _markdown(table_rows, per_task, names, scale)
-    result = {"aggregates": table_rows, "per_task": per_task, "markdown": md}
-    if out:
-        d = Path(out)
+    runs = []
+    for n, r, p in zip(names, loaded, cfg.results):
+        vals = {k: _main(r, k) for k in r}
+        side = Side(n, vals, aggregates(r), "run", outcomes=BS.load_all(p, [k for k in vals if vals[k] is not None]))
+        _check_outcomes(side, p)
+        runs.append(side)
+    bases = [_side_of(x, n) for x, n in zip(against, cfg.against)]
+    if cfg.scale:
+        for row in B.rows(cfg.scale, ref):
+            m = next(x for x in ref.models if x.name == row["name"])
+            if m.name not in {b.name for b in bases}:
+                bases.append(_side_of(m, row["run"], kind="datacomp baseline", kept=row["kept"]))
+    for s in runs:
+        for k, o in s.outcomes.items():
+            s.samples[k] = BS.resampled([o], cfg.seed, cfg.resamples)[0]
+    pairs = [(r, b) for r in runs for b in bases] + [(r, runs[0]) for r in runs[1:]]
+    deltas = {(a.name, b.name): _deltas(a, b) for a, b in pairs}
+    keys = [k for k in MAIN_KEYS if any(k in s.values for s in runs)]
+    keys += sorted({k for s in runs for k in s.values if k not in BY_KEY})  # your own tasks, after DataComp's
+    per_task = []
+    for k in keys + ["average"]:
+        row = {"key": k, "task": "Average (38)" if k == "average" else BY_KEY[k].name if k in BY_KEY else k}
+        for s in runs + bases:
+            row[s.name] = s.aggregates.get("Average") if k == "average" else s.values.get(k)
+        for (a, b), d in deltas.items():
+            col = f"delta {a} - {b}"
+            v = d.get(k)
+            row.update({col: v and v["delta"], f"{col} lo": v and v["lo"], f"{col} hi": v and v["hi"],
+                        f"{col} verdict": v and v["verdict"], f"{col} interval": v and v["method"]})
+        per_task.append(row)
+    agg_rows = [{"run": s.name, "kind": s.kind, "kept": s.kept, **s.aggregates} for s in runs + bases]
+    ranks = {}
+    if cfg.scale:
+        for s in runs:
+            avg = s.aggregates.get("Average")
+            if avg is not None and not math.isnan(avg):
+                ranks[s.name] = B.rank(avg, cfg.scale, ref=ref)
+    summary = [_summary(a, b, deltas[(a.name, b.name)]) for a, b in pairs]
+    settings = {"seed": cfg.seed, "resamples": cfg.resamples, "scale": cfg.scale,
+                "seed_noise": {"imagenet1k": B.SEED_NOISE["imagenet1k"], "Average": B.SEED_NOISE["Average"],
+                               "other tasks": B.SEED_NOISE_OTHER},
+                "results": [str(p) for p in cfg.results], "against": cfg.against,
+                "sources": ref.sources}
+    detail = [(a.name, b.name) for a, b in pairs if b.kind != "datacomp baseline"]
+    md = _markdown(runs, bases, agg_rows, per_task, summary, ranks, detail, cfg)
+    result = {"aggregates": agg_rows, "per_task": per_task, "summary": summary, "ranks": ranks,
+              "markdown": md, "settings": settings}
+    if cfg.out:
+        d = Path(cfg.out)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "comparison.md").write_text(md)
-        _csv(d / "aggregates.csv", table_rows, ["run", "kept", *B.COLUMNS])
-        _csv(d / "per_task.csv", per_task, ["key", "task", *names])
-        result["plots"] = [str(p) for p in _plots(d, table_rows, per_task, names)]
+        cols = ["key", "task", *[s.name for s in runs + bases]]
+        for a, b in pairs:
+            c = f"delta {a.name} - {b.name}"
+            cols += [c, f"{c} lo", f"{c} hi", f"{c} verdict", f"{c} interval"]
+        _write_text(d / "comparison.md", md)
+        _csv(d / "aggregates.csv", agg_rows, ["run", "kind", "kept", *B.COLUMNS])
+        _csv(d / "per_task.csv", per_task, cols)
+        write_json(d / "comparison.json", {**settings, "summary": summary,
+                                           "ranks": {k: list(v) for k, v in ranks.items()}})
+        plots = _plots(d, runs, bases, agg_rows, per_task, pairs, cfg.scale, ref)
+        _write_text(d / "comparison.html", _html(md_parts=(runs, bases, agg_rows, per_task, summary, ranks, detail,
+                                                           cfg), plots=plots))
+        result["plots"] = [str(p) for p in plots]
+        result["html"] = str(d / "comparison.html")
     return result
+
+
+def _check_outcomes(side: Side, path) -> None:
+    for k, o in list(side.outcomes.items()):
+        v = side.values.get(k)
+        if v is None or abs(o.metric() - v) > 1e-4:
+            raise ConfigError(f"{Path(path).parent / BS.OUTCOMES}: task {k}: its per-example outcomes give "
+                              f"{o.metric():.4f}, the results file {v} (outcomes of another evaluation? "
+                              "evaluate again or remove the folder)")
+
+
+def _side_of(x, given: str, kind: str | None = None, kept=None) -> Side:
+    if isinstance(x, B.ModelResult):
+        return Side(given, dict(x.tasks), x.aggregates(), kind or "openclip", kept=kept, problems=x.problems,
+                    note=f"OpenCLIP {x.name}")
+    vals = {"imagenet1k": x.imagenet}
+    aggs = {c: float("nan") for c in B.COLUMNS}
+    aggs["ImageNet"], aggs["Average"] = x.imagenet, x.average
+    return Side(given, vals, aggs, "leaderboard", kept=x.size, problems=x.problems,
+                note=f"DataComp {x.scale} {x.track} leaderboard: {x.entry} ({x.team}, {x.date})",
+                leaderboard=(x.imagenet, x.average))
 
 
 def _main(results, key):
@@ -92,72 +228,288 @@ def _main(results, key):
     return None if v is None else float(v)
 
 
-def _fmt(v) -> str:
+def _deltas(a: Side, b: Side) -> dict:
+    """Per task key (and 'average'): delta a - b, its 95% interval, the verdict and how it was made."""
+    out = {}
+    paired = b.kind == "run"
+    for k, va in a.values.items():
+        vb = b.values.get(k)
+        if va is None or vb is None:
+            continue
+        out[k] = _one(va - vb, a.samples.get(k), b.samples.get(k) if paired else None, va, vb,
+                      B.seed_noise(k), paired, a.outcomes.get(k), b.outcomes.get(k))
+    aa, ab = a.aggregates.get("Average"), b.aggregates.get("Average")
+    if aa is not None and ab is not None and not (math.isnan(aa) or math.isnan(ab)):
+        sa = _average_samples(a)
+        sb = _average_samples(b) if paired else None
+        out["average"] = _one(aa - ab, sa, sb, aa, ab, B.SEED_NOISE["Average"], paired, True, True)
+        out["average"]["exceeds_seed_noise"] = abs(aa - ab) > B.SEED_NOISE["Average"]
+    return out
+
+
+def _average_samples(s: Side):
+    if not all(k in s.samples for k in MAIN_KEYS):
+        return None
+    return np.mean([s.samples[k] for k in MAIN_KEYS], axis=0)
+
+
+def _one(delta, sa, sb, va, vb, noise, paired, oa, ob) -> dict:
+    if paired:
+        if sa is not None and sb is not None:
+            same = not isinstance(oa, BS.Outcomes) or _same_examples(oa, ob)
+            lo, hi = BS.interval(sa - sb)  # the same draws for both runs of a task (bootstrap.rng_for)
+            method = "paired bootstrap" if same else "unpaired bootstrap (different examples)"
+        else:
+            lo, hi, method = delta - noise, delta + noise, "seed noise only (no per-example outcomes)"
+    elif sa is not None:
+        lo, hi = BS.interval(sa - vb)
+        lo, hi, method = lo - noise, hi + noise, f"run's bootstrap + seed noise {noise:g}"
+    else:
+        lo, hi, method = delta - noise, delta + noise, f"seed noise {noise:g} only (no per-example outcomes)"
+    return {"delta": float(delta), "lo": float(lo), "hi": float(hi), "verdict": BS.verdict(lo, hi), "method": method}
+
+
+def _same_examples(a, b) -> bool:
+    try:
+        BS.check_paired(a, b, "")
+        return True
+    except ConfigError:
+        return False
+
+
+def _summary(a: Side, b: Side, d: dict) -> dict:
+    tasks = {k: v for k, v in d.items() if k != "average"}
+    avg = d.get("average")
+    return {"run": a.name, "against": b.name, "kind": b.kind,
+            "tasks": len(tasks), "better": sum(v["verdict"] == "better" for v in tasks.values()),
+            "worse": sum(v["verdict"] == "worse" for v in tasks.values()),
+            "within noise": sum(v["verdict"] == "within noise" for v in tasks.values()),
+            "average": avg, "problems": list(b.problems)}
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def _fmt(v, signed=False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, int):
-        return f"{v / 1e6:.0f}M"
-    return f"{v:.3f}"
+        return f"{v / 1e6:.0f}M" if v >= 1e6 else str(v)
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
 
 
-def _markdown(table_rows, per_task, names, scale) -> str:
-    cols = ["run", "kept", *B.COLUMNS]
-    lines = [f"## Aggregates ({'with the DataComp ' + scale + ' baselines' if scale else 'runs only'})", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in table_rows:
-        lines.append("| " + " | ".join([r["run"], _fmt(r["kept"])] + [_fmt(r[c]) for c in B.COLUMNS]) + " |")
-    lines += ["", "## Per task (main metric)", "", "| task | " + " | ".join(names) + " |",
-              "|" + "---|" * (len(names) + 1)]
+def _iv(v) -> str:
+    return "-" if not v else f"{v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] {v['verdict']}"
+
+
+def _summary_line(s) -> str:
+    avg = s["average"]
+    text = f"- **{s['run']} - {s['against']}**"
+    if avg:
+        noise = "larger than" if avg["exceeds_seed_noise"] else "within"
+        text += (f": average {_iv(avg)} ({avg['method']}); the difference is {noise} DataComp's seed noise "
+                 f"({B.SEED_NOISE['Average']})")
+    text += (f"; per task at 95%: {s['better']} better, {s['worse']} worse, {s['within noise']} within noise "
+             f"(of {s['tasks']})")
+    if s["problems"]:
+        text += f". NOTE: this reference row failed validation: {'; '.join(s['problems'])}"
+    return text
+
+
+def _markdown(runs, bases, agg_rows, per_task, summary, ranks, detail, cfg) -> str:
+    L = []
+    scale = cfg.scale
+    L += [f"## Aggregates ({'with the DataComp ' + scale + ' baselines' if scale else 'runs only'})", "",
+          "| run | kind | kept | " + " | ".join(B.COLUMNS) + " |", "|" + "---|" * (len(B.COLUMNS) + 3)]
+    for r in agg_rows:
+        L.append(f"| {r['run']} | {r['kind']} | {_fmt(r['kept'])} | " + " | ".join(_fmt(r[c]) for c in B.COLUMNS)
+                 + " |")
+    if ranks:
+        L += ["", f"## Leaderboard ({scale}, filtering track, by the 38-task average)", ""]
+        for n, (rk, of) in ranks.items():
+            avg = next(s.aggregates["Average"] for s in runs if s.name == n)
+            L.append(f"- {n}: average {avg:.4f} would rank {rk} of {of}")
+    if summary:
+        L += ["", "## Verdicts (95% intervals)", "",
+              f"Paired bootstrap between runs ({cfg.resamples} resamples, seed {cfg.seed}); against a published "
+              f"baseline the run's own bootstrap widened by DataComp's seed noise (ImageNet "
+              f"{B.SEED_NOISE['imagenet1k']}, average {B.SEED_NOISE['Average']}, other tasks "
+              f"{B.SEED_NOISE_OTHER}: DataComp states no figure for them).", ""]
+        L += [_summary_line(s) for s in summary]
+    if detail:
+        L += ["", "## Per-task differences (delta [95% interval] verdict)", "",
+              "| task | " + " | ".join(f"{a} - {b}" for a, b in detail) + " |", "|" + "---|" * (len(detail) + 1)]
+        for r in per_task:
+            cells = []
+            for a, b in detail:
+                c = f"delta {a} - {b}"
+                v = None if r.get(c) is None else {"delta": r[c], "lo": r[f"{c} lo"], "hi": r[f"{c} hi"],
+                                                   "verdict": r[f"{c} verdict"]}
+                cells.append(_iv(v))
+            L.append(f"| {r['task']} | " + " | ".join(cells) + " |")
+        methods = sorted({r.get(f"delta {a} - {b} interval") for r in per_task for a, b in detail} - {None})
+        L += ["", "Intervals: " + "; ".join(methods)]
+    cols = [s.name for s in runs + bases]
+    L += ["", "## Per task (main metric)", "", "| task | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for r in per_task:
-        lines.append(f"| {r['task']} | " + " | ".join(_fmt(r[n]) for n in names) + " |")
-    return "\n".join(lines) + "\n"
+        L.append(f"| {r['task']} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    notes = [f"- {s.name}: {s.note}" + (f" (failed validation: {'; '.join(s.problems)})" if s.problems else "")
+             for s in bases if s.note]
+    if notes:
+        L += ["", "## Baselines", ""] + notes
+    return "\n".join(L) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def _csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    import csv
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    _write_text(path, buf.getvalue())
 
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+
+# -- pictures and the page ---------------------------------------------------------------------
 
 
-def _plots(d: Path, table_rows, per_task, names) -> list[Path]:
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plots(d: Path, runs, bases, agg_rows, per_task, pairs, scale, ref) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(table_rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(agg_rows)), 4.5))
     width = 0.8 / len(B.COLUMNS)
-    x = np.arange(len(table_rows))
+    x = np.arange(len(agg_rows))
     for i, c in enumerate(B.COLUMNS):
-        ax.bar(x + i * width, [r[c] if r[c] is not None else np.nan for r in table_rows], width, label=c)
+        ax.bar(x + i * width, [r[c] if r[c] is not None else np.nan for r in agg_rows], width, label=c)
     ax.set_xticks(x + 0.4 - width / 2)
-    ax.set_xticklabels([r["run"].replace("baseline: ", "") for r in table_rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([r["run"].replace("baseline: ", "") for r in agg_rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("score")
     ax.legend(fontsize=8, ncol=3)
     ax.set_title("DataComp aggregates")
     fig.tight_layout()
-    paths.append(d / "aggregates.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    if len(names) >= 2:  # per-task deltas of every run against the first
-        ref = names[0]
-        fig, ax = plt.subplots(figsize=(9, 0.22 * len(per_task) + 1.5))
-        y = np.arange(len(per_task))
-        for j, n in enumerate(names[1:]):
-            delta = [(r[n] - r[ref]) if r[n] is not None and r[ref] is not None else np.nan for r in per_task]
-            ax.barh(y + j * 0.8 / (len(names) - 1), delta, 0.8 / (len(names) - 1), label=f"{n} - {ref}")
+    paths.append(_save(fig, d / "aggregates.png"))
+    # per-task differences with their intervals: the first run against the first baseline (or run)
+    chosen = pairs[:1] if pairs else []
+    named = [p for p in pairs if p[1].kind in ("run", "openclip", "leaderboard")]
+    if named:
+        chosen = named[:1]
+    for a, b in chosen:
+        c = f"delta {a.name} - {b.name}"
+        rows = [r for r in per_task if r.get(c) is not None]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(9, 0.24 * len(rows) + 1.6))
+        y = np.arange(len(rows))
+        delta = np.array([r[c] for r in rows])
+        err = np.array([[r[c] - r[f"{c} lo"] for r in rows], [r[f"{c} hi"] - r[c] for r in rows]])
+        colors = ["#2ca02c" if r[f"{c} verdict"] == "better" else "#d62728" if r[f"{c} verdict"] == "worse"
+                  else "#7f7f7f" for r in rows]
+        ax.barh(y, delta, 0.7, color=colors, xerr=err, error_kw={"elinewidth": 0.9, "capsize": 2})
         ax.set_yticks(y)
-        ax.set_yticklabels([r["task"] for r in per_task], fontsize=7)
+        ax.set_yticklabels([r["task"] for r in rows], fontsize=7)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_xlabel("difference in main metric")
-        ax.legend(fontsize=8)
+        ax.set_xlabel(f"{a.name} - {b.name} (main metric; bars: 95% interval)")
         ax.invert_yaxis()
         fig.tight_layout()
-        paths.append(d / "per_task_delta.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, d / "per_task_delta.png"))
+    if scale:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        board = [e for e in ref.board(scale) if e.imagenet is not None and e.average is not None]
+        ax.scatter([e.imagenet for e in board], [e.average for e in board], c="#1f77b4", s=28,
+                   label=f"DataComp {scale} leaderboard ({len(board)})", zorder=2)
+        for s in bases:
+            i, a = s.aggregates.get("ImageNet"), s.aggregates.get("Average")
+            if i is not None and a is not None and not (math.isnan(i) or math.isnan(a)):
+                ax.scatter([i], [a], marker="s", c="#ff7f0e", s=30, zorder=3)
+                ax.annotate(s.name.replace("baseline: ", ""), (i, a), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")
+        for s in runs:
+            i, a = s.aggregates.get("ImageNet"), s.aggregates.get("Average")
+            if i is not None and a is not None and not (math.isnan(i) or math.isnan(a)):
+                ax.scatter([i], [a], marker="*", c="#d62728", s=220, edgecolors="k", zorder=5)
+                ax.annotate(s.name, (i, a), fontsize=9, fontweight="bold", xytext=(6, 4), textcoords="offset points")
+        ax.set_xlabel("ImageNet 1k accuracy")
+        ax.set_ylabel("average over 38 tasks")
+        ax.set_title(f"{scale}: ImageNet vs average (runs: red stars, DataComp baselines: squares)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(_save(fig, d / "imagenet_vs_average.png"))
     return paths
+
+
+def _esc(s) -> str:
+    import html
+
+    return html.escape(str(s))
+
+
+def _html(md_parts, plots) -> str:
+    runs, bases, agg_rows, per_task, summary, ranks, detail, cfg = md_parts
+
+    def table(header, rows):
+        h = "".join(f"<th>{_esc(c)}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f"<td class='{cls}'>{_esc(v)}</td>" for v, cls in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>conceptprune compare</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td.l,th{text-align:left}"
+             "td.better{background:#d4f4d4}td.worse{background:#f8d0d0}img{max-width:100%;display:block;"
+             "margin:1em 0}</style></head><body>",
+             f"<h1>Comparison{' at ' + _esc(cfg.scale) + ' scale' if cfg.scale else ''}</h1>",
+             "<h2>Aggregates</h2>",
+             table(["run", "kind", "kept", *B.COLUMNS],
+                   [[(r["run"], "l"), (r["kind"], "l"), (_fmt(r["kept"]), "")] + [(_fmt(r[c]), "") for c in B.COLUMNS]
+                    for r in agg_rows])]
+    if ranks:
+        parts.append(f"<h2>Leaderboard ({_esc(cfg.scale)}, filtering track)</h2><ul>"
+                     + "".join(f"<li>{_esc(n)}: would rank {rk} of {of}</li>" for n, (rk, of) in ranks.items())
+                     + "</ul>")
+    if summary:
+        parts.append("<h2>Verdicts (95% intervals)</h2><p>" + _esc(
+            f"Paired bootstrap between runs ({cfg.resamples} resamples, seed {cfg.seed}); against a published "
+            f"baseline the run's own bootstrap widened by DataComp's seed noise (ImageNet "
+            f"{B.SEED_NOISE['imagenet1k']}, average {B.SEED_NOISE['Average']}, other tasks {B.SEED_NOISE_OTHER}).")
+            + "</p><ul>" + "".join(f"<li>{_esc(_summary_line(s).lstrip('- ').replace('**', ''))}</li>"
+                                   for s in summary) + "</ul>")
+    for p in plots:
+        parts.append(f"<img src='{_esc(p.name)}' alt='{_esc(p.stem)}'>")
+    if detail:
+        rows = []
+        for r in per_task:
+            cells = [(r["task"], "l")]
+            for a, b in detail:
+                c = f"delta {a} - {b}"
+                if r.get(c) is None:
+                    cells.append(("-", ""))
+                else:
+                    cells.append((f"{r[c]:+.4f} [{r[c + ' lo']:+.4f}, {r[c + ' hi']:+.4f}] {r[c + ' verdict']}",
+                                  r[c + " verdict"].split()[0]))
+            rows.append(cells)
+        parts += ["<h2>Per-task differences</h2>", table(["task", *[f"{a} - {b}" for a, b in detail]], rows)]
+    cols = [s.name for s in runs + bases]
+    parts += ["<h2>Per task (main metric)</h2>",
+              table(["task", *cols], [[(r["task"], "l")] + [(_fmt(r[c]), "") for c in cols] for r in per_task])]
+    notes = [f"{s.name}: {s.note}" + (f" (failed validation: {'; '.join(s.problems)})" if s.problems else "")
+             for s in bases if s.note]
+    if notes:
+        parts.append("<h2>Baselines</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

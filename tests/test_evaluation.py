@@ -240,7 +240,9 @@ def test_compare_aggregates_exactly(tmp_path):
     assert len(vtab) == 13 and agg["VTAB"] == pytest.approx(np.mean([vals[k] for k in vtab]))
     assert agg["Retrieval"] == pytest.approx(np.mean([vals[k] for k in retr]))
     assert agg["Average"] == pytest.approx(np.mean([v for v in vals.values() if v is not None]))
-    assert any(r["run"] == "baseline: CLIP score L/14 top 30%" and r["Average"] == 0.328 for r in res["aggregates"])
+    # the baselines' aggregates are recomputed from their per-task rows in open_clip's table (0.3278 there)
+    assert any(r["run"] == "baseline: CLIP score L/14 top 30%" and r["Average"] == pytest.approx(0.3278, abs=1e-4)
+               for r in res["aggregates"])
     for f in ("comparison.md", "aggregates.csv", "per_task.csv", "aggregates.png", "per_task_delta.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 100
     _fake_results(tmp_path / "missing.jsonl", drop="vtab/svhn")
