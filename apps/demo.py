@@ -322,7 +322,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     def train_arm(arm: str, seed: int) -> dict:
         return timed(f"train {arm} s{seed}", lambda: train(TrainConfig(
             [str(data[arm])], "tiny", str(runs), name=f"{arm}-s{seed}", seed=seed, samples_seen=cfg.samples_seen,
-            checkpoints=2), executor="auto"))
+            checkpoints=2)))
 
     _step(3, f"train the tiny CLIP on the full pool, seed {seeds[0]} (it is also the encoder for the filters)")
     full = train_arm("full", seeds[0])

@@ -202,7 +202,7 @@ def download(data_dir: str | Path, *, scale: str | None = None, metadata_dir: st
         return summary
     shards_dir = data_dir / "shards"
     stage = DownloadStage(str(data_dir), str(metadata_dir), str(shards_dir), processes, threads, img2dataset_args or {})
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     res = executor.finish(executor.submit(stage, executor.parts(len(plan))))
     if res is None:  # detached: the same command, rerun later, sums up the parts
         return {**summary, "detached": True}

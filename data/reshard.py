@@ -422,7 +422,7 @@ class ReshardOptions:
 
 
 def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000,
-            overwrite: bool = False, executor: "Executor | str | None" = None, shuffle_buffer: int = 0, seed: int = 0,
+            overwrite: bool = False, executor: "Executor | None" = None, shuffle_buffer: int = 0, seed: int = 0,
             datacomp_keys: bool = False, blur_metadata: str | Path | None = None) -> dict | None:
     """Run the reshard stage and assemble its output; returns the meta.json content (None when
     the executor detaches: the same call, rerun once the jobs are done, assembles it)."""
@@ -430,7 +430,7 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
                           str(blur_metadata) if blur_metadata else None)
     opts.check()
     out, keep = Path(out), Path(keep)
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     inputs = {"--shards": Path(shards), "--keep": keep}
     if opts.blur_metadata:
         inputs["--blur"] = Path(opts.blur_metadata)

@@ -464,14 +464,14 @@ def collect_clustering(directory: Path, pool: Pool) -> Clustering:
 
 
 def build_clustering(directory: str | os.PathLike, pool: Pool, config: ClusteringConfig, within: Within, *,
-                     executor: "Executor | str | None" = None, default_k: int = DEFAULT_CLUSTERS) -> Clustering | None:
+                     executor: "Executor | None" = None, default_k: int = DEFAULT_CLUSTERS) -> Clustering | None:
     """Train (or reuse) the clustering in ``directory`` and run (or resume) its assignment; None
     when the executor detaches before the jobs are done (the same call, rerun, collects it).
 
     One run at a time (``folder_lock``): a concurrent run with the same folder waits, then
     reuses what the first one built."""
     directory = Path(directory)
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     with folder_lock(directory, "building or checking the clustering"):
         chain = submit_clustering(directory, pool, config, within, executor, default_k=default_k)
         if not finish_chain(executor, chain.submissions, directory):

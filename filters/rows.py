@@ -133,10 +133,10 @@ class RowResult:
     arrays: dict = field(default_factory=dict)  # the parts' arrays, merged
 
 
-def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | str | None, work_dir: Path,
+def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | None, work_dir: Path,
              name: str = "rows") -> RowResult:
     """Run ``rule`` over the pool in ``executor.workers`` parts and merge what they keep."""
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     within = as_within(within)
     emb_dir = None
     if pool.files and pool.files[0].npz is not None and pool.files[0].npz.parent != pool.files[0].parquet.parent:

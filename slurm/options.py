@@ -28,6 +28,7 @@ import yaml
 from conceptprune.errors import ConfigError
 
 EXECUTORS = ("auto", "slurm", "local", "inline", "debug")  # debug: the old name of inline
+DEFAULT_WORKERS = 1  # --workers: the one default of the number of parts (Executor.workers)
 
 
 @dataclass
@@ -45,9 +46,8 @@ class ClusterOptions:
     extra: dict = field(default_factory=dict)  # more #SBATCH directives, e.g. {exclusive: true}
     setup: list = field(default_factory=list)  # shell lines run before the job (module load ...)
     log_folder: str = "slurm_logs"
-    array_parallelism: int = 256  # parts of a stage running at once on SLURM
-    local_workers: int | None = None  # parts at once on the local executor (default: CPU count)
-    local_isolated: bool = False  # run even a single local part in its own process
+    array_parallelism: int = 256  # SLURM: at most this many array tasks of a stage run at once
+    parts_per_task: int = 1  # SLURM: parts one array task runs, one after the other
     signal_delay_s: int = 120  # USR2 this long before the time limit, to checkpoint + requeue
     max_requeues: int = 3  # time-limit requeues; preemptions do not count
 
@@ -65,7 +65,7 @@ class ClusterOptions:
         self.timeout_min  # noqa: B018 - raises on a malformed value
         if self.mem:
             self.mem_gb  # noqa: B018
-        for name in ("nodes", "tasks_per_node"):
+        for name in ("nodes", "tasks_per_node", "parts_per_task", "array_parallelism"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.gpus_per_node < 0:
@@ -154,8 +154,11 @@ def add_cluster_args(parser: argparse.ArgumentParser, *, distributed: bool = Fal
     g.add_argument("--log-folder", help="where job scripts and logs go (default: OUTPUT/slurm_logs)")
     g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra #SBATCH directive, repeatable (e.g. --sbatch exclusive=true)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="parts running at once (local executor: default CPU count; SLURM: array parallelism)")
+    g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="parts the work is cut into (default %(default)s): the local executor runs them all at "
+                        "once as worker processes, SLURM as the tasks of a job array")
+    g.add_argument("--parts-per-task", type=int, default=None,
+                   help="SLURM: parts one array task runs one after the other (default 1; fewer, longer tasks)")
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[str, ClusterOptions]:
@@ -166,12 +169,11 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, ClusterOptions]:
             raise ConfigError(f"--sbatch {item!r}: use KEY=VALUE")
         k, v = item.split("=", 1)
         extra[k.strip().replace("-", "_")] = True if v.lower() == "true" else v
-    workers = getattr(args, "workers", None)
     opts = opts.replace(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                         constraint=args.constraint, cpus_per_task=args.cpus_per_task, mem=args.mem,
                         gpus_per_node=args.gpus_per_node, nodes=getattr(args, "nodes", None),
                         tasks_per_node=getattr(args, "tasks_per_node", None), log_folder=args.log_folder,
-                        local_workers=workers, array_parallelism=workers)
+                        parts_per_task=getattr(args, "parts_per_task", None))
     opts.extra = extra
     return args.executor, opts.validate()
 
@@ -181,5 +183,5 @@ def executor_from_args(args: argparse.Namespace):
     from .stage import Executor
 
     kind, opts = options_from_args(args)
-    return Executor.create(kind, opts, workers=getattr(args, "workers", None),
+    return Executor.create(kind, opts, workers=getattr(args, "workers", DEFAULT_WORKERS),
                            detach=bool(getattr(args, "detach", False)))

@@ -14,6 +14,7 @@ import pytest
 from conceptprune.errors import ConfigError
 from conceptprune.slurm.diagnostics import CountingStage
 from conceptprune.slurm.options import ClusterOptions
+from conceptprune.slurm.executor import InlineBackend, LocalBackend, SlurmBackend
 from conceptprune.slurm.stage import Executor
 from conceptprune.slurm.status import status
 
@@ -23,21 +24,39 @@ def _count(stage, rank=0):
     return json.loads(p.read_text())["count"] if p.exists() else -1
 
 
-def test_executor_is_resolved_once_and_validates(monkeypatch):
-    assert Executor.create("debug").kind == "inline"
-    assert Executor.create("inline").kind == "inline"
-    assert Executor.create("local", workers=3).options.local_workers == 3
+def test_executor_is_resolved_once_and_validates(tmp_path):
+    assert isinstance(Executor.create("debug").backend, InlineBackend)
+    assert isinstance(Executor.create("inline").backend, InlineBackend)
+    assert Executor.create("local", workers=3).workers == 3
+    assert Executor() == Executor(LocalBackend(), workers=1)  # the one default of --workers: 1 part
     with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
         Executor.create("local", workers=-2)
     with pytest.raises(ConfigError, match="--detach needs SLURM"):
         Executor.create("local", detach=True)
+    with pytest.raises(ConfigError, match="--detach needs SLURM"):
+        Executor(InlineBackend(), detach=True)
     ex = Executor.create("local")
-    assert Executor.coerce(ex) is ex
+    assert Executor.given(ex) is ex
+    # past the CLI Executor objects travel: a kind name is deprecated, anything else refused
+    with pytest.warns(DeprecationWarning, match="pass an Executor"):
+        assert isinstance(Executor.given("inline").backend, InlineBackend)
+    with pytest.raises(ConfigError, match="pass an Executor"):
+        Executor.given(3)
+    with pytest.raises(ConfigError, match="Backend object"):
+        Executor("nonsense")
+    with pytest.raises(ConfigError, match="a plan"):  # a dry run's executor (no controller asked) runs nothing
+        Executor("slurm").run(CountingStage(work_dir=str(tmp_path), steps=1), 1)
+    # the SLURM backend packs parts into array tasks; the local one deals them to its workers
+    assert SlurmBackend().pack(list(range(5)), 5, ClusterOptions(parts_per_task=2)) == [[0, 1], [2, 3], [4]]
+    assert SlurmBackend().pack([1, 4], 5, ClusterOptions()) == [[1], [4]]
+    assert LocalBackend().pack(list(range(5)), 2, ClusterOptions()) == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ConfigError, match="--parts-per-task"):
+        ClusterOptions(parts_per_task=0).validate()
 
 
-@pytest.mark.parametrize("kind", ["inline", "local"])
-def test_graph_runs_in_order_locally(tmp_path, kind):
-    ex = Executor.create(kind, ClusterOptions(local_workers=2, local_isolated=True))
+@pytest.mark.parametrize("backend", [InlineBackend(), LocalBackend(isolated=True)], ids=["inline", "local"])
+def test_graph_runs_in_order_locally(tmp_path, backend):
+    ex = Executor(backend, workers=2)
     a = CountingStage(work_dir=str(tmp_path), steps=2, step_seconds=0.01, name="first")
     b = CountingStage(work_dir=str(tmp_path), steps=1, step_seconds=0.01, name="second")
     sa = ex.submit(a, 2)
@@ -52,16 +71,18 @@ def test_graph_runs_in_order_locally(tmp_path, kind):
     assert rows["second"].state == "done"
 
 
-def test_killing_the_local_launcher_stops_its_workers(tmp_path):
-    """SIGKILL of the process that started local workers: they stop within seconds, and a
-    rerun finishes the stage from where it stood."""
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "interpreter"])
+def test_killing_the_local_launcher_stops_its_workers(tmp_path, fork):
+    """SIGKILL of the process that started local workers (forked, or fresh interpreters): they
+    stop within seconds, and a rerun finishes the stage from where it stood."""
     script = tmp_path / "launch.py"
     script.write_text(textwrap.dedent(f"""
         from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.executor import LocalBackend
         from conceptprune.slurm.options import ClusterOptions
         from conceptprune.slurm.stage import Executor
         stage = CountingStage(work_dir={str(tmp_path)!r}, steps=400, step_seconds=0.05)
-        Executor.create("local", ClusterOptions(local_workers=2, time=5)).run(stage, 2)
+        Executor(LocalBackend(fork={fork}), ClusterOptions(time=5), workers=2).run(stage, 2)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
     stage = CountingStage(work_dir=str(tmp_path), steps=400, step_seconds=0.05)
@@ -83,7 +104,7 @@ def test_status_reports_a_failed_part_with_its_log(tmp_path, capsys):
     from conceptprune.cli import main
     from conceptprune.slurm.jobs import JobFailedError
 
-    ex = Executor.create("local", ClusterOptions(local_isolated=True, time=5))
+    ex = Executor(LocalBackend(isolated=True), ClusterOptions(time=5))
     stage = CountingStage(work_dir=str(tmp_path), steps=3, step_seconds=0.01, fail_at=1)
     with pytest.raises(JobFailedError):
         ex.run(stage, 1)
@@ -106,7 +127,7 @@ def test_per_row_filters_give_the_same_list_for_any_part_count(small_pool, tmp_p
 
     for name, fn, kw in (("basic", basic, {}), ("laion2b", laion2b, {"langid": "fasttext"}), ("none", keep_all, {})):
         outs = []
-        for ex in (Executor.create("inline"), Executor.create("local", ClusterOptions(local_isolated=True), workers=3)):
+        for ex in (Executor.create("inline"), Executor(LocalBackend(isolated=True), workers=3)):
             out = tmp_path / f"{name}-{ex.kind}.npy"
             res = run_filter(fn, small_pool, out, **kw, executor=ex)
             assert len(res.kept) > 0
@@ -123,7 +144,7 @@ def test_per_row_filters_give_the_same_list_for_any_part_count(small_pool, tmp_p
     K.write_keep_list(tmp_path / "w.npy", np.concatenate([within, U.uids_to_array(["f" * 32])]))
     with pytest.raises(KeepListError, match="not in the pool"):
         run_filter(keep_all, small_pool, tmp_path / "x.npy", within=tmp_path / "w.npy",
-                   executor=Executor.create("local", ClusterOptions(local_isolated=True), workers=2))
+                   executor=Executor(LocalBackend(isolated=True), workers=2))
 
 
 def _global_selection_cases(pool_dir, tmp_path):
@@ -163,7 +184,7 @@ def test_global_selections_are_the_same_for_any_part_count(small_pool, tmp_path)
 
     executors = {"inline-1": Executor.create("inline"), "inline-3": Executor.create("inline", workers=3),
                  "local-1": Executor.create("local", workers=1)}  # one local part runs in this process
-    executors.update({f"local-{w}": Executor.create("local", ClusterOptions(local_isolated=True), workers=w)
+    executors.update({f"local-{w}": Executor(LocalBackend(isolated=True), workers=w)
                       for w in (2, 3)})
     for name, fn, kw, expected in _global_selection_cases(small_pool, tmp_path):
         outs = {}
@@ -193,17 +214,19 @@ def test_global_selections_on_slurm_match_inline(slurm_cluster, small_pool, tmp_
         assert (tmp_path / f"{name}-slurm.npy").read_bytes() == (tmp_path / f"{name}-inline.npy").read_bytes()
 
 
-def test_ctrl_c_stops_local_workers_without_a_traceback_each(tmp_path):
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "interpreter"])
+def test_ctrl_c_stops_local_workers_without_a_traceback_each(tmp_path, fork):
     """Ctrl-C in a terminal reaches the launcher and its local workers (one process group):
     the workers exit quietly, the launcher reports the interruption once, nothing keeps running."""
     script = tmp_path / "launch.py"
     script.write_text(textwrap.dedent(f"""
         from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.executor import LocalBackend
         from conceptprune.slurm.options import ClusterOptions
         from conceptprune.slurm.stage import Executor
         stage = CountingStage(work_dir={str(tmp_path)!r}, steps=400, step_seconds=0.05)
         try:
-            Executor.create("local", ClusterOptions(local_workers=2, time=5)).run(stage, 2)
+            Executor(LocalBackend(fork={fork}), ClusterOptions(time=5), workers=2).run(stage, 2)
         except KeyboardInterrupt:  # what the CLI does: one line
             raise SystemExit("interrupted")
     """))

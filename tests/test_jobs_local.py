@@ -16,7 +16,7 @@ from conceptprune.slurm.stage import Executor
 @pytest.mark.parametrize("executor", ["local", "debug"])
 def test_stage_parts_run_once_and_rerun_skips(tmp_path, executor):
     stage = CountingStage(work_dir=str(tmp_path), steps=2, step_seconds=0.01)
-    res = Executor.create(executor, ClusterOptions(local_workers=2)).run(stage, 4)
+    res = Executor.create(executor, workers=2).run(stage, 4)
     assert [s["rank"] for s in res.summaries] == [0, 1, 2, 3]
     assert sorted(res.ran) == [0, 1, 2, 3]
     assert len(list(stage.marker_dir().glob("*.json"))) == 4
@@ -109,7 +109,7 @@ def test_slurm_executor_script_has_requested_directives(tmp_path):
     o = ClusterOptions(partition="gpu", account="proj", qos="high", time="2:00:00", nodes=2, tasks_per_node=8,
                        gpus_per_node=8, cpus_per_task=12, mem="480G", constraint="a100", extra={"exclusive": True},
                        setup=["module load cuda"])
-    ex = E.make_executor("slurm", o, tmp_path, name="x")
+    ex = E._submitit_slurm(o, tmp_path, "x")
     script = ex._executor._make_submission_file_text("python -c pass", "%j")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --time=120",
                  "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
