@@ -267,24 +267,25 @@ def plot_perceptron(rows, cfg: PerceptronConfig, out: Path) -> list[Path]:
 def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding_key: str = "l14_img",
           shards: str | None = None, train_scale: str | None = None, eval_data: str | None = None,
           tasks: list[str] | None = None, filter_args: dict | None = None, train_args: dict | None = None,
-          executor: str = "auto", command: list[str] | None = None) -> dict:
+          executor: "Executor | None" = None, command: list[str] | None = None) -> dict:
     """Keep-lists at several fractions sharing one clustering; optionally reshard, train and
     evaluate each through the normal stages, and plot accuracy against the kept fraction.
     ``command``: the command line the keep-lists' manifests record (the CLI's argv)."""
-    from conceptprune.filters import dbp, random_subset, run_filter, ssl_prototypes
+    from conceptprune.filters import registry, run_filter
 
-    methods = {"dbp": dbp, "ssl-prototypes": ssl_prototypes, "random": random_subset}
-    if method not in methods:
-        raise ConfigError(f"--method must be one of {', '.join(methods)}")
+    sweepable = registry.names(sweep=True)  # filters whose spec takes a --fraction
+    if method not in sweepable:
+        raise ConfigError(f"--method must be one of {', '.join(sweepable)}")
+    spec = registry.get(method)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fn = methods[method]
+    fn = spec.fn
     rows = []
     clustering = out / "clustering"
     for f in sorted(fractions):
         keep = out / f"keep_{f:g}.npy"
         extra = dict(filter_args or {})
-        if method != "random":
+        if spec.clustering:
             import dataclasses
 
             from conceptprune.filters.clustering_config import ClusteringConfig
@@ -292,8 +293,10 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
             # the clustering's own settings (clusters, niter, seed, ...) go into its config, one shared folder
             names = {f.name for f in dataclasses.fields(ClusteringConfig)} - {"dir"}
             config = ClusteringConfig(dir=clustering, **{n: extra.pop(n) for n in names if n in extra})
-            extra.update(clustering=config, embedding_key=embedding_key)
-        r = run_filter(fn, pool, keep, fraction=f, command=command, **extra)
+            extra.update(clustering=config)
+        if spec.embeddings:
+            extra["embedding_key"] = embedding_key
+        r = run_filter(fn, pool, keep, fraction=f, command=command, **spec.params_from(extra))
         rows.append({"fraction": f, "kept": len(r.kept), "keep_list": str(keep)})
     if train_scale:
         if not shards:

@@ -36,7 +36,10 @@ def register(sub) -> None:
     q = ssub.add_parser("sweep", help="keep-lists of a filter at several fractions (one clustering); optionally "
                                       "reshard, train and evaluate each")
     q.add_argument("--pool", required=True, help="pool folder")
-    q.add_argument("--method", default="dbp", choices=["dbp", "ssl-prototypes", "random"], help="filter")
+    from conceptprune.filters.registry import names
+
+    q.add_argument("--method", default="dbp", choices=names(sweep=True),
+                   help="filter (those of the filter registry that take --fraction)")
     q.add_argument("--fractions", required=True, help="fractions kept, comma-separated")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--embedding-key", default="l14_img", help="npz array with the image embeddings")
@@ -81,7 +84,9 @@ def _fit(a) -> None:
 def _sweep(a) -> None:
     from .scaling import sweep
 
-    filter_args = {"clusters": a.clusters} if a.clusters and a.method != "random" else {}
+    from conceptprune.filters.registry import get
+
+    filter_args = {"clusters": a.clusters} if a.clusters and get(a.method).clustering else {}
     res = sweep(a.pool, a.method, list(_floats(a.fractions)), a.out, embedding_key=a.embedding_key, shards=a.shards,
                 train_scale=a.train, eval_data=a.evaluate, tasks=a.tasks, filter_args=filter_args,
                 train_args={"samples_seen": a.samples_seen} if a.samples_seen else None, command=a.command_line)

@@ -242,3 +242,35 @@ def in1k_reference(root=None, base_url=None) -> list[Path]:
 
 def imagenet21k_ids(root=None, base_url=None) -> Path:
     return fetch("imagenet21k_wordnet_ids", root, base_url)
+
+
+# -- the asset flags (text-based, image-based) and the baseline-assets tool ------------------------
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+ASSET_PARAMS = (
+    Param("--assets-dir", help="cache of DataComp's baseline assets (default ~/.cache/datacomp, DataComp's own)"),
+    Param("--assets-url", help="download DataComp's assets from this mirror instead of its release page"),
+)
+
+
+def _assets_command(a) -> None:
+    from conceptprune.errors import ConfigError
+
+    unknown = [n for n in a.names if n not in ASSETS]
+    if unknown:
+        raise ConfigError(f"unknown asset {unknown[0]!r}; known: {', '.join(ASSETS)}")
+    for name in a.names or list(ASSETS):
+        if a.list:
+            path = cache_dir(a.assets_dir, ASSETS[name]) / ASSETS[name].cached_as
+            print(f"{name}\t{ASSETS[name].filename}\t{path if path.is_file() else 'missing'}")
+        else:
+            print(fetch(name, a.assets_dir, a.assets_url))
+
+
+register(FilterSpec(
+    "baseline-assets", "download DataComp's baseline assets (centroids, ImageNet-1k features, synset ids)",
+    command=_assets_command, common=False, jobs=False,
+    params=(Param("names", nargs="*", help="asset names (default: all; --list shows them)"),
+            Param("--list", action="store_true", help="list the assets and whether they are in the cache"))
+    + ASSET_PARAMS))

@@ -18,6 +18,8 @@ from conceptprune.errors import ConfigError, KeepListError
 from conceptprune.manifest import base_manifest
 from conceptprune.pool import Pool
 
+from .registry import runs_as
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -166,7 +168,7 @@ def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | N
     if out is not None:
         check_filter_output(out, pool, within, overwrite)
     within = as_within(within)
-    if (getattr(fn, "uses_clustering", False) or getattr(fn, "uses_rows", False)) and out is not None:
+    if out is not None and runs_as(fn) in ("rows", "clustering"):
         params.setdefault("out", out)  # the clustering or the parts go next to the keep-list by default
     result = fn(pool, within=within, **params)
     if result is None:  # the executor detached: the same call, rerun once its jobs are done, collects it

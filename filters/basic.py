@@ -81,4 +81,68 @@ def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28,
                         {"pool": pool.rows, "candidates": res.candidates})
 
 
-basic.uses_rows = laion2b.uses_rows = True
+from conceptprune.checks import float_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+
+def _failed(checks: dict) -> str:
+    bad = [k for k, ok in checks.items() if not ok]
+    return "fails: " + ", ".join(bad) if bad else "passes every check"
+
+
+def _num(x) -> str:
+    return "missing" if x is None else f"{x:.5f}"
+
+
+def _explain_basic(view, q, kept: bool) -> dict:
+    """Each of basic's checks on the row, with the step's language identifier."""
+    if view.pool_dir is None:
+        return {"why": "pool folder not found"}
+    r = view.row(q, ["text", "original_width", "original_height"])
+    if r is None:
+        return {"why": "not in the pool"}
+    text, w, h = r["text"] or "", r["original_width"], r["original_height"]
+    lid = LanguageId(view.params.get("lid_model"))
+    english, long_enough = caption_mask([text], lid)
+    lang = lid.predict([text])[0]
+    checks = {"english": bool(english[0]), "caption_long_enough": bool(long_enough[0]),
+              "image_size_ok": bool(image_mask(np.array([w]), np.array([h]))[0])}
+    return {"language": lang, "words": len(text.split()), "chars": len(text),
+            "width": w, "height": h, "checks": checks,
+            "why": f"language {lang!r}, {len(text.split())} words, {len(text)} characters, "
+                   f"image {w}x{h} (shorter side >= 200, aspect <= 3): {_failed(checks)}"}
+
+
+def _explain_laion2b(view, q, kept: bool) -> dict:
+    """The language and the B/32 score against the step's threshold."""
+    if view.pool_dir is None:
+        return {"why": "pool folder not found"}
+    col = "clip_b32_similarity_score"
+    r = view.row(q, ["text", col])
+    if r is None:
+        return {"why": "not in the pool"}
+    kind = view.params.get("langid", "gcld3")
+    lid = language_id(kind, None if kind == "gcld3" else view.params.get("lid_model"))
+    lang = lid.predict([r["text"] or ""])[0]
+    thr = view.params.get("threshold", 0.28)
+    score = r[col]
+    checks = {"english": lang == "en",
+              "score_above_threshold": bool(score is not None and np.float32(score) >= np.float32(thr))}
+    return {"language": lang, "langid": kind, "score": score, "threshold": thr, "column": col, "checks": checks,
+            "why": f"language {lang!r} ({kind}), {col} {_num(score)} vs threshold {thr}: {_failed(checks)}"}
+
+
+register(FilterSpec(
+    "basic", "DataComp's basic filter: English caption > 2 words and > 5 chars, side >= 200 px, aspect <= 3",
+    basic, runs_as="rows", explain=_explain_basic,
+    params=(Param("--lid-model", help="fastText language-ID model (default: the bundled lid.176.ftz; DataComp "
+                                      "used lid.176.bin)"),)))
+register(FilterSpec(
+    "laion2b", "DataComp's LAION-2B filter: English caption (gcld3) and CLIP B/32 score >= 0.28",
+    laion2b, runs_as="rows", explain=_explain_laion2b,
+    params=(Param("--langid", choices=("gcld3", "fasttext"), default="gcld3",
+                  help="language identifier (default gcld3, DataComp's for laion2b; fasttext: lid.176)"),
+            Param("--lid-model", help="with --langid fasttext: the model (default: bundled lid.176.ftz)"),
+            Param("--threshold", float_arg("--threshold"), default=0.28,
+                  help="minimum CLIP B/32 score (default 0.28)"))))

@@ -110,4 +110,31 @@ def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | 
     return FilterResult("clip-score", res.kept, params, {"pool": pool.rows, "candidates": n_cand or res.candidates})
 
 
-clip_score.uses_rows = True
+from conceptprune.checks import float_arg, fraction_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+
+def _explain(view, q, kept: bool) -> dict:
+    col = view.params.get("column") or "clip_l14_similarity_score"
+    thr = view.params.get("threshold")
+    row = view.row(q, [col])
+    score = None if row is None else row[col]
+    d = {"score": score, "threshold": thr, "column": col}
+    if score is not None and thr is not None:
+        d["why"] = f"{col} {score:.5f} {'>=' if kept else '<'} threshold {thr:.5f}"
+    return d
+
+
+register(FilterSpec(
+    "clip-score", "DataComp's CLIP-score filter (top fraction, or score >= threshold)", clip_score, runs_as="rows",
+    params=(Param("--arch", choices=("l14", "b32"), default="l14", keyword="model",
+                  help="which CLIP model's score column (DataComp's --arch; default l14)"),
+            Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="keep the top fraction (threshold at index int(N*F), ties kept)"),
+            Param("--threshold", float_arg("--threshold"), group="keep", required=True,
+                  help="keep score >= threshold (a finite number)"),
+            Param("--score-column", keyword="column",
+                  help="use this parquet column instead (e.g. similarity_score from 'conceptprune embed --text')")),
+    renamed=(("--model", "--arch", "DataComp's name; --model names a trained model elsewhere"),),
+    explain=_explain))

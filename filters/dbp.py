@@ -60,7 +60,7 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
 
 def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20, balance: float = 0.0,
         keep: str = "hard", within=None, clustering: ClusteringConfig | None = None,
-        executor: "Executor | str | None" = None, out=None) -> FilterResult | None:
+        executor: "Executor | None" = None, out=None) -> FilterResult | None:
     """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
     fraction = check_fraction(fraction)
     if keep not in KEEP_ORDERS:
@@ -103,4 +103,72 @@ def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20,
                                                    f"k={cl.k}, tau={temperature}, keep {keep})"))
 
 
-dbp.uses_clustering = True
+from conceptprune.checks import float_arg, fraction_arg, int_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+
+def _cluster_rank(view, cluster: int, dist: float, q) -> tuple[int, int]:
+    """(1-based rank of the sample in its cluster in the step's keep order, candidates in the cluster)."""
+    from conceptprune import keeplist as K
+
+    cand = view.candidates()
+    keep_order = view.params.get("keep", "hard")
+    hi, lo = (int(x) for x in q[0])
+    before = n = 0
+    for _s, uids, c, d in view.clustering().iter_assignment():
+        m = c == cluster
+        if cand is not None:
+            m &= K.member(cand, uids)[0]
+        if not m.any():
+            continue
+        dd, uu = d[m], uids[m]
+        n += int(m.sum())
+        uh, ul = U.split(uu)
+        smaller_uid = (uh < hi) | ((uh == hi) & (ul < lo))
+        if keep_order == "easy":
+            before += int(((dd < dist) | ((dd == dist) & smaller_uid)).sum())
+        else:  # hard (random: the rank by distance is still shown)
+            before += int(((dd > dist) | ((dd == dist) & smaller_uid)).sum())
+    return before + 1, n
+
+
+def _explain(view, q, kept: bool) -> dict:
+    """The sample's cluster, its distance rank there and the cluster's budget."""
+    if view.clustering_dir is None:
+        return {"why": "clustering folder not found"}
+    _, cl, dist = view.locate(q)
+    c, d = int(cl[0]), float(dist[0])
+    out = {"cluster": c, "distance": d}
+    if c < 0:
+        out["why"] = "invalid embedding: never a candidate of a cluster"
+        return out
+    rank, n = _cluster_rank(view, c, d, q)
+    out.update(rank=rank, cluster_candidates=n, keep=view.params.get("keep", "hard"))
+    if view.table is not None:
+        row = view.table[view.table["cluster"] == c].iloc[0]
+        out.update(budget=int(row["kept"]), P=float(row["P"]), complexity=float(row["complexity"]),
+                   d_intra=float(row["d_intra"]), d_inter=float(row["d_inter"]))
+        if out["keep"] == "random":
+            out["why"] = f"cluster {c}: budget {out['budget']} of {n}, members chosen by seeded hash"
+        else:
+            order = "furthest" if out["keep"] == "hard" else "nearest"
+            out["why"] = (f"cluster {c} (P_j {out['P']:.4g}, complexity {out['complexity']:.4g}): "
+                          f"distance {d:.5f} ranks {rank} of {n} ({order} first); budget N_j = {out['budget']}"
+                          f" -> {'kept' if kept else 'dropped'}")
+    return out
+
+
+register(FilterSpec(
+    "dbp", "Density-Based Pruning: cluster budgets from softmax(d_inter * d_intra / T), keep the hardest", dbp,
+    runs_as="clustering", embeddings=True, clustering=True, sweep=True, explain=_explain,
+    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of the candidates to keep, in (0, 1]"),
+            Param("--temperature", float_arg("--temperature", 0.0, min_open=True), default=0.1,
+                  help="softmax temperature, > 0 (default 0.1, the paper's)"),
+            Param("--neighbors", int_arg("--neighbors", 1), default=20,
+                  help="nearest other centroids for d_inter (default 20)"),
+            Param("--balance", float_arg("--balance", 0.0, 1.0), default=0.0,
+                  help="per-cluster floor r: at least min(r*N/k, n_j) kept (default 0, the paper's best)"),
+            Param("--prefer", choices=("hard", "easy", "random"), default="hard", keyword="keep",
+                  help="which members of a cluster to keep (default hard: furthest from the centroid)")),
+    renamed=(("--keep", "--prefer", "--keep names a keep-list elsewhere"),)))

@@ -163,7 +163,6 @@ def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=
     return FilterResult("image-based", kept, params, {"pool": pool.rows, "candidates": n}, stats=stats)
 
 
-image_based.uses_clustering = True  # run_filter passes --out: the engine's folder goes beside it
 
 
 def engine_image_based(pool: Pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url, *,
@@ -265,3 +264,76 @@ def training_rows(pool: Pool, within, caption_filter: bool, train_sample: int | 
               "candidates": int(len(rows)), "train_sample": train_sample}
     return x, source
 
+
+from conceptprune.checks import int_arg  # noqa: E402
+
+from .assets import ASSET_PARAMS  # noqa: E402
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+
+def _image_based_keywords(a, kw: dict) -> dict:
+    """One source of centroids; the clustering engine's keywords only when it is the source."""
+    engine = a.clusters is not None or a.clustering is not None
+    if (a.scale is not None) + (a.centroids is not None) + engine != 1:
+        raise ConfigError("image-based needs one of --scale (DataComp's centroids), --centroids FILE, "
+                          "or --clusters K / --clustering DIR (our clustering engine)")
+    if not engine:
+        kw.pop("clustering", None)
+        kw.pop("executor", None)
+    if not kw.get("embedding_dir"):
+        kw.pop("embedding_dir", None)
+    return {**kw, "embedding_key": "l14_img"}
+
+
+register(FilterSpec(
+    "image-based", "DataComp's image-based filter: caption filter, then keep rows whose k-means centroid is hit by an "
+                   "ImageNet-1k image (image-based AND CLIP score: --within a clip-score list)", image_based,
+    runs_as="clustering", clustering=True, prepare=_image_based_keywords,
+    params=(Param("--embedding-dir", help="folder of the npz files if not beside the parquet files"),
+            Param("--bad-embeddings", choices=("error", "drop"), default="error",
+                  help="NaN/zero embeddings: stop with an error (default) or drop those rows (never kept)"),
+            Param("--scale", choices=("small", "medium", "large", "xlarge"), group="centroids",
+                  help="use DataComp's centroids for this pool scale (downloaded once)"),
+            Param("--centroids", metavar="FILE", group="centroids",
+                  help="your own centroids (.npy from image-based-centroids, or .pt as DataComp writes them); "
+                       "or, instead of both, --clusters K / --clustering DIR: our clustering engine"),
+            Param("--reference", nargs="+", metavar="FILE",
+                  help="reference image features (.pt holding image_features, or .npy; default: DataComp's "
+                       "ImageNet-1k L/14 features, 5 files)"),
+            Param("--assign", choices=("dot", "l2"), default="dot",
+                  help="dot (default): DataComp's argmax x.c; l2: the corrected nearest-centroid rule"),
+            Param("--lid-model", help="fastText language-ID model (default: bundled lid.176.ftz; 'datacomp': "
+                                      "DataComp's lid.176.bin)"),
+            Param("--batch-size", int, default=1024, help="rows per assignment batch (default 1024)"),
+            Param("--device", default="auto", help="torch device for the assignment (default: cuda when present)"))
+    + ASSET_PARAMS))
+
+
+def _centroids_command(a) -> None:
+    meta = build_centroids(a.out, pool=a.pool, features=a.features, clusters=a.clusters, niter=a.niter,
+                           seed=a.seed, caption_filter=not a.no_caption_filter, train_sample=a.train_sample,
+                           within=a.within, lid_model=a.lid_model, gpu=a.gpu)
+    print(f"{a.out}: {meta['k']} centroids of width {meta['dim']} from {meta['trained_on']} vectors")
+
+
+register(FilterSpec(
+    "image-based-centroids", "build centroids for image-based with DataComp's recipe (caption filter, faiss L2 "
+                             "k-means, 20 iterations, seed 0) from your pool or a feature file",
+    command=_centroids_command, common=False, jobs=False,
+    params=(Param("--pool", group="source", required=True,
+                  help="DataComp metadata directory (its l14_img embeddings are clustered)"),
+            Param("--features", metavar="FILE", group="source",
+                  help="cluster these features instead (.npy, or .pt with image_features)"),
+            Param("--out", required=True, help="centroids .npy (a .json with the settings is written beside it)"),
+            Param("--clusters", int, required=True, help="k (DataComp's: 100000)"),
+            Param("--niter", int, default=20, help="k-means iterations (default 20, DataComp's)"),
+            Param("--seed", int, default=0, help="k-means and sample seed (default 0, DataComp's)"),
+            Param("--train-sample", int_arg("--train-sample", 1),
+                  help="cluster only this many candidates, those with the smallest seeded uid hashes (default all)"),
+            Param("--no-caption-filter", action="store_true",
+                  help="cluster every candidate, not only captions passing DataComp's caption filter"),
+            Param("--within", metavar="PREV.npy", help="only cluster uids of this keep-list"),
+            Param("--lid-model", help="fastText language-ID model (default: bundled lid.176.ftz; 'datacomp': "
+                                      "DataComp's lid.176.bin)"),
+            Param("--gpu", choices=("auto", "yes", "no"), default="auto",
+                  help="faiss on GPU (default: when available)"))))

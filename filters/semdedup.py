@@ -447,4 +447,49 @@ def _forget_other_worlds(stage, world: int) -> None:
             p.unlink()
 
 
-semdedup.uses_clustering = True
+from conceptprune.checks import float_arg, fraction_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+
+def _explain(view, q, kept: bool) -> dict:
+    """M_j against 1 - eps, and the earlier near-duplicate that removed a dropped sample."""
+    from conceptprune import uids as U
+
+    eps = view.eps()
+    out = {"eps": eps}
+    for res in view.semdedup_results():
+        m = (res["hi"] == q[0]["f0"]) & (res["lo"] == q[0]["f1"])
+        if m.any():
+            r = res[m][0]
+            out.update(cluster=int(r["cluster"]), distance=float(r["dist"]), M=float(r["M"]))
+            break
+    else:
+        out["why"] = "no stored SemDeDup result for this uid"
+        return out
+    if eps is not None:
+        out["why"] = (f"M_j {out['M']:.5f} {'<=' if kept else '>'} 1 - eps = {1 - eps:.5f} "
+                      f"(cluster {out['cluster']})")
+    if not kept and view.pool_dir is not None:
+        partner, sim = view.near_duplicate(q)
+        pu = U.pair_to_uid(*partner[0])
+        out.update(removed_by=pu, similarity=float(sim[0]), removed_by_kept=view.kept(partner[0].reshape(1)))
+        out["why"] = out.get("why", "") + f"; near duplicate of {pu} (cos {sim[0]:.5f})"
+    return out
+
+
+register(FilterSpec(
+    "semdedup", "SemDeDup: remove near-duplicates inside each k-means cluster (eps or a target size)", semdedup,
+    runs_as="clustering", embeddings=True, clustering=True, explain=_explain,
+    default_clusters=f"candidates / {SEMDEDUP_CLUSTER_SIZE}",
+    params=(Param("--eps", float_arg("--eps", 0.0, 1.0, max_open=True), group="size", required=True,
+                  help="remove j when max similarity to an earlier member > 1 - eps (eps in [0, 1))"),
+            Param("--target-fraction", fraction_arg("--target-fraction"), group="size", required=True,
+                  help="keep this fraction: the eps that hits it is read off the stored similarities"),
+            Param("--rule", choices=("paper", "greedy", "components"), default="paper",
+                  help="paper (default): compare with every earlier member; greedy: only with kept ones; "
+                       "components: one per connected component"),
+            Param("--pairwise", choices=("auto", "fp32", "bf16-recheck"), default="auto",
+                  help="how M is computed; every choice gives float32's exact bits where a decision depends "
+                       "on them. auto (default): a bfloat16 GEMM plus an exact recheck near the eps threshold "
+                       "where bfloat16 is fast (CUDA, AMX CPUs), else float32"))))

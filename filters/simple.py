@@ -78,4 +78,12 @@ def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None, ex
                         {"pool": pool.rows, "candidates": n})
 
 
-keep_all.uses_rows = random_subset.uses_rows = True
+from conceptprune.checks import fraction_arg, seed_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec("none", "keep every uid of the pool (or of --within)", keep_all, runs_as="rows"))
+register(FilterSpec(
+    "random", "keep exactly round(F * N) uids chosen at random (seeded)", random_subset, runs_as="rows", sweep=True,
+    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of candidates to keep, in (0, 1]"),
+            Param("--seed", seed_arg(), default=0, help="random seed (default 0)"))))

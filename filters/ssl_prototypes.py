@@ -26,7 +26,7 @@ ORDERS = {"hard": "largest", "easy": "smallest"}
 
 
 def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float | None = None, within=None,
-                   clustering: ClusteringConfig | None = None, executor: "Executor | str | None" = None,
+                   clustering: ClusteringConfig | None = None, executor: "Executor | None" = None,
                    out=None) -> FilterResult | None:
     """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
     fraction = check_fraction(fraction)
@@ -80,4 +80,17 @@ def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float 
                                                    f"(k={cl.k}, balance={balance})"))
 
 
-ssl_prototypes.uses_clustering = True
+from conceptprune.checks import float_arg, fraction_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec(
+    "ssl-prototypes", "SSL prototypes (Sorscher et al.): keep the hardest/easiest by distance to the centroid",
+    ssl_prototypes, runs_as="clustering", embeddings=True, clustering=True, sweep=True,
+    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of the candidates to keep, in (0, 1]"),
+            Param("--prefer", choices=("hard", "easy"), default="hard", keyword="keep",
+                  help="hard (abundant data, default) or easy (scarce data)"),
+            Param("--balance", float_arg("--balance", 0.0, 1.0), default=None,
+                  help="per-cluster floor R: each cluster keeps at least min(R*N/k, n_j) (the DBP paper's "
+                       "SSP baseline uses 0.5)")),
+    renamed=(("--keep", "--prefer", "--keep names a keep-list elsewhere"),)))

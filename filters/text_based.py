@@ -210,3 +210,20 @@ def text_based(pool: Pool, *, within=None, lid_model=None, synsets=None, wordnet
               "wordnet": str(wn.path), "match_pos": match_pos}
     return FilterResult("text-based", kept, params, {"pool": pool.rows, "candidates": n},
                         stats={"rejected_by": reasons})
+
+
+from .assets import ASSET_PARAMS  # noqa: E402
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec(
+    "text-based", "DataComp's text-based filter: English caption (fastText) with a word whose first WordNet synset "
+                  "is an ImageNet-21k class", text_based, jobs=False,
+    params=(Param("--lid-model", help="fastText language-ID model (default: the bundled lid.176.ftz; 'datacomp': "
+                                      "DataComp's lid.176.bin, fetched once into ~/.cache/fasttext)"),
+            Param("--synsets", metavar="IDS.txt",
+                  help="WordNet ids to match, one n######## a line (default: DataComp's imagenet21k_wordnet_ids.txt)"),
+            Param("--wordnet", metavar="DIR",
+                  help="WordNet 3.0 dict folder (default: $WORDNET_DIR, else /usr/share/wordnet from wordnet-base)"),
+            Param("--match-pos", action="store_true",
+                  help="corrected variant: only noun synsets match (DataComp compares the bare offset)"))
+    + ASSET_PARAMS))

@@ -24,7 +24,15 @@ from conceptprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CLUSTER_METHODS = ("dbp", "semdedup", "ssl-prototypes")
+
+
+def runs_on_clustering(method: str) -> bool:
+    """Whether a step's filter ran on a clustering folder (the filter registry says; a method no
+    longer registered: no)."""
+    from conceptprune.filters.registry import load
+
+    spec = load().get(method)
+    return spec is not None and spec.runs_as == "clustering"
 
 
 def resolve(p: str | None, near: Path) -> Path | None:
@@ -144,12 +152,12 @@ def load_step(path: str | os.PathLike) -> Step:
         import pandas as pd
 
         step.table = pd.read_parquet(tp)
-    if step.method in CLUSTER_METHODS:
+    if runs_on_clustering(step.method):
         cd = resolve(step.params.get("clustering"), path) or (path.with_suffix(".clustering")
                                                               if path.with_suffix(".clustering").is_dir() else None)
         if cd is not None and (cd / "clustering.json").exists():
             step.clustering_dir = cd
-        else:
+        elif step.params.get("clustering"):  # (image-based with DataComp's centroids has none)
             log.warning("%s: clustering folder %s not found; per-row cluster views are skipped",
                         path, step.params.get("clustering"))
     return step
