@@ -105,12 +105,22 @@ def fetch(name: str, root: str | os.PathLike | None = None, base_url: str | None
         log.warning("%s exists but its SHA-256 does not match; downloading it again", target)
     mirror = base_url or os.environ.get(URL_ENV)
     url = f"{(mirror or RELEASE_URL).rstrip('/')}/{asset.filename}" if mirror or not asset.url else asset.url
+    if offline() and not url.startswith("file:"):
+        raise ConfigError(f"DataComp asset {name} is not in {target.parent} and HF_HUB_OFFLINE is set: fetch it "
+                          f"where there is a network (`conceptprune filter baseline-assets`) and copy it there "
+                          f"as {target.name}, or point --assets-url / {URL_ENV} at a file:// mirror")
     _download(url, target)
     got = sha256_of(target)
     if got != asset.sha256:
         target.unlink()
         raise ConfigError(f"{url}: downloaded, but its SHA-256 is {got}, not DataComp's {asset.sha256}")
     return target
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or CONCEPTPRUNE_OFFLINE) asks for no network: assets are not fetched."""
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no", "off")
+               for v in ("HF_HUB_OFFLINE", "CONCEPTPRUNE_OFFLINE"))
 
 
 def _download(url: str, target: Path) -> None:

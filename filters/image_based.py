@@ -134,7 +134,7 @@ def image_based(pool: Pool, *, within=None, scale: str | None = None, centroids=
                               "and --assign (unit centroids: the dot rule is the nearest centroid)")
         return engine_image_based(pool, within, reference, lid_model, batch_size, device, assets_dir, assets_url,
                                   clustering=clustering, executor=executor, out=out)
-    c_path = resolve_centroids(scale, centroids, assets_dir, assets_url)
+    c_path = resolve_centroids(scale, centroids, assets_dir, assets_url)  # assets before any work
     r_paths = resolve_reference(reference, assets_dir, assets_url)
     c = load_centroids(c_path)
     if pool.dim != c.shape[1]:
@@ -173,15 +173,23 @@ def engine_image_based(pool: Pool, within, reference, lid_model, batch_size, dev
     from .assets import load_reference
     from .clustering import clustering_for
 
-    cl = clustering_for(pool, clustering, within, executor, out=out)
+    # the reference (fetched when not given) and the language model before any k-means
+    r_paths = resolve_reference(reference, assets_dir, assets_url)
+    ref = load_reference(r_paths, keep_half=True)
+    lid = LanguageId(lid_model)
+    # trained on the pool, not on --within: each row's cluster and the targets then do not depend
+    # on the candidates, so image-based --within clip.npy is exactly image-based AND CLIP score
+    # (DataComp's intersection), as with fixed centroids
+    cl = clustering_for(pool, clustering, as_within(None), executor, out=out)
     if cl is None:
         return None
-    r_paths = resolve_reference(reference, assets_dir, assets_url)
+    if ref.shape[1] != cl.centroids.shape[1]:
+        raise ConfigError(f"{', '.join(map(str, r_paths))}: features are {ref.shape[1]}-d but the pool's "
+                          f"{pool.embedding_key} is {cl.centroids.shape[1]}-d")
     assigner = Assigner(cl.centroids, "dot", batch_size, device)
-    targets = target_centroids(assigner, load_reference(r_paths, keep_half=True), r_paths)
+    targets = target_centroids(assigner, ref, r_paths)
     is_target = np.zeros(cl.k, dtype=bool)
     is_target[targets] = True
-    lid = LanguageId(lid_model)
     caption_ok = np.zeros(pool.rows, dtype=bool)
     for chunk in pool.iter_chunks(["text"], progress="image-based: captions"):
         rows = np.flatnonzero(within.mask(chunk.uids))

@@ -186,13 +186,15 @@ def text_based(pool: Pool, *, within=None, lid_model=None, synsets=None, wordnet
     """``synsets``: the ImageNet-21k id list (default: DataComp's, fetched into its cache)."""
     from .assets import imagenet21k_ids
 
-    within = as_within(within)
-    lid = LanguageId(lid_model)
-    wn = WordNet(wordnet)
+    # the synset list first (offline, DataComp's is fetched only if cached: assets.offline), then
+    # WordNet and the language model: every input resolved before the pool is read
     ids_path = Path(synsets) if synsets else imagenet21k_ids(assets_dir, assets_url)
     if not ids_path.is_file():
         raise ConfigError(f"--synsets {ids_path}: file not found")
     ids = read_synset_ids(ids_path)
+    wn = WordNet(wordnet)
+    lid = LanguageId(lid_model)
+    within = as_within(within)
     kept, n = UidCollector(), 0
     reasons = {"not_english": 0, "no_imagenet21k_word": 0}
     for chunk in pool.iter_chunks(["text"], progress="text-based filter"):

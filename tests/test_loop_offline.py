@@ -114,3 +114,66 @@ def test_another_eps_reuses_the_stored_m(tmp_path, caplog):
     assert (run_filter(semdedup, pool, tmp_path / "fb.npy", eps=0.3, **fresh).uids == b.uids).all()
     fresh["clustering"] = ClusteringConfig(dir=tmp_path / "g", clusters=4)
     assert (run_filter(semdedup, pool, tmp_path / "fc.npy", target_fraction=0.5, **fresh).uids == c.uids).all()
+
+
+# -- fail before the work, offline ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def l14_pool(tmp_path):
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=2000, files=1, seed=9, concepts=6,
+                                                     embedding_keys=("l14_img",)), progress=False)
+    return tmp_path / "pool"
+
+
+def test_image_based_without_reference_offline_fails_before_kmeans(l14_pool, tmp_path, monkeypatch):
+    from conceptprune.errors import ConfigError
+    from conceptprune.filters import image_based, run_filter
+    from conceptprune.filters.clustering_config import ClusteringConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CONCEPTPRUNE_DATACOMP_ASSETS", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set.*baseline-assets"):
+        run_filter(image_based, l14_pool, tmp_path / "ib.npy", embedding_key="l14_img",
+                   clustering=ClusteringConfig(clusters=4, dir=tmp_path / "c"), executor="inline")
+    assert not (tmp_path / "c" / "centroids.npy").exists() and not (tmp_path / "ib.npy").exists()
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):  # DataComp's centroids likewise
+        run_filter(image_based, l14_pool, tmp_path / "ib.npy", embedding_key="l14_img", scale="small",
+                   reference=str(tmp_path / "nothing.npy"))
+
+
+def test_text_based_offline_without_synsets_fails_first(l14_pool, tmp_path, monkeypatch):
+    import time
+
+    from conceptprune.errors import ConfigError
+    from conceptprune.filters import run_filter, text_based
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CONCEPTPRUNE_DATACOMP_ASSETS", str(tmp_path / "empty-cache"))
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="imagenet21k.*HF_HUB_OFFLINE is set"):
+        run_filter(text_based, l14_pool, tmp_path / "tb.npy")
+    assert time.time() - t0 < 5
+
+
+def test_engine_image_based_within_clip_is_the_intersection(l14_pool, tmp_path):
+    """image-based --clusters K --within clip.npy == (image-based --clusters K) ∩ clip.npy:
+    the engine's clustering is trained on the pool, not on the candidates."""
+    from conceptprune import keeplist as K
+    from conceptprune.filters import clip_score, image_based, run_filter
+    from conceptprune.filters.clustering_config import ClusteringConfig
+
+    import pyarrow.parquet as pq
+
+    concept = pq.read_table(next((l14_pool / "_planted").glob("*.parquet"))).column("concept").to_numpy()
+    x = np.load(next(l14_pool.glob("*.npz")))["l14_img"][np.flatnonzero(concept == 0)[:5]].astype(np.float32)
+    np.save(tmp_path / "ref.npy", x)
+    clip = run_filter(clip_score, l14_pool, tmp_path / "clip.npy", fraction=0.3)
+    cfg = {"embedding_key": "l14_img", "reference": str(tmp_path / "ref.npy"), "executor": "inline"}
+    alone = run_filter(image_based, l14_pool, tmp_path / "ib.npy",
+                       clustering=ClusteringConfig(clusters=30, niter=5, dir=tmp_path / "c1"), **cfg)
+    both = run_filter(image_based, l14_pool, tmp_path / "ibc.npy", within=tmp_path / "clip.npy",
+                      clustering=ClusteringConfig(clusters=30, niter=5, dir=tmp_path / "c2"), **cfg)
+    expect = K.intersect(K.read_keep_list(tmp_path / "ib.npy"), K.read_keep_list(tmp_path / "clip.npy"))
+    assert 0 < len(both.uids) < len(alone.uids)
+    assert np.array_equal(K.read_keep_list(tmp_path / "ibc.npy"), expect)
