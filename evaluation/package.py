@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 import time
 import urllib.error
@@ -64,6 +65,7 @@ def package(results: str, keep_list: str | list, scale: str, out: str, checkpoin
         K.read_keep_list(k)  # a valid keep-list
     if checkpoint and not Path(checkpoint).is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: not found")
+    _check_out(out, scale, [results, *keep_lists, *([checkpoint] if checkpoint else [])])
     d = Path(out) / f"{scale}_scale"
     (d / "samples").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results, d / "results.jsonl")
@@ -134,12 +136,18 @@ def leaderboard_record(results: str | Path, info: dict, *, method_name: str, aut
                     ("--hf-username", hf_username), ("--hf-repo-name", hf_repo_name)):
         if not v or not str(v).strip():
             raise ConfigError(f"{flag} is required for a submission")
+    check_hf_name("--hf-username", hf_username)
+    check_hf_name("--hf-repo-name", hf_repo_name)
     if track not in TRACKS:
         raise ConfigError(f"--track must be one of {', '.join(TRACKS)}")
     if "scale" not in info or info["scale"] not in SCALES:
         raise ConfigError(f"the run's scale {info.get('scale')!r} is not a DataComp scale ({', '.join(SCALES)})")
     rows = load(results)
     config = info["scale_config"]
+    missing = [k for k in ("model", "train_num_samples", "batch_size", "learning_rate") if k not in config]
+    if missing or "checkpoint" not in info:
+        raise ConfigError(f"the run's training facts lack {', '.join(missing or ['checkpoint'])} "
+                          "(a DataComp info.pkl holds scale, checkpoint and scale_config)")
     if dataset_size == "keep-list":
         if not keep_lists:
             raise ConfigError("--dataset-size keep-list needs the keep-list(s)")
@@ -160,17 +168,55 @@ def leaderboard_record(results: str | Path, info: dict, *, method_name: str, aut
     return record
 
 
+_HF_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def check_hf_name(flag: str, value: str) -> str:
+    """A Hugging Face user or repository name (letters, digits, ``-``, ``_``, ``.``; at most 96;
+    no ``--`` or ``..``): it goes into the Hub's repository id and the database URL as is."""
+    v = str(value)
+    if not _HF_NAME.fullmatch(v) or "--" in v or ".." in v:
+        raise ConfigError(f"{flag} {value!r} is not a Hugging Face name (letters, digits, '-', '_', '.'; "
+                          "starts and ends with a letter or digit; at most 96 characters)")
+    return v
+
+
+def run_checkpoint(run: str | Path, info: dict) -> Path:
+    """The checkpoint the run's record names, accepted only inside the run folder and only if it
+    is a PyTorch checkpoint (a zip archive with ``data.pkl``): ``info.pkl``/``run.json`` are
+    inputs, and ``--upload-checkpoint`` publishes the file."""
+    import zipfile
+
+    from conceptprune.paths import check_inside
+
+    where = f"--upload-checkpoint: the checkpoint named by {run}"
+    path = check_inside(str(info.get("checkpoint", "")), run, where)
+    if not path.is_file():
+        raise ConfigError(f"{where} ({path}) is not there")
+    try:
+        with zipfile.ZipFile(path) as z:
+            ok = any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where} ({path}) is not a checkpoint (torch.save's zip archive)")
+    return path
+
+
 def record_key(record: dict) -> str:
     return f"{record['hf_username']}__{record['hf_repo_name']}__{record['timestamp']}".replace(".", "_")
 
 
-def notification(record: dict, results: dict) -> str:
+def notification(record: dict, results: dict, where: str = "the results") -> str:
     """DataComp's Slack message for a submission."""
     import numpy as np
 
     avg = float(np.mean([r["metrics"]["main_metric"] for r in results.values()
                          if r["metrics"].get("main_metric") is not None]))
-    imagenet = results["imagenet1k"]["metrics"]["acc1"]
+    m = results.get("imagenet1k", {}).get("metrics", {})
+    imagenet = m.get("acc1", m.get("main_metric"))
+    if isinstance(imagenet, bool) or not isinstance(imagenet, (int, float)):
+        raise ConfigError(f"{where}: imagenet1k has no accuracy (acc1 or main_metric) for the notification")
     msg = (f"New submission ({record['scale']} scale, {record['track']} track): {record['method_name']}. "
            f"ImageNet accuracy: {imagenet:.3f}. Average performance {avg:.3f}. "
            f"From {record['author']} ({record['email']}), more details at "
@@ -191,23 +237,82 @@ def submit(run: str, results: str, keep_lists: list, out: str, *, method_name: s
     record = leaderboard_record(results, info, method_name=method_name, author=author, email=email,
                                 hf_username=hf_username, hf_repo_name=hf_repo_name, track=track, writeup=writeup,
                                 dataset_size=dataset_size, keep_lists=keep_lists)
-    ckpt = str(info["checkpoint"]) if upload_checkpoint else None
-    if ckpt and not Path(ckpt).is_file():
-        raise ConfigError(f"--upload-checkpoint: the run's checkpoint {ckpt} is not there")
+    # everything is checked before the first file is written or the first request is sent
+    ckpt = str(run_checkpoint(run, info)) if upload_checkpoint else None
+    message = notification(record, load(results), str(results)) if notify_url else None
+    _check_out(out, info["scale"], [results, *keep_lists])
+    state_path = Path(out) / SUBMITTED
+    state = _read_state(state_path)
+    content = _content_digest(record, results, keep_lists, ckpt)
+    if state.get("content") == content:  # the same submission again: same key, finished steps skipped
+        record["timestamp"] = state["timestamp"]
+    else:
+        state = {"content": content, "timestamp": record["timestamp"], "steps": {}}
     bundle = package(results, keep_lists, info["scale"], out, ckpt)
     write_json(Path(out) / RECORD, record)
     done = {"bundle": str(bundle), "record": str(Path(out) / RECORD), "key": record_key(record)}
     if not do_upload:
         return done
+    steps = state["steps"]
+
+    def step(name: str, value) -> None:
+        steps[name] = value
+        write_json(state_path, state)  # after each step: a rerun resumes after it
+
     if not skip_hf:
-        done["commit"] = _push_bundle(bundle, f"{hf_username}/{hf_repo_name}", info["scale"], hf_endpoint, token)
+        if "hub" not in steps:
+            step("hub", _push_bundle(bundle, f"{hf_username}/{hf_repo_name}", info["scale"], hf_endpoint, token))
+        done["commit"] = steps["hub"]
     if not skip_db:
         url = f"{db_url.rstrip('/')}/{record_key(record)}.json"
-        _put_json(url, record, "the leaderboard database")
+        if steps.get("db") != url:
+            _put_json(url, record, "the leaderboard database")
+            step("db", url)
         done["db"] = url
-    if notify_url:
-        _put_json(notify_url, {"text": notification(record, load(results))}, "the notification hook")
+    if notify_url and steps.get("notify") != notify_url:
+        _put_json(notify_url, {"text": message}, "the notification hook")
+        step("notify", notify_url)
     return done
+
+
+SUBMITTED = ".submission_state.json"
+
+
+def _check_out(out: str | Path, scale: str, inputs: list) -> None:
+    """``--out`` is a folder, and no input lies where the bundle is written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder")
+    bundle = out / f"{scale}_scale"
+    from conceptprune.paths import is_within
+
+    for p in inputs:
+        if is_within(p, bundle) or is_within(p, out / RECORD) or is_within(p, out / SUBMITTED):
+            raise ConfigError(f"--out {out}: the bundle would overwrite the input {p}; choose another folder")
+
+
+def _read_state(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or "timestamp" not in state:
+        raise ConfigError(f"{path}: damaged submission state (not the JSON this command writes); "
+                          "remove it only if nothing of this submission was uploaded")
+    return state
+
+
+def _content_digest(record: dict, results, keep_lists: list, ckpt: str | None) -> str:
+    """What is submitted, less the timestamp: the record's fields and the bundle's files' bytes."""
+    import hashlib
+
+    from conceptprune.atomic import file_digest
+
+    fields = {k: v for k, v in record.items() if k != "timestamp"}
+    files = [file_digest(p) for p in [results, *keep_lists, *([ckpt] if ckpt else [])]]
+    return hashlib.sha256(json.dumps([fields, files], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _push_bundle(bundle: Path, repo_id: str, scale: str, endpoint: str | None, token: str | None) -> str:
