@@ -16,7 +16,10 @@ def register(sub) -> None:
                                    "submit (bundle + leaderboard record).")
     p.add_argument("--list-tasks", action="store_true",
                    help="print the 40 tasks (source, size; with --data-dir also each one's state there) and exit")
-    p.add_argument("--model", help="training run folder (run.json) or an open_clip checkpoint")
+    p.add_argument("--model", help="training run folder (run.json), an open_clip checkpoint file, or a released "
+                                   "OpenCLIP checkpoint as openclip:ARCH/PRETRAINED (e.g. "
+                                   "openclip:ViT-B-32/commonpool_m_clip_s128m_b4k; open_clip's pretrained registry, "
+                                   "weights from the Hugging Face cache)")
     p.add_argument("--arch", help="open_clip architecture (default: the run's, else ViT-B-32)")
     p.add_argument("--data-dir", help="folder of evaluation sets: made by 'evaluate download' or by DataComp's "
                                       "download_evalsets.py (wds_<name>_test/ + hf_cache/), as is")
@@ -59,11 +62,11 @@ def register(sub) -> None:
     q.set_defaults(func=_upload)
 
     p = sub.add_parser("compare", help="results files per task and in aggregates next to published baselines, "
-                                       "with 95% intervals and verdicts",
+                                       "with 95%% intervals and verdicts",
                        description="Each results file per task and in DataComp's aggregates (ImageNet, ImageNet dist. "
                                    "shifts, VTAB, Retrieval, Average over 38) next to the DataComp baselines of a "
                                    "scale and any OpenCLIP checkpoint or leaderboard entry (--against); every "
-                                   "difference gets a 95% interval and a verdict (better, worse, within noise): a "
+                                   "difference gets a 95%% interval and a verdict (better, worse, within noise): a "
                                    "paired bootstrap between your runs, the run's bootstrap widened by DataComp's "
                                    "seed noise against a published result. Prints where each run would rank on "
                                    "the scale's leaderboard.")

@@ -489,8 +489,6 @@ def _html(md_parts, plots) -> str:
             f"{B.SEED_NOISE['imagenet1k']}, average {B.SEED_NOISE['Average']}, other tasks {B.SEED_NOISE_OTHER}).")
             + "</p><ul>" + "".join(f"<li>{_esc(_summary_line(s).lstrip('- ').replace('**', ''))}</li>"
                                    for s in summary) + "</ul>")
-    for p in plots:
-        parts.append(f"<img src='{_esc(p.name)}' alt='{_esc(p.stem)}'>")
     if detail:
         rows = []
         for r in per_task:
@@ -504,6 +502,9 @@ def _html(md_parts, plots) -> str:
                                   r[c + " verdict"].split()[0]))
             rows.append(cells)
         parts += ["<h2>Per-task differences</h2>", table(["task", *[f"{a} - {b}" for a, b in detail]], rows)]
+    parts.append("<h2>Plots</h2>")
+    for p in plots:
+        parts.append(f"<img src='{_esc(p.name)}' alt='{_esc(p.stem)}'>")
     cols = [s.name for s in runs + bases]
     parts += ["<h2>Per task (main metric)</h2>",
               table(["task", *cols], [[(r["task"], "l")] + [(_fmt(r[c]), "") for c in cols] for r in per_task])]

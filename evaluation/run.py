@@ -33,6 +33,7 @@ from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
 from conceptprune.slurm.stage import Executor, Stage
 
+from . import bootstrap as BS
 from . import metrics as M
 from .tasks import BY_KEY, Task, select
 
@@ -47,8 +48,50 @@ class EvaluationError(ConceptPruneError):
 # -- the model ---------------------------------------------------------------------------------
 
 
+OPENCLIP = "openclip:"
+
+
+def resolve_openclip(spec: str) -> tuple[str, str, str]:
+    """``ARCH/PRETRAINED`` -> (arch, pretrained tag, local weights file) through open_clip's own
+    pretrained registry and its Hugging Face Hub download (the Hub's cache: HF_HOME / HF_HUB_CACHE).
+    Offline (HF_HUB_OFFLINE=1, or no network) only cached weights resolve."""
+    import os
+
+    from open_clip import pretrained as P
+
+    arch, _, tag = spec.partition("/")
+    if not arch or not tag:
+        raise ConfigError(f"--model {OPENCLIP}{spec}: write {OPENCLIP}ARCH/PRETRAINED, e.g. "
+                          f"{OPENCLIP}ViT-B-32/commonpool_m_clip_s128m_b4k")
+    cfg = P.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = P.list_pretrained_tags_by_model(arch)
+        raise ConfigError(f"--model {OPENCLIP}{spec}: open_clip has no pretrained weights {tag!r} for {arch!r}"
+                          + (f" (it has: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''})" if tags
+                             else " (unknown architecture)"))
+    try:
+        path = P.download_pretrained(cfg)
+    except Exception as e:  # huggingface_hub's offline and network errors vary
+        from huggingface_hub import constants
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or constants.HF_HUB_OFFLINE
+        raise EvaluationError(f"--model {OPENCLIP}{spec}: the weights ({cfg.get('hf_hub') or cfg.get('url')}) are not in "
+                              f"the Hugging Face cache {constants.HF_HUB_CACHE} and "
+                              + ("HF_HUB_OFFLINE is set" if offline else "could not be downloaded")
+                              + f": {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+    if not path or not Path(path).is_file():
+        raise EvaluationError(f"--model {OPENCLIP}{spec}: open_clip resolved no weights file ({path!r})")
+    return arch, tag, str(path)
+
+
 def resolve_model(model: str, arch: str | None) -> tuple[str, str]:
-    """(architecture, checkpoint) from a run folder (its run.json) or a checkpoint file."""
+    """(architecture, checkpoint) from a run folder (its run.json), a checkpoint file or
+    ``openclip:ARCH/PRETRAINED`` (the checkpoint is then open_clip's pretrained tag)."""
+    if model.startswith(OPENCLIP):
+        a, tag, _ = resolve_openclip(model[len(OPENCLIP):])
+        if arch and arch != a:
+            raise ConfigError(f"--arch {arch} contradicts --model {model} (its architecture is {a})")
+        return a, tag
     p = Path(model)
     if p.is_dir():
         run = p / "run.json"
@@ -136,6 +179,8 @@ class Evaluator:
     workers: int = 1  # data-loading processes (0 or 1)
     precision: str = "amp"  # DataComp's autocast choices on CUDA; "fp32" everywhere else or on request
     _model: tuple | None = field(default=None, repr=False)
+    _outcome: dict | None = field(default=None, repr=False)  # the last task's per-example outcomes
+    _sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -159,7 +204,24 @@ class Evaluator:
 
     def __getstate__(self) -> dict:
         """A job gets the recipe, never the loaded weights (each job loads the model itself)."""
-        return {**self.__dict__, "_model": None}
+        return {**self.__dict__, "_model": None, "_outcome": None}
+
+    def checkpoint_sha256(self) -> str | None:
+        """The checkpoint file's sha256 (computed once), recorded with the per-example outcomes
+        (an open_clip pretrained tag: the weights file it resolves to in the Hugging Face cache)."""
+        if self._sha256 is None and self.checkpoint:
+            from conceptprune.atomic import file_digest
+
+            path = self.checkpoint
+            if not Path(path).is_file():
+                path = resolve_openclip(f"{self.arch}/{self.checkpoint}")[2]
+            self._sha256 = file_digest(path)
+        return self._sha256
+
+    def take_outcome(self) -> dict:
+        """The per-example outcomes of the task just run (see bootstrap), then forgotten."""
+        out, self._outcome = self._outcome or {}, None
+        return out
 
     def model(self):
         if self._model is None:
@@ -175,6 +237,7 @@ class Evaluator:
 
     def run(self, task: Task) -> dict:
         d = task_dir(self.data_dir, task)
+        self._outcome = None
         fn = {"zeroshot_classification": self._classification, "retrieval": self._retrieval,
               "wilds": self._wilds, "fairness": self._fairness, "winogavil": self._winogavil}[task.type]
         metrics = fn(task, d)
@@ -229,10 +292,15 @@ class Evaluator:
         return (M.classification_metrics(logits, target, len(classes)), logits, target, *rest)
 
     def _classification(self, task: Task, d: Path) -> dict:
-        return self._classify(task, d)[0]
+        metrics, logits, target = self._classify(task, d)
+        self._outcome = {"pred": logits.argmax(1).numpy(), "target": target.numpy()}
+        return metrics
 
     def _wilds(self, task: Task, d: Path) -> dict:
         metrics, logits, target, meta = self._classify(task, d, ("cls", "npy"))
+        pred = logits.argmax(1).numpy()
+        self._outcome = {"pred": pred, "target": target.numpy(), "correct": pred == target.numpy(),
+                         "group": meta.numpy()[:, 0]}  # FMoW: region (DataComp's first npy column)
         if task.key not in M.FIELDS:  # your own WILDS-like task: accuracy by each metadata column
             return {**metrics, **_custom_groups(task, logits.argmax(1).numpy() == target.numpy(), meta.numpy())}
         metrics.update(M.wilds_metrics(task.key, logits.argmax(1).numpy(), target.numpy(), meta.numpy()))
@@ -242,8 +310,13 @@ class Evaluator:
         if task.key in ("fairness/fairface", "fairness/utkface"):
             return self._fairface(task, d)
         metrics, logits, target, meta = self._classify(task, d, ("cls", "npy"))
+        pred = logits.argmax(1).numpy()
+        self._outcome = {"pred": pred, "target": target.numpy(), "correct": pred == target.numpy(),
+                         "group": meta.numpy()[:, 0]}  # GeoDE: region; Dollar Street: income_ds
         if task.key == "fairness/dollar_street":
-            metrics.update(M.dollar_street_metrics(M.topk_predictions(logits, 5), target.numpy(), meta.numpy()))
+            top5 = M.topk_predictions(logits, 5)
+            self._outcome["correct"] = (top5 == target.numpy()[:, None]).any(axis=1)
+            metrics.update(M.dollar_street_metrics(top5, target.numpy(), meta.numpy()))
         elif task.key == "fairness/geode":
             metrics.update(M.geode_metrics(logits.argmax(1).numpy(), target.numpy(), meta.numpy()))
         else:
@@ -271,14 +344,14 @@ class Evaluator:
 
     def _retrieval(self, task: Task, d: Path) -> dict:
         from clip_benchmark.datasets.builder import build_dataset
-        from clip_benchmark.metrics import zeroshot_retrieval
 
         model, preprocess, tokenizer, device = self.model()
         ds = build_dataset(f"wds/{task.folder}", root=str(d), transform=preprocess, split="test", download=False,
                            task="zeroshot_retrieval")
         n = _count_samples(d)
         ks = [k for k in (1, 5, 10) if k <= n]  # DataComp: [1, 5, 10] (clip_benchmark needs k <= images)
-        out = zeroshot_retrieval.evaluate(model, self.loader(ds), tokenizer, device, amp=self.amp, recall_k_list=ks)
+        out, hits = _retrieval_hits(model, self.loader(ds), tokenizer, device, self.amp, ks)
+        self._outcome = hits
         out["mean_recall@1"] = 0.5 * (out["text_retrieval_recall@1"] + out["image_retrieval_recall@1"])
         if task.key not in BY_KEY:  # your own retrieval task: mean recall at every k (DataComp writes @1 only)
             for k in ks[1:]:
@@ -315,7 +388,40 @@ class Evaluator:
                 groups.append(len(cands))
         if not scores:
             raise EvaluationError(f"{task.key}: no samples in {d / 'test'}")
+        self._outcome = {"score": np.asarray(scores), "group": np.asarray(groups)}
         return M.winogavil_metrics(scores, groups)
+
+
+def _retrieval_hits(model, loader, tokenizer, device: str, amp: bool, ks: list[int]) -> tuple[dict, dict]:
+    """clip_benchmark's zeroshot_retrieval.evaluate (the same embedding pass and its own recall_at_k
+    and batchify), keeping the per-query recall@1 hits: (metrics, outcomes). text_hit is per image
+    (text retrieval: one of its captions first), image_hit per caption, caption_image its image."""
+    import torch
+    import torch.nn.functional as F
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, dataloader_with_indices, recall_at_k
+
+    img_list, txt_list, txt_image = [], [], []
+    for images, texts, inds in dataloader_with_indices(loader):
+        tok = tokenizer([t for ts in texts for t in ts]).to(device)
+        txt_image.extend(int(i) for i, ts in zip(inds, texts) for _ in ts)
+        with torch.no_grad(), torch.autocast(device.split(":")[0], enabled=amp):
+            img_list.append(F.normalize(model.encode_image(images.to(device)), dim=-1).cpu())
+            txt_list.append(F.normalize(model.encode_text(tok), dim=-1).cpu())
+    batch_size = len(img_list[0])
+    images_emb, texts_emb = torch.cat(img_list), torch.cat(txt_list)
+    scores = texts_emb @ images_emb.t()
+    positive = torch.zeros_like(scores, dtype=bool)
+    positive[torch.arange(len(scores)), txt_image] = True
+    metrics, hits = {}, {}
+    for k in ks:
+        image_hit = batchify(recall_at_k, scores, positive, batch_size, device, k=k) > 0
+        text_hit = batchify(recall_at_k, scores.T, positive.T, batch_size, device, k=k) > 0
+        metrics[f"image_retrieval_recall@{k}"] = image_hit.float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = text_hit.float().mean().item()
+        if k == 1:
+            hits = {"text_hit": text_hit.numpy(), "image_hit": image_hit.numpy(),
+                    "caption_image": np.asarray(txt_image)}
+    return metrics, hits
 
 
 def _member(sample, candidate: str, task: Task) -> bytes:
@@ -447,6 +553,9 @@ class EvalStage(Stage):
             task = select([key], self.evaluator.data_dir)[0]
             try:
                 row = self.evaluator.run(task)
+                # the outcomes first: a task is done once its row is in the part file
+                BS.save(out, task.key, task.main_metric, self.evaluator.take_outcome(),
+                        value=row["metrics"]["main_metric"], checkpoint_sha256=self.evaluator.checkpoint_sha256())
             except Exception as e:  # recorded; the other tasks still run
                 failed[key] = f"{type(e).__name__}: {e}"
                 log.error("%s failed: %s", key, failed[key])
@@ -466,14 +575,14 @@ def _all_rows(out: Path) -> list[dict]:
 
 
 def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None, tasks: list[str] | None = None,
-             batch_size: int = 64, device: str = "auto", executor: "Executor | str | None" = None,
+             batch_size: int = 64, device: str = "auto", executor: "Executor | None" = None,
              precision: str = "amp", loader_workers: int = 1) -> dict:
     """Evaluate and merge into OUTPUT/eval_results.jsonl; returns {'results', 'errors', 'model', 'run'}.
 
     ``precision``: "amp" (default) uses fp16 autocast where DataComp does, on CUDA only (on CPU
     everything is fp32); "fp32" never autocasts. What each task ran with is kept in eval_run.json.
     ``loader_workers``: data-loading processes per task (0 reads in the evaluating process)."""
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     arch, ckpt = resolve_model(model, arch)
     chosen = select(tasks, data_dir)
     out = Path(output)
@@ -483,7 +592,7 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     todo = [t.key for t in chosen if t.key not in done]
     errors = {}
     if todo:
-        if executor.kind != "slurm" and executor.workers <= 1:
+        if executor.in_launcher:
             evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
         # resume is per task, from the results: a stage is named after the tasks still to do
         stage = EvalStage(str(out), evaluator, todo, name=f"evaluate-{_tasks_id(todo)}")
