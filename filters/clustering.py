@@ -512,7 +512,12 @@ def _check_reusable(directory: Path, meta: dict, identity: dict, config: Cluster
         raise ConfigError(f"--clustering {directory} holds another clustering: {detail}; "
                           "use another folder or the same options")
     if meta["within"] != within_id(within):
-        log.warning("reusing clustering %s trained on another candidate set", directory)
+        if config.dir is not None:  # --clustering DIR: sharing one clustering was asked for
+            log.info("reusing clustering %s (trained on another candidate set, as --clustering asks)", directory)
+        else:  # the folder beside --out from an earlier run: this run alone would have trained another
+            log.warning("reusing clustering %s, trained on another candidate set by an earlier run; the result "
+                        "differs from a fresh clustering of these candidates: delete the folder or pass "
+                        "--clustering DIR to choose", directory)
     log.info("reusing clustering %s (k=%d)", directory, meta["k"])
 
 

@@ -369,7 +369,9 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
             kept.add(U.make_array(res["hi"][sel], res["lo"][sel]))
             kept_per += np.bincount(res["cluster"][sel], minlength=clustering.k)
         eps_used = eps
-    d_inter, cx = complexity(clustering, size, d_intra, 20)
+    # d_inter only fills SemDeDup's cluster table (DBP's 20 neighbours where there are as many):
+    # fewer clusters is no reason for DBP's warning here
+    d_inter, cx = complexity(clustering, size, d_intra, min(20, max(int((size > 0).sum()) - 1, 0)))
     table = cluster_table(size, d_intra, d_inter, cx, np.full(clustering.k, np.nan), kept_per)
     params = {"eps": eps, "target_fraction": target_fraction, "clusters": clustering.k, "rule": rule,
               "seed": seed, "clustering": str(clustering.dir), "train_sample": clustering.meta["train_sample"]}
@@ -467,14 +469,22 @@ def _explain(view, q, kept: bool) -> dict:
     else:
         out["why"] = "no stored SemDeDup result for this uid"
         return out
+    target = (view.params or {}).get("target_fraction")
     if eps is not None:
         out["why"] = (f"M_j {out['M']:.5f} {'<=' if kept else '>'} 1 - eps = {1 - eps:.5f} "
-                      f"(cluster {out['cluster']})")
+                      f"(cluster {out['cluster']}")
+        if target is not None:  # eps was not chosen: the target size forced it
+            out["eps_from_target_fraction"] = target
+            out["why"] += f"; eps {eps:.4g} is what --target-fraction {target:g} needed"
+        out["why"] += ")"
     if not kept and view.pool_dir is not None:
         partner, sim = view.near_duplicate(q)
         pu = U.pair_to_uid(*partner[0])
         out.update(removed_by=pu, similarity=float(sim[0]), removed_by_kept=view.kept(partner[0].reshape(1)))
         out["why"] = out.get("why", "") + f"; near duplicate of {pu} (cos {sim[0]:.5f})"
+        if target is not None and eps is not None and sim[0] < 0.9:  # the paper's eps are <= 0.1: say whose threshold this is
+            out["why"] += (f" only at the eps the target size forced ({eps:.3g}; SemDeDup's paper uses eps <= 0.1, "
+                           "cos >= 0.9)")
     return out
 
 

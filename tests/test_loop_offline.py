@@ -177,3 +177,43 @@ def test_engine_image_based_within_clip_is_the_intersection(l14_pool, tmp_path):
     expect = K.intersect(K.read_keep_list(tmp_path / "ib.npy"), K.read_keep_list(tmp_path / "clip.npy"))
     assert 0 < len(both.uids) < len(alone.uids)
     assert np.array_equal(K.read_keep_list(tmp_path / "ibc.npy"), expect)
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+def test_semdedup_with_few_clusters_prints_no_dbp_warning(l14_pool, tmp_path, caplog):
+    import logging
+
+    from conceptprune.filters import run_filter, semdedup
+    from conceptprune.filters.clustering_config import ClusteringConfig
+
+    with caplog.at_level(logging.INFO):
+        run_filter(semdedup, l14_pool, tmp_path / "sd.npy", embedding_key="l14_img", target_fraction=0.8,
+                   clustering=ClusteringConfig(clusters=1), executor="inline")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_shared_clustering_warns_only_when_not_asked_for(l14_pool, tmp_path, caplog):
+    """--clustering DIR shared on purpose: an info line. The folder beside --out reused by a run
+    with other candidates (its result differs from a fresh one): a warning."""
+    import logging
+
+    from conceptprune.filters import clip_score, dbp, run_filter
+    from conceptprune.filters.clustering_config import ClusteringConfig
+
+    run_filter(clip_score, l14_pool, tmp_path / "clip.npy", fraction=0.5)
+    kw = {"embedding_key": "l14_img", "fraction": 0.5, "neighbors": 4, "executor": "inline"}
+    run_filter(dbp, l14_pool, tmp_path / "a.npy", clustering=ClusteringConfig(clusters=5, dir=tmp_path / "c"), **kw)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_filter(dbp, l14_pool, tmp_path / "b.npy", within=tmp_path / "clip.npy",
+                   clustering=ClusteringConfig(dir=tmp_path / "c"), **kw)
+    assert "as --clustering asks" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    run_filter(dbp, l14_pool, tmp_path / "d.npy", clustering=ClusteringConfig(clusters=5), **kw)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the same --out (its d.clustering/), other candidates
+        run_filter(dbp, l14_pool, tmp_path / "d.npy", within=tmp_path / "clip.npy",
+                   clustering=ClusteringConfig(clusters=5), **kw)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and "earlier run" in r.getMessage()]
