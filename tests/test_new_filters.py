@@ -250,3 +250,106 @@ def test_paper_recipe_is_sequential(pool3, target, tmp_path):
     # not the intersection of two independent top lists
     inter = set(uids[np.argsort(-ncl)[: int(0.3 * N)]]) & set(uids[np.argsort(-ns)[: int(0.2 * N)]])
     assert len(inter) < int(0.2 * N)
+
+
+# -- hierarchical k-means, balanced sampling ----------------------------------------------------
+
+def _cut(sizes, q):
+    """The largest integer t with sum(min(t, n)) <= q, by a plain scan."""
+    t = 0
+    while t < max(sizes) and sum(min(t + 1, n) for n in sizes) <= q:
+        t += 1
+    return t
+
+
+def _split(sizes, q, rng):
+    """The authors' find_subcluster_target_size with the documented seeded choice."""
+    sizes = [int(n) for n in sizes]
+    if sum(sizes) <= q:
+        return sizes
+    t = _cut(sizes, q)
+    out = [min(t, n) for n in sizes]
+    big = [i for i, n in enumerate(sizes) if n > t]
+    for i in rng.choice(np.array(big), q - sum(out), replace=False):
+        out[int(i)] += 1
+    return out
+
+
+def test_water_fill_against_a_scan():
+    from conceptprune.filters.hkmeans import water_fill
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 30, rng.integers(1, 12))
+        q = int(rng.integers(0, sizes.sum() + 5))
+        got = water_fill(sizes, q, np.random.default_rng([1, 2, 3]))
+        assert got.tolist() == _split(sizes, q, np.random.default_rng([1, 2, 3]))
+        assert got.sum() == min(q, sizes.sum()) and (got <= sizes).all()
+
+
+@pytest.fixture(scope="module")
+def hk_runs(pool3, tmp_path_factory):
+    from conceptprune.filters import ClusteringConfig
+    from conceptprune.filters.hkmeans import hkmeans
+
+    tmp = tmp_path_factory.mktemp("hk")
+    runs = {}
+    for workers in (1, 2):
+        cfg = ClusteringConfig(dir=tmp / f"clustering{workers}", seed=3, niter=10, gpu="no")
+        r = hkmeans(Pool(pool3, embedding_key="l14_img"), keep_count=500, levels=(24, 5), resampling_steps=(3, 2),
+                    sample_sizes=(5, 2), leaf="closest", clusters_out=tmp / f"clusters{workers}.parquet",
+                    clustering=cfg, executor=Executor.create("inline", workers=workers))
+        runs[workers] = (r, tmp / f"clusters{workers}.parquet")
+    return runs
+
+
+def test_hkmeans_exact_size_and_same_for_any_worker_count(hk_runs):
+    (r1, c1), (r2, c2) = hk_runs[1], hk_runs[2]
+    assert len(r1.uids) == 500
+    assert uid_set(r1.uids) == uid_set(r2.uids)
+    import pandas as pd
+
+    assert pd.read_parquet(c1).equals(pd.read_parquet(c2))
+
+
+def test_hkmeans_counts_are_the_water_filling_split(hk_runs, pool3):
+    import pandas as pd
+
+    r, clusters = hk_runs[1]
+    df = pd.read_parquet(clusters)
+    assert len(df) == 2100 and set(df.columns) == {"uid", "level1", "level2", "distance"}
+    size1 = df.groupby("level1").size()
+    parent = df.groupby("level1").level2.first()
+    assert (df.groupby("level1").level2.nunique() == 1).all()  # a tree
+    size2 = df.groupby("level2").size()
+    seed, L = 3, 2
+    top = sorted(size2.index)
+    q2 = dict(zip(top, _split([size2[c] for c in top], 500, np.random.default_rng([seed, L + 1, 0]))))
+    expected = {}
+    for c in top:
+        kids = sorted(parent.index[parent == c])
+        for k, q in zip(kids, _split([size1[k] for k in kids], q2[c], np.random.default_rng([seed, 2, int(c)]))):
+            expected[k] = q
+    kept = df[df.uid.isin(uid_set(r.uids))]
+    got = kept.groupby("level1").size().reindex(sorted(expected), fill_value=0)
+    assert got.to_dict() == expected
+    assert sum(expected.values()) == 500
+    # --leaf closest: inside a cluster the kept members are its nearest
+    df["kept"] = df.uid.isin(uid_set(r.uids))
+    df["row"] = np.arange(len(df))
+    cut = 0
+    for c, g in df.groupby("level1"):
+        g = g.sort_values(["distance", "row"])
+        assert g.kept.tolist() == [True] * expected[c] + [False] * (len(g) - expected[c])
+        cut += expected[c] < len(g)
+    assert cut >= 3
+
+
+def test_hkmeans_keep_count_above_pool_keeps_all(pool3, tmp_path):
+    from conceptprune.filters import ClusteringConfig
+    from conceptprune.filters.hkmeans import hkmeans
+
+    r = hkmeans(Pool(pool3, embedding_key="l14_img"), keep_count=10**6, levels=(6,), resampling_steps=(1,),
+                sample_sizes=(1,), clustering=ClusteringConfig(dir=tmp_path / "c", seed=1, niter=5, gpu="no"),
+                executor=Executor.create("inline"))
+    assert len(r.uids) == 2100
