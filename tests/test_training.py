@@ -90,22 +90,22 @@ def test_recipe_details_match_datacomps_launcher():
 
 def test_bad_input(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        train(TrainConfig([str(tmp_path / "nope")], "tiny", str(tmp_path / "r")), executor="local")
+        train(TrainConfig([str(tmp_path / "nope")], "tiny", str(tmp_path / "r")), executor=Executor.create("local"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no .tar shards"):
-        train(TrainConfig([str(tmp_path / "empty")], "tiny", str(tmp_path / "r")), executor="local")
+        train(TrainConfig([str(tmp_path / "empty")], "tiny", str(tmp_path / "r")), executor=Executor.create("local"))
     with pytest.raises(ConfigError, match="does not divide the global batch 64"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r")), executor=Executor.create("local", ClusterOptions(tasks_per_node=3)))
     with pytest.raises(ConfigError, match="--checkpoints must be >= 1"):
-        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), checkpoints=0), executor="local")
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), checkpoints=0), executor=Executor.create("local"))
     with pytest.raises(ConfigError, match="--samples-seen"):
-        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), samples_seen=-5), executor="local")
+        train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "r"), samples_seen=-5), executor=Executor.create("local"))
     assert not (tmp_path / "r").exists()
 
 
 def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
     cfg = TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="t", samples_seen=256, checkpoints=2)
-    rec = train(cfg, executor="local")
+    rec = train(cfg, executor=Executor.create("local"))
     run = tmp_path / "runs" / "t"
     assert rec["status"] == "finished" and Path(rec["final_checkpoint"]) == run / "checkpoints" / "epoch_2.pt"
     ckpt, model = _load_final(run)
@@ -135,12 +135,12 @@ def test_local_tiny_run_trains_checkpoints_and_loads(tiny_shards, tmp_path):
     assert p["samples_seen"] == 256 and [f for f, _ in progress_files(tmp_path)] == [str(run)]
     # a finished run is not run again
     before = ckpt.stat().st_mtime
-    again = train(cfg, executor="local")
+    again = train(cfg, executor=Executor.create("local"))
     assert again["status"] == "finished" and ckpt.stat().st_mtime == before
     # the same folder with another recipe is refused and left alone
     with pytest.raises(ConfigError, match="another recipe"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="t", samples_seen=512,
-                          checkpoints=2), executor="local")
+                          checkpoints=2), executor=Executor.create("local"))
     assert json.loads((run / "run.json").read_text())["recipe"]["samples_seen"] == 256
 
 
@@ -174,7 +174,7 @@ def test_local_two_process_cpu_ddp(tiny_shards, tmp_path):
 @pytest.mark.slurm
 def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
     rec = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="n2", samples_seen=256,
-                            checkpoints=2), executor=Executor.create("slurm", ClusterOptions(nodes=2, time=15)), wait=True)
+                            checkpoints=2), executor=Executor.create("slurm", ClusterOptions(nodes=2, time=15)))
     run = tmp_path / "runs" / "n2"
     assert rec["status"] == "finished" and rec["world_size"] == 2
     log = (run / "out.log").read_text()
@@ -182,8 +182,7 @@ def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
     ckpt, _ = _load_final(run)
     # the same recipe as one local job of two tasks: the same world, so the same weights
     local = train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "local"), name="n2", samples_seen=256,
-                              checkpoints=2), executor=Executor.create("local", ClusterOptions(tasks_per_node=2)),
-                  wait=True)
+                              checkpoints=2), executor=Executor.create("local", ClusterOptions(tasks_per_node=2)))
     assert local["status"] == "finished" and local["world_size"] == 2
     ours = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     theirs = torch.load(final_checkpoint(tmp_path / "local" / "n2"), map_location="cpu", weights_only=True)["state_dict"]
@@ -195,8 +194,9 @@ def test_slurm_two_nodes_gloo(slurm_cluster, tiny_shards, tmp_path):
 def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
     cfg = TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name="rq", samples_seen=4 * 1024,
                       checkpoints=4)
-    rec = train(cfg, executor=Executor.create("slurm", ClusterOptions(time=15)), wait=False)
-    job_id = rec["job_id"]
+    rec = train(cfg, executor=Executor.create("slurm", ClusterOptions(time=15), detach=True))
+    assert rec["status"] == "submitted" and len(rec["job_ids"]) == 1
+    job_id = rec["job_ids"][0]
     run = tmp_path / "runs" / "rq"
     t0 = time.time()
     while not (run / "checkpoints" / "epoch_latest.pt").exists() and time.time() - t0 < 180:
@@ -225,6 +225,12 @@ def test_slurm_requeued_run_resumes_from_checkpoint(slurm_cluster, tiny_shards, 
     assert sd["epoch"] == 4
     assert all(s["step"] == 4 * steps_per_epoch for s in sd["optimizer"]["state"].values())
     _load_final(run)
+    # the same command rerun collects the finished run: no new job
+    record = run / ".markers" / "train" / "submission.record"
+    before = record.read_text()
+    again = train(cfg, executor=Executor.create("slurm", ClusterOptions(time=15)))
+    assert again["status"] == "finished" and again["final_checkpoint"] == final["final_checkpoint"]
+    assert record.read_text() == before
 
 
 def test_resume_point_survives_a_kill_between_checkpoint_writes(tmp_path):
@@ -270,7 +276,7 @@ def test_same_seed_reproduces_the_run(tiny_shards, tmp_path):
     states = []
     for name in ("a", "b"):
         train(TrainConfig([str(tiny_shards)], "tiny", str(tmp_path / "runs"), name=name, samples_seen=256,
-                          checkpoints=1), executor="local")
+                          checkpoints=1), executor=Executor.create("local"))
         ckpt, _ = _load_final(tmp_path / "runs" / name)
         states.append(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     assert states[0].keys() == states[1].keys()

@@ -12,7 +12,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train CLIP on filtered shards with DataComp's recipe (open_clip, SLURM or local)",
         description="Run open_clip's training with DataComp's recipe for a scale, on SLURM through submitit "
-                    "(requeued and resumed on preemption) or locally. Extra open_clip flags go after '--'.",
+                    "(requeued and resumed on preemption) or locally; waits for the run unless --detach (SLURM: exit once "
+                    "submitted, 'conceptprune status' follows it, the same command rerun collects it). "
+                    "Extra open_clip flags go after '--'.",
         epilog="example: conceptprune train --data resharded/ --scale medium --output runs --nodes 2 "
                "--gpus-per-node 8 --partition gpu --time 24:00:00 -- --report-to wandb")
     p.add_argument("--data", action="append", required=True,
@@ -31,8 +33,6 @@ def register(sub) -> None:
     p.add_argument("--keep-checkpoints", choices=["latest", "all"], default="latest",
                    help="latest: epoch_latest.pt and the final epoch_N.pt, as DataComp (default); all: every epoch")
     p.add_argument("--dry-run", action="store_true", help="print the open_clip argv per task and the job, then exit")
-    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
-                   help="wait for the job (default: yes locally, no on SLURM)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': extra open_clip flags")
     add_cluster_args(p, distributed=True)
     p.set_defaults(func=_train)
@@ -51,6 +51,7 @@ def _train(a) -> None:
     extra = a.extra[1:] if a.extra and a.extra[0] == "--" else a.extra
     cfg = TrainConfig(a.data, a.scale, a.output, a.name, a.seed, a.max_batch_per_gpu, a.samples_seen, a.checkpoints,
                       extra, keep_checkpoints=a.keep_checkpoints)
-    rec = train(cfg, executor=executor, dry_run=a.dry_run, wait=a.wait)
+    rec = train(cfg, executor=executor, dry_run=a.dry_run)
     if not a.dry_run:
-        print(json.dumps({k: rec.get(k) for k in ("name", "status", "job_id", "final_checkpoint")}, indent=2))
+        print(json.dumps({k: rec.get(k) for k in ("name", "status", "job_ids", "final_checkpoint") if k in rec},
+                         indent=2))

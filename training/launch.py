@@ -1,39 +1,38 @@
-"""``conceptprune train``: open_clip's own training, launched through the job layer.
+"""``conceptprune train``: open_clip's own training, as a stage of the job layer.
 
-Every task of the job runs ``open_clip_train.main.main(argv)`` with the rendezvous taken from
-the job environment (submitit sets MASTER_ADDR/MASTER_PORT, which open_clip does not). The
-submitted callable is checkpointable: on preemption or at the time limit submitit requeues
-it, and with a fixed ``--name`` and ``--resume latest`` each start resumes from the newest
-loadable checkpoint (see :func:`repair_latest`). ``DIR/<name>/run.json`` records the recipe, the data (and
-the keep-list behind it), the world size and the status; ``conceptprune evaluate`` reads it.
+A run is one :class:`TrainStage` part, run by one job of ``nodes x tasks_per_node`` tasks on
+whatever executor the command has (SLURM, local processes, inline), submitted like any other
+stage (``after=`` earlier ones: afterok on SLURM) and done when the executor's marker says so.
+Every task runs ``open_clip_train.main.main(argv)`` with the rendezvous from the job
+environment (``slurm.dist``). The part runner is checkpointable: on preemption or at the time
+limit the job is requeued, and with the fixed ``--name`` and ``--resume latest`` each start
+resumes from the newest loadable checkpoint (see :func:`repair_latest`). ``DIR/<name>/run.json``
+records the recipe, the data (and the keep-list behind it) and the world size, and, once the
+run is done, its final checkpoint; ``conceptprune evaluate`` reads it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import logging
 import os
-import shlex
-import socket
 import re
-import subprocess
+import shlex
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import submitit
 
 from conceptprune import __version__
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
 from conceptprune.manifest import git_revision
 from conceptprune.progress import progress_bar
+from conceptprune.slurm import jobs as J
 from conceptprune.slurm.options import ClusterOptions
 from conceptprune.slurm.progress import read_progress, write_progress
-from conceptprune.slurm.stage import Executor
+from conceptprune.slurm.stage import Executor, Stage, StageSubmission
 
 from .recipe import Recipe, batch_plan, recipe
 
@@ -97,18 +96,66 @@ def resolve_data(sources: list[str]) -> tuple[str, list[dict]]:
         else:
             patterns.append("::".join(str(t) for t in tars))
         desc = {"source": str(p.resolve()), "shards": len(tars)}
-        sizes = p / "sizes.json"
-        if sizes.exists():
-            desc["samples"] = int(sum(json.loads(sizes.read_text()).values()))
+        sizes = _check_sizes(p, tars)
+        if sizes is not None:
+            desc["samples"] = sizes
         meta = p / "meta.json"
         if meta.exists():  # a reshard of a keep-list: record where the data came from
-            m = json.loads(meta.read_text())
+            m = _check_meta(p, tars, sizes)
             desc["keep_list"] = m.get("keep_list")
             keep_manifest = Path(m["keep_list"]).with_suffix(".json") if m.get("keep_list") else None
             if keep_manifest and keep_manifest.exists():
                 desc["keep_list_manifest"] = json.loads(keep_manifest.read_text())
         described.append(desc)
     return "::".join(patterns), described
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--data {path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--data {path}: not a JSON object")
+    return data
+
+
+def _check_sizes(folder: Path, tars: list[Path]) -> int | None:
+    """The samples sizes.json (open_clip's count of each shard) lists, checked against the shards
+    present: every shard listed is there and every shard there is listed. None without sizes.json."""
+    path = folder / "sizes.json"
+    if not path.exists():
+        return None
+    sizes = _read_json(path)
+    names = {t.name for t in tars}
+    missing = sorted(set(sizes) - names)
+    if missing:
+        raise ConfigError(f"--data {folder}: sizes.json lists {len(missing)} shard(s) that are not there "
+                          f"(first {missing[0]}); the folder lost shards: rerun the reshard into a new folder")
+    unlisted = sorted(names - set(sizes))
+    if unlisted:
+        raise ConfigError(f"--data {folder}: {unlisted[0]} is not in sizes.json ({len(unlisted)} shard(s) unlisted); "
+                          "the folder holds shards of another run")
+    bad = [k for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ConfigError(f"--data {path}: the size of {bad[0]} is not a count ({sizes[bad[0]]!r})")
+    return int(sum(sizes.values()))
+
+
+def _check_meta(folder: Path, tars: list[Path], samples: int | None) -> dict:
+    """A reshard's meta.json, checked against the shards present (DataComp's resharder and ours
+    both record ``output_shard_count``; ours also ``output_shards`` and ``kept_samples``)."""
+    path = folder / "meta.json"
+    m = _read_json(path)
+    for key in ("output_shard_count", "output_shards"):
+        if key in m:
+            want = m[key]
+            if isinstance(want, bool) or not isinstance(want, int) or want != len(tars):
+                raise ConfigError(f"--data {folder}: meta.json says {key} {want!r}, the folder holds {len(tars)} "
+                                  "shard(s); the folder lost shards or is not this reshard's output")
+    if samples is not None and isinstance(m.get("kept_samples"), int) and m["kept_samples"] != samples:
+        raise ConfigError(f"--data {folder}: meta.json says {m['kept_samples']} samples kept, sizes.json {samples}")
+    return m
 
 
 # -- argv ------------------------------------------------------------------------------------
@@ -242,33 +289,44 @@ def _report_progress(run_dir: Path, every_s: float = 5.0) -> threading.Event:
     return stop
 
 
-class TrainTask(submitit.helpers.Checkpointable):
-    """One task of a training job (requeued as a whole by submitit on preemption)."""
+@dataclass
+class TrainStage(Stage):
+    """A training run as a stage of the job layer: one part, run by a job of ``nodes x
+    tasks_per_node`` tasks (every task runs open_clip; task 0 writes the part's marker). The
+    executor submits it like any stage (after others on SLURM: afterok), requeues it on
+    preemption (the part runner is checkpointable) and marks it done; open_clip's ``--resume
+    latest`` picks the run up where a requeue or a rerun left it."""
 
-    def __call__(self, argv: list[str], run_dir: str) -> dict:
+    work_dir: str  # the run folder
+    argv: list
+    nodes: int = 1
+    tasks_per_node: int = 1
+    name: str = "train"
+
+    def job_shape(self) -> tuple[int, int]:
+        return (self.nodes, self.tasks_per_node)
+
+    def run(self, rank: int, world_size: int) -> dict:
         from open_clip_train.params import parse_args as open_clip_args
 
-        from conceptprune.slurm.dist import export_torch_env
-
         from conceptprune.models import register
+        from conceptprune.slurm.dist import export_torch_env
 
         env = export_torch_env()
         register()
         _cpu_safe_ddp()
-        _seeded_sample_shuffle(open_clip_args(argv).seed, env.rank)  # the seed open_clip itself reads
-        run = Path(run_dir)
+        _seeded_sample_shuffle(open_clip_args(self.argv).seed, env.rank)  # the seed open_clip itself reads
+        run = Path(self.work_dir)
         if env.rank == 0:
-            _append(run / "starts.jsonl", {"time": time.time(), "host": socket.gethostname(),
-                                           "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                                           "job_id": os.environ.get("SLURM_JOB_ID")})
-            _update(run / "run.json", status="running")
+            _append(run / "starts.jsonl", {"time": time.time(), "host": env.node, "restart": env.restarts,
+                                           "job_id": env.job_id})
         from open_clip_train.main import main as open_clip_main
 
         if env.rank == 0:  # open_clip's master alone picks the resume checkpoint and broadcasts it
             repair_latest(run)
             progress = _report_progress(run)
         try:
-            rc = open_clip_main(list(argv))
+            rc = open_clip_main(list(self.argv))
         finally:
             if env.rank == 0:
                 progress.set()
@@ -278,12 +336,14 @@ class TrainTask(submitit.helpers.Checkpointable):
                     write_progress(run, **last)
         if rc == -1:  # open_clip refused to start (and would have exited 0)
             raise TrainingError(f"open_clip refused to start; see {run / 'out.log'}")
+        final = final_checkpoint(run)
         if env.rank == 0:
-            final = final_checkpoint(run)
-            _update(run / "run.json", status="finished", final_checkpoint=str(final) if final else None,
-                    finished=time.time())
+            if final is None:
+                raise TrainingError(f"open_clip ended without a checkpoint; see {run / 'out.log'}")
+            _update(run / "run.json", status="finished", final_checkpoint=str(final), finished=time.time())
             write_info_pkl(run)
-        return {"rank": env.rank, "world_size": env.world_size, "node": env.node}
+        return {"final_checkpoint": str(final) if final else None, "world_size": env.world_size,
+                "task": env.rank, "node": env.node}
 
 
 def resume_point(run_dir: Path) -> Path | None:
@@ -376,26 +436,54 @@ def _update(path: Path, **fields) -> None:
 
 
 def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run: bool = False,
-          wait: bool | None = None) -> dict:
-    """Launch (or resume) a run; returns its run.json content.
+          after: "list[StageSubmission] | tuple" = ()) -> dict:
+    """Run (or resume, or collect) a training run; returns its run.json content with ``status``:
+    ``finished`` (the stage's marker is written), or ``submitted`` when the executor detaches
+    (SLURM; rerun the same call to collect it). Waits for the job on every executor otherwise.
 
     ``executor``: where the job runs (an Executor, or a kind name). A dry run resolves nothing:
-    ``Executor("auto", ClusterOptions(nodes=2, ...))`` prints the job without asking a controller."""
-    if not isinstance(executor, Executor):
-        executor = Executor(executor or "auto") if dry_run else Executor.coerce(executor)
+    ``Executor("auto", ClusterOptions(nodes=2, ...))`` prints the job without asking a controller.
+    ``after``: submissions of earlier stages the run waits for (on SLURM: afterok)."""
+    if not isinstance(executor, Executor):  # a dry run's plan resolves nothing: Executor("auto") asks no controller
+        executor = Executor(executor or "auto") if dry_run else Executor.given(executor)
+    stage, record = plan_run(cfg, executor, dry_run=dry_run)
+    if dry_run:
+        _print_dry_run(record, record["open_clip_argv"], executor.options.replace(
+            tasks_per_node=stage.tasks_per_node), record["executor"])
+        return record
+    sub = submit(stage, record, executor, after=after)
+    if sub is None:  # finished before this call
+        return _result(stage, None)
+    if executor.detach and sub.jobs:
+        executor.finish(sub)  # says where to follow it
+        return _result(stage, sub)
+    watcher = _show_progress(stage, record) if sub.jobs else None
+    try:
+        sub.wait()
+    except J.JobFailedError as e:
+        raise TrainingError(f"{e}\nopen_clip's log: {Path(stage.work_dir) / 'out.log'}") from None
+    finally:
+        if watcher:
+            watcher.set()
+    return _result(stage, sub)
+
+
+def plan_run(cfg: TrainConfig, executor: Executor, *, dry_run: bool = False) -> tuple[TrainStage, dict]:
+    """The training stage of ``cfg`` and the run's record (run.json), every input checked;
+    nothing is written. For a pipeline: ``submit(stage, record, executor, after=...)``."""
     options = executor.options
+    check_run_name(cfg.name)
     r = recipe(cfg.scale, samples_seen=cfg.samples_seen, checkpoints=cfg.checkpoints)
     if cfg.keep_checkpoints not in ("latest", "all"):
         raise ConfigError("--keep-checkpoints must be latest or all")
     if cfg.max_batch_per_gpu is not None and cfg.max_batch_per_gpu < 1:
         raise ConfigError("--max-batch-per-gpu must be >= 1")
-    kind = executor.kind
+    kind = executor.kind  # the backend's name, for the record and the dry run's text
+    if options.nodes > 1 and not _schedules_nodes(executor):
+        raise ConfigError(f"--nodes {options.nodes} needs SLURM (the {kind} executor runs on this machine)")
     if dry_run and kind == "auto":  # a dry run asks no controller: a multi-node job is a SLURM job
         kind = "slurm" if options.nodes > 1 else "auto"
-    if kind in ("local", "inline", "auto") and options.nodes > 1:
-        raise ConfigError(f"--nodes {options.nodes} needs SLURM (no controller answers here)")
     tasks_per_node = options.tasks_per_node if options.tasks_per_node > 1 else max(1, options.gpus_per_node)
-    options = options.replace(tasks_per_node=tasks_per_node)
     world = options.nodes * tasks_per_node
     plan = batch_plan(r.global_batch, world, cfg.max_batch_per_gpu)
     train_data, sources = resolve_data(cfg.data)
@@ -406,87 +494,100 @@ def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run
               "accum_freq": plan.accum_freq, "seed": cfg.seed, "extra_args": list(cfg.extra_args),
               "open_clip_argv": argv, "keep_checkpoints": cfg.keep_checkpoints,
               "conceptprune_version": __version__, "git_revision": git_revision(),
-              "executor": kind, "cluster": options.as_dict()}
-    if dry_run:
-        _print_dry_run(record, argv, options, kind)
-        return record
-    existing = _check_existing(run_dir, record)
-    if existing is not None:
-        return existing
+              "executor": kind, "cluster": options.replace(tasks_per_node=tasks_per_node).as_dict()}
+    stage = TrainStage(str(run_dir.resolve()), argv, options.nodes, tasks_per_node)
+    return stage, record
+
+
+def _schedules_nodes(executor: Executor) -> bool:
+    """Whether the executor's backend can run a job on several nodes: one whose jobs a cluster
+    scheduler runs (they outlive the launcher). A dry run's plan of 'auto' may become one."""
+    from conceptprune.slurm.executor import BACKENDS, PlanBackend
+
+    backend = executor.backend
+    if isinstance(backend, PlanBackend):
+        return backend.name not in BACKENDS or BACKENDS[backend.name].can_detach
+    return backend.can_detach
+
+
+def submit(stage: TrainStage, record: dict, executor: Executor, *, after=()) -> StageSubmission | None:
+    """Write the run's record (once) and submit its stage; None when the run is already finished."""
+    run_dir = Path(stage.work_dir)
+    if _check_existing(run_dir, record) is not None:
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    record.update(status="submitted", submitted=time.time())
-    write_json(run_dir / "run.json", record)
-    executor = dataclasses.replace(executor, options=options)
-    job = executor.submit_job(TrainTask(), argv, str(run_dir.resolve()), folder=run_dir / "jobs",
-                              name=f"cp-train-{run_name(cfg)}")
-    _update(run_dir / "run.json", job_id=job.job_id)
-    out, err = job.paths.stdout, job.paths.stderr
-    log.info("training %s: %d task(s) as job %s on %s; logs: %s", run_name(cfg), world, job.job_id, kind,
-             Path(err).parent)
-    if wait is None:
-        wait = kind != "slurm" and not executor.detach
-    if not wait:
-        print(f"submitted job {job.job_id}; follow it with: tail -f {err}")
-        return json.loads((run_dir / "run.json").read_text())
-    from conceptprune.slurm import jobs as J
+    if not (run_dir / "run.json").exists():
+        write_json(run_dir / "run.json", {**record, "created": time.time()})
+    return executor.submit(stage, 1, after=after)
 
-    bar = progress_bar(total=-(-r.samples_seen // r.global_batch), desc=f"train {run_name(cfg)}", unit="step")
 
-    def show():
-        p = read_progress(run_dir)
-        if p:
-            bar.n = p["done"]
-            bar.set_postfix_str(f"{p['rate']:,.0f} samples/s, loss {p['loss']:.3f}"
-                                + (f", ETA {int(p['eta_s'] // 60)}m{int(p['eta_s'] % 60):02d}s" if p.get("eta_s") else ""),
-                                refresh=False)
-            bar.refresh()
-    try:
-        J.wait([job], desc=f"train {run_name(cfg)}", units=[world], all_tasks=True, on_poll=show)
-        show()
-    except KeyboardInterrupt:
-        if kind == "local":  # local training dies with its launcher; a rerun resumes from the checkpoint
-            job.cancel(check=False)
-        raise
-    except J.JobFailedError as e:
-        _update(run_dir / "run.json", status="failed", error=str(e).splitlines()[0], log=str(err))
-        raise TrainingError(f"{e}\nopen_clip's log: {run_dir / 'out.log'}") from None
-    finally:
-        bar.close()
-    return json.loads((run_dir / "run.json").read_text())
+def _result(stage: TrainStage, sub: StageSubmission | None) -> dict:
+    """run.json with the state the executor knows: finished when the part's marker is there."""
+    rec = json.loads((Path(stage.work_dir) / "run.json").read_text())
+    if stage.done_parts(1) or rec.get("status") == "finished":
+        rec["status"] = "finished"
+    else:
+        rec["status"] = "submitted"
+        rec["job_ids"] = sub.job_ids if sub else []
+    return rec
+
+
+def _show_progress(stage: TrainStage, record: dict) -> threading.Event:
+    """In the launcher: a steps bar from the run's progress.json while the job runs."""
+    r = record["recipe"]
+    bar = progress_bar(total=-(-r["samples_seen"] // r["global_batch"]), desc=f"train {record['name']}", unit="step")
+    stop = threading.Event()
+
+    def loop():
+        try:
+            while not stop.wait(2.0):
+                p = read_progress(stage.work_dir)
+                if p:
+                    bar.n = p["done"]
+                    bar.set_postfix_str(f"{p['rate']:,.0f} samples/s, loss {p['loss']:.3f}", refresh=False)
+                    bar.refresh()
+        finally:
+            bar.close()
+
+    threading.Thread(target=loop, name="train-bar", daemon=True).start()
+    return stop
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder inside --output: no path separators, not '.' or '..'."""
+    if name is None:
+        return
+    if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute()):
+        raise ConfigError(f"--name {name!r}: a run name is one folder name inside --output "
+                          "(no '/', not '.' or '..')")
 
 
 def _check_existing(run_dir: Path, record: dict) -> dict | None:
-    """None to start; the old record when the run is finished or running; an error when the
-    folder holds another run."""
+    """None to (re)start; the old record when the run is finished; an error when the folder
+    holds another run. Whether a run is still going is the executor's to tell (its markers,
+    its live jobs, the part's run lock), not this record's."""
     path = run_dir / "run.json"
     if not path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"{run_dir} exists and is not a conceptprune run; choose another --name or --output")
         return None
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a run record ({e}); choose another --name or --output") from None
     for key in ("recipe", "train_data", "seed", "extra_args"):
         if old.get(key) != record.get(key):
             raise ConfigError(f"{run_dir} holds a run with another {key.replace('_', ' ')}; nothing was changed. "
                               "Choose another --name, or the same options to resume it")
-    if old.get("status") == "finished":
+    if old.get("status") == "finished" and old.get("final_checkpoint") and Path(old["final_checkpoint"]).exists():
         if not (run_dir / "info.pkl").exists():  # a run finished before info.pkl was written
             write_info_pkl(run_dir)
         log.info("%s is finished (final checkpoint %s); not running it again", run_dir, old.get("final_checkpoint"))
         return old
-    if old.get("status") in ("submitted", "running") and old.get("job_id") and _job_alive(old["job_id"]):
-        log.info("%s is still running as job %s", run_dir, old["job_id"])
-        return old
-    log.info("resuming %s from its latest checkpoint", run_dir)
     return None
-
-
-def _job_alive(job_id: str) -> bool:
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id).split("_")[0]], capture_output=True, text=True,
-                             timeout=15)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def _print_dry_run(record: dict, argv: list[str], options: ClusterOptions, kind: str) -> None:
