@@ -9,9 +9,9 @@
 - grouped tasks: also ``correct`` (top-1; Dollar Street: top-5) and ``group`` (FMoW: region,
   Dollar Street: income_ds, GeoDE: region): the worst group's accuracy over non-empty groups
   (FMoW's region 5 counts, as in DataComp's code);
-- retrieval: ``text_hit`` per image (one of its captions ranked first), ``image_hit`` per caption
-  and ``caption_image``: mean_recall@1 = (text R@1 + image R@1) / 2; the unit resampled is the
-  image with its captions (the gallery stays whole);
+- retrieval: ``text_hit@K`` per image (one of its captions in the top K), ``image_hit@K`` per
+  caption and ``caption_image``: mean_recall@K = (text R@K + image R@K) / 2 (DataComp's main metric
+  is K = 1); the unit resampled is the image with its captions (the gallery stays whole);
 - WinoGAViL: ``score`` (the example's Jaccard) and ``group`` (its number of candidates).
 
 Each file's ``meta`` (JSON) holds the task key, its main metric, the value evaluate reported, the
@@ -76,11 +76,14 @@ def _worst_group(a, w):
     return float((hit[present] / tot[present]).min())
 
 
-def _retrieval(a, w):
-    wc = w[a["caption_image"]]
-    text = (w * a["text_hit"]).sum() / w.sum()
-    image = (wc * a["image_hit"]).sum() / wc.sum()
-    return float(0.5 * (text + image))
+def _retrieval(k: int):
+    def mean_recall(a, w):
+        wc = w[a["caption_image"]]
+        text = (w * a[f"text_hit@{k}"]).sum() / w.sum()
+        image = (wc * a[f"image_hit@{k}"]).sum() / wc.sum()
+        return float(0.5 * (text + image))
+
+    return mean_recall
 
 
 def _jaccard_10_12(a, w):
@@ -95,9 +98,10 @@ METRICS = {
     "acc_worst_region": (("correct", "group"), _worst_group),
     "acc_top5_wg": (("correct", "group"), _worst_group),
     "acc_wg": (("correct", "group"), _worst_group),
-    "mean_recall@1": (("text_hit", "image_hit", "caption_image"), _retrieval),
     "jaccard_score_10-12": (("score", "group"), _jaccard_10_12),
 }
+for _k in (1, 5, 10):  # DataComp's retrieval main metric is mean_recall@1; your own tasks may take @5, @10
+    METRICS[f"mean_recall@{_k}"] = ((f"text_hit@{_k}", f"image_hit@{_k}", "caption_image"), _retrieval(_k))
 # arrays that identify the examples: two runs are paired only if these agree
 IDENTITY = ("target", "group", "caption_image")
 
@@ -112,7 +116,8 @@ class Outcomes:
     @property
     def n(self) -> int:
         """Resampling units: images for retrieval, examples otherwise."""
-        return len(self.arrays["text_hit"] if "text_hit" in self.arrays else next(iter(self.arrays.values())))
+        first = next((k for k in self.arrays if k.startswith("text_hit@")), None) or next(iter(self.arrays))
+        return len(self.arrays[first])
 
     def metric(self, weights=None) -> float:
         w = np.ones(self.n) if weights is None else weights

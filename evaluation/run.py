@@ -394,8 +394,8 @@ class Evaluator:
 
 def _retrieval_hits(model, loader, tokenizer, device: str, amp: bool, ks: list[int]) -> tuple[dict, dict]:
     """clip_benchmark's zeroshot_retrieval.evaluate (the same embedding pass and its own recall_at_k
-    and batchify), keeping the per-query recall@1 hits: (metrics, outcomes). text_hit is per image
-    (text retrieval: one of its captions first), image_hit per caption, caption_image its image."""
+    and batchify), keeping the per-query hits: (metrics, outcomes). text_hit@K is per image (text
+    retrieval: one of its captions in the top K), image_hit@K per caption, caption_image its image."""
     import torch
     import torch.nn.functional as F
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, dataloader_with_indices, recall_at_k
@@ -418,9 +418,8 @@ def _retrieval_hits(model, loader, tokenizer, device: str, amp: bool, ks: list[i
         text_hit = batchify(recall_at_k, scores.T, positive.T, batch_size, device, k=k) > 0
         metrics[f"image_retrieval_recall@{k}"] = image_hit.float().mean().item()
         metrics[f"text_retrieval_recall@{k}"] = text_hit.float().mean().item()
-        if k == 1:
-            hits = {"text_hit": text_hit.numpy(), "image_hit": image_hit.numpy(),
-                    "caption_image": np.asarray(txt_image)}
+        hits.update({f"text_hit@{k}": text_hit.numpy(), f"image_hit@{k}": image_hit.numpy()})
+    hits["caption_image"] = np.asarray(txt_image)
     return metrics, hits
 
 

@@ -288,10 +288,11 @@ def test_evaluate_keeps_per_example_outcomes(tiny_checkpoint, eval_data, tmp_pat
         assert o.meta["checkpoint_sha256"] == sha and o.meta["value"] == r["metrics"]["main_metric"]
         assert o.metric() == pytest.approx(r["metrics"]["main_metric"], abs=1e-6), r["key"]
     flickr = BS.load(out, "retrieval/flickr_1k_test_image_text_retrieval")
-    assert len(flickr.arrays["text_hit"]) == 30 and len(flickr.arrays["image_hit"]) == 60
+    assert len(flickr.arrays["text_hit@1"]) == 30 and len(flickr.arrays["image_hit@1"]) == 60
     r = next(x for x in res["results"] if x["key"] == "retrieval/flickr_1k_test_image_text_retrieval")["metrics"]
-    assert flickr.arrays["text_hit"].mean() == pytest.approx(r["text_retrieval_recall@1"])
-    assert flickr.arrays["image_hit"].mean() == pytest.approx(r["image_retrieval_recall@1"])
+    assert set(flickr.arrays) == {"text_hit@1", "image_hit@1", "caption_image"}  # what mean_recall@1 needs
+    assert flickr.arrays["text_hit@1"].mean() == pytest.approx(r["text_retrieval_recall@1"])
+    assert flickr.arrays["image_hit@1"].mean() == pytest.approx(r["image_retrieval_recall@1"])
 
 
 def _hf_cache_with(cache: Path, repo: str, checkpoint: Path) -> None:
