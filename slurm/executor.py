@@ -8,8 +8,8 @@ backends implement it:
 - ``InlineBackend``: every part in this process, at once (debugging, tests, tiny data).
 - ``LocalBackend``: worker processes on this machine. A worker is forked from the launcher
   (no new interpreter, no pickling), the launcher runs the first group itself; where a fork
-  is unsafe (the launcher already runs other threads, e.g. an OpenMP pool that a forked child
-  would deadlock on, or GPUs are handed out) a worker is a fresh interpreter (submitit's local
+  is unsafe (an OpenMP runtime is loaded, whose pool a forked child deadlocks on, or another
+  Python thread runs, or GPUs are handed out) a worker is a fresh interpreter (submitit's local
   executor). Either way a worker exits when its launcher is gone, even after SIGKILL.
 - ``SlurmBackend``: submitit job arrays, ``--dependency=afterok`` between stages, arrays cut at
   the cluster's ``MaxArraySize``, ``parts_per_task`` parts packed into one array task.
@@ -208,13 +208,22 @@ class InlineBackend(Backend):
 # -- local processes ------------------------------------------------------------------------------
 
 
-def _threads() -> int:
-    """Threads of this process (/proc); a large number where /proc cannot be read."""
+_OPENMP = re.compile(r"/lib(gomp|iomp5|omp)[-.\w]*\.so")
+
+
+def fork_is_safe() -> bool:
+    """Whether a child forked from this process can run a stage: no other Python thread (it
+    may hold a lock the child then waits on for ever) and no OpenMP runtime loaded (a child of
+    a process that has used GNU OpenMP deadlocks in its first parallel region: faiss's k-means
+    did, measured; torch and faiss load it). BLAS pools and jemalloc's thread, which most
+    processes have, reset themselves at fork."""
+    if threading.active_count() != 1:
+        return False
     try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"^Threads:\s*(\d+)", f.read(), re.MULTILINE).group(1))
-    except (OSError, AttributeError, ValueError):
-        return 1 << 30
+        with open("/proc/self/maps") as f:
+            return not _OPENMP.search(f.read())
+    except OSError:
+        return False
 
 
 class _Paths:
@@ -383,8 +392,8 @@ def _submitit_local(options: ClusterOptions, folder: Path, name: str) -> submiti
 class LocalBackend(Backend):
     """Worker processes on this machine; ``workers`` parts run at once.
 
-    ``fork``: None (default) forks workers from the launcher whenever that is safe (the
-    launcher runs no other thread and no GPUs are handed out), True/False force either way
+    ``fork``: None (default) forks workers from the launcher whenever that is safe
+    (``fork_is_safe``, and no GPUs are handed out), True/False force either way
     (False: every worker a fresh interpreter through submitit's local executor).
     ``isolated``: the launcher runs no part itself (every group its own process)."""
 
@@ -403,7 +412,7 @@ class LocalBackend(Backend):
     def _forks(self, options: ClusterOptions) -> bool:
         if self.fork is not None:
             return self.fork
-        return not options.gpus_per_node and _threads() == 1
+        return not options.gpus_per_node and fork_is_safe()
 
     def submit(self, fn, args, groups, *, options, folder, name, after, shape=None) -> Launch:
         groups = [list(g) for g in groups]
