@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptprune.atomic import atomic_open, write_json
+
 log = logging.getLogger(__name__)
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -149,8 +151,10 @@ def build_pool(cfg: DemoConfig, root: Path) -> dict:
     meta.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     for k, part in enumerate(np.array_split(np.arange(len(df)), 2)):
-        df.iloc[part].to_parquet(meta / f"{k:032x}.parquet", index=False)
-    pd.DataFrame(truth).to_parquet(root / "truth.parquet", index=False)
+        with atomic_open(meta / f"{k:032x}.parquet", "wb") as f:
+            df.iloc[part].to_parquet(f, index=False)
+    with atomic_open(root / "truth.parquet", "wb") as f:
+        pd.DataFrame(truth).to_parquet(f, index=False)
     return {"images": images, "held_out": hold, "digits": digits, "pool_rows": len(df),
             "kinds": pd.DataFrame(truth)["kind"].value_counts().to_dict()}
 
@@ -300,18 +304,19 @@ def _run_demo(cfg: DemoConfig) -> Path:
     _step(2, "serve it on a loopback HTTP server and download it with img2dataset")
     meta_dir = out / "web" / "metadata"
     with _Server(pool["images"]) as base:
+        # the pool keeps its relative urls (inputs are never rewritten): img2dataset reads a copy
+        # of the metadata whose urls point at this server
+        served = out / "web" / "served_metadata"
+        served.mkdir(parents=True, exist_ok=True)
         for p in sorted(meta_dir.glob("*.parquet")):
             df = pd.read_parquet(p)
             df["url"] = base + df["url"]
-            df.to_parquet(p, index=False)
+            with atomic_open(served / p.name, "wb") as f:
+                df.to_parquet(f, index=False)
         # one thread: img2dataset writes samples in the order they finish, so this keeps the
         # shard order, and with it the whole demo, reproducible
-        dl = timed("download", lambda: download(out / "data", metadata_dir=meta_dir, processes=1, threads=1,
+        dl = timed("download", lambda: download(out / "data", metadata_dir=served, processes=1, threads=1,
                                                 img2dataset_args={"number_sample_per_shard": 1000, "timeout": 5}))
-        for p in sorted(meta_dir.glob("*.parquet")):  # back to the relative urls
-            df = pd.read_parquet(p)
-            df["url"] = df["url"].str.replace(base, "", regex=False)
-            df.to_parquet(p, index=False)
     shards = out / "data" / "shards"
     counts["downloaded"] = dl["successes"]
     print(f"downloaded {dl['successes']} of {dl['count']} into {dl['shards']} shards")
@@ -409,7 +414,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     from .demo_report import write_report
 
     path = write_report(out, cfg, counts, timings, results, pool["kinds"], summary=summary, seeds=seeds, kept=kept,
-                        table=table, answer=answer, fingerprints=fingerprints)
+                        table=table, answer=answer, fingerprints=fingerprints, arms=ARMS, metrics=METRICS)
     print(f"\nreport: {path} (and report.md); chain report: {out / 'chain_report' / 'index.html'} "
           f"({chain['bytes'] / 1e6:.1f} MB); total {timings['total']:.0f} s")
     return path
@@ -422,7 +427,6 @@ def train_ckpt(run_dir: Path) -> str:
 
 def build_evalsets(root: Path, digits, held_out: np.ndarray, seed: int) -> None:
     """Held-out digits: zero-shot classification and caption retrieval, as your own tasks."""
-    from conceptprune.atomic import write_json
     from conceptprune.evaluation.wds import write_classification, write_retrieval
 
     rng = np.random.default_rng(seed + 1)

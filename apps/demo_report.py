@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptprune.atomic import save_figure, write_text
+
 
 def _plt():
     import matplotlib
@@ -52,7 +54,7 @@ def _accuracy_plot(summary: dict, labels: dict, path: Path) -> None:
     ax.set_title("same kept size and samples seen; mean over training seeds, points = seeds, whiskers = min-max",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -100,15 +102,17 @@ def _prototypes_plot(out: Path, path: Path, n_clusters: int = 4, n: int = 6) -> 
     axes[0, 0].set_title("most prototypical (easy) ->", fontsize=8, loc="left")
     axes[0, n].set_title("least prototypical (hard) ->", fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kinds: dict, *, summary: dict,
-                 seeds: list, kept: dict, table: list[str], answer: str, fingerprints: dict) -> Path:
+                 seeds: list, kept: dict, table: list[str], answer: str, fingerprints: dict,
+                 arms: dict, metrics: tuple) -> Path:
+    """``arms``: arm -> its label; ``metrics``: (task key, metric, label) (the demo's ARMS, METRICS)."""
     import shutil
 
-    from .demo import ARMS, METRICS
+    ARMS, METRICS = arms, metrics
 
     out = Path(out)
     _accuracy_plot(summary, ARMS, out / "accuracy.png")
@@ -151,9 +155,9 @@ def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kin
     md += ["", "## Fingerprints (sha256; two runs with the same seed give the same)", "", "| file | sha256 |",
            "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in fingerprints.items()]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(md))
-    (out / "report.json").write_text(json.dumps({"counts": counts, "kept": kept, "seeds": seeds, "timings": timings,
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    write_text(out / "report.html", _html(md))
+    write_text(out / "report.json", json.dumps({"counts": counts, "kept": kept, "seeds": seeds, "timings": timings,
                                                  "results": results, "summary": summary, "table": table,
                                                  "answer": answer, "fingerprints": fingerprints,
                                                  "config": cfg.__dict__}, indent=2, default=str))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptprune.atomic import atomic_open, save_figure, write_json
 from conceptprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,8 @@ def read_points(path: str | Path) -> dict[str, tuple[list, list]]:
 def write_perceptron(rows: list[dict], cfg: PerceptronConfig, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "perceptron.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
-    with open(out / "perceptron.csv", "w", newline="") as f:
+    write_json(out / "perceptron.json", {"config": asdict(cfg), "rows": rows})
+    with atomic_open(out / "perceptron.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -233,7 +234,7 @@ def plot_perceptron(rows, cfg: PerceptronConfig, out: Path) -> list[Path]:
     fig.suptitle(f"teacher-student perceptron, N = {cfg.dim}, {probe}, {len(cfg.seeds)} seeds", fontsize=10)
     fig.tight_layout()
     p1 = out / "error_vs_alpha_prune.png"
-    fig.savefig(p1, dpi=120)
+    save_figure(fig, p1, dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -256,7 +257,7 @@ def plot_perceptron(rows, cfg: PerceptronConfig, out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     p2 = out / "pareto.png"
-    fig.savefig(p2, dpi=120)
+    save_figure(fig, p2, dpi=120)
     plt.close(fig)
     return [p1, p2]
 
@@ -316,7 +317,7 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
                 mains = [r["metrics"]["main_metric"] for r in res["results"] if r["metrics"]["main_metric"] is not None]
                 row["accuracy"] = float(np.mean(mains)) if mains else None
                 row["size"] = row["kept"]
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "sweep.json", rows)
     if any("accuracy" in r for r in rows):
         import matplotlib
 
@@ -329,6 +330,6 @@ def sweep(pool: str, method: str, fractions: list[float], out: str, *, embedding
         ax.set_ylabel("mean main metric")
         ax.set_title(f"{method}: accuracy against the data kept", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_fraction.png", dpi=120)
+        save_figure(fig, out / "accuracy_vs_fraction.png", dpi=120)
         plt.close(fig)
     return {"rows": rows}

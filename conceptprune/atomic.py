@@ -120,6 +120,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure written atomically (its format from the file's suffix)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "conceptprune.slurm.cli",          # cluster
     "conceptprune.apps.scaling_cli",   # scaling
     "conceptprune.apps.demo_cli",      # demo
+    "conceptprune.apps.pipeline_cli",  # run
     "conceptprune.report.cli",         # report, explain
 )
 

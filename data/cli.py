@@ -79,15 +79,12 @@ def _download(a) -> None:
 def _embed(a) -> None:
     from conceptprune.slurm.options import executor_from_args
 
-    from .embed import EmbedStage
+    from .embed import EmbedConfig, embed
 
-    executor = executor_from_args(a)
-    stage = EmbedStage(a.out, a.shards, a.model, a.pretrained, a.batch_size, a.text, a.key_prefix, a.device)
-    res = executor.finish(executor.submit(stage, executor.parts(len(stage.shards()))))
-    if res is None:  # detached: the same command, rerun later, prints the totals
-        return
-    totals = {k: sum(s[k] for s in res.summaries) for k in res.summaries[0]}
-    print(json.dumps(totals, indent=2))
+    cfg = EmbedConfig(a.shards, a.out, a.model, a.pretrained, a.batch_size, a.text, a.key_prefix, a.device)
+    totals = embed(cfg, executor=executor_from_args(a))
+    if totals is not None:  # (detached: the same command, rerun later, prints the totals)
+        print(json.dumps(totals, indent=2))
 
 
 def _reshard(a) -> None:

@@ -277,3 +277,36 @@ class EmbedStage(Stage):
         with atomic_open(out / f"{shard.stem}.parquet", "wb") as f:
             pq.write_table(table, f)
         return n, bad
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """``conceptprune embed``'s settings: which shards, which model, where the pool goes."""
+
+    shards: str  # folder of .tar shards
+    out: str  # output folder (a pool: <shard>.parquet + <shard>.npz)
+    model: str  # open_clip name, local-dir:PATH or timm:NAME
+    pretrained: str | None = None
+    batch_size: int = 256
+    text: bool = False  # also embed captions (open_clip models)
+    key_prefix: str = ""
+    device: str = "auto"
+
+    def stage(self) -> EmbedStage:
+        return EmbedStage(self.out, self.shards, self.model, self.pretrained, self.batch_size, self.text,
+                          self.key_prefix, self.device)
+
+
+def embed(cfg: EmbedConfig, *, executor=None) -> dict | None:
+    """Embed every shard (one part a shard at most); the totals, or None when the executor
+    detached (the same call, rerun once its jobs are done, returns them)."""
+    from conceptprune.slurm.stage import Executor
+
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    executor = executor if executor is not None else Executor.create("inline")
+    stage = cfg.stage()
+    res = executor.finish(executor.submit(stage, executor.parts(len(stage.shards()))))
+    if res is None:
+        return None
+    return {k: sum(s[k] for s in res.summaries) for k in res.summaries[0]}

@@ -161,10 +161,15 @@ _LOADED = False
 def register(spec: FilterSpec) -> FilterSpec:
     """Add a filter to the table (its module calls this once, at import)."""
     old = _REGISTRY.get(spec.name)
-    if old is not None and old is not spec and (old.fn, old.command) != (spec.fn, spec.command):
-        raise ValueError(f"two filters are named {spec.name!r}")
+    if old is not None and _origin(old) != _origin(spec):  # (a module imported anew replaces its own)
+        raise ValueError(f"two filters are named {spec.name!r}: {_origin(old)} and {_origin(spec)}")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _origin(spec: FilterSpec) -> str:
+    f = spec.fn or spec.command
+    return f"{f.__module__}.{f.__qualname__}"
 
 
 def _declaring_modules() -> list[str]:

@@ -125,13 +125,14 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
         exts = Counter(m.name.rsplit(".", 1)[1] for m in tf.getmembers())
     assert exts["jpg"] == exts["txt"] == exts["json"] > 0
 
-    # embed with a tiny random open_clip model: the output is a pool the filters read
-    from conceptprune.data.embed import EmbedStage
+    # embed with a tiny random open_clip model (the command's Python function): the output is a
+    # pool the filters read
+    from conceptprune.data.embed import EmbedConfig, EmbedStage, embed
     from conceptprune.slurm.stage import Executor
 
-    emb = EmbedStage(str(tmp_path / "emb"), str(shards), "cp-tiny-vit", batch_size=16, text=True)
-    res = Executor.create("local").run(emb, 2)
-    assert sum(s["embedded"] for s in res.summaries) == N - len(bad)
+    totals = embed(EmbedConfig(str(shards), str(tmp_path / "emb"), "cp-tiny-vit", batch_size=16, text=True),
+                   executor=Executor.create("local", workers=2))
+    assert totals["embedded"] == N - len(bad) and totals["shards"] == len(tars)
     pool = Pool(tmp_path / "emb", embedding_key="img")
     assert pool.rows == N - len(bad) and pool.dim == 32
     assert set(U.array_to_uids(pool.read_uids())) == downloaded
