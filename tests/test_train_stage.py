@@ -260,3 +260,33 @@ def test_detached_reshard_then_train_run_as_one_afterok_graph(slurm_cluster, tin
     again = train(_cfg(resharded, tmp_path / "work" / "runs", "g"), executor=Executor.create("slurm"))
     assert again["status"] == "finished" and Path(again["final_checkpoint"]).exists()
     assert record_file.read_text() == before  # collected, not submitted again
+
+
+@pytest.mark.slurm
+def test_scaling_sweep_with_training_on_slurm_evaluates_finished_runs(slurm_cluster, tmp_path):
+    """issue 26: `scaling sweep --train` (as the demo) calls train, then evaluate on its run;
+    on SLURM train returned before the job ran and evaluate found no checkpoint."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from conceptprune.apps.scaling import sweep
+    from conceptprune.evaluation.wds import write_classification
+    from conceptprune.synthetic import SyntheticPoolConfig, make_pool, write_shards
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=200, files=1, seed=3, concepts=4,
+                                                     embedding_keys=("l14_img",)), progress=False)
+    write_shards(tmp_path / "pool", tmp_path / "shards", per_shard=100, progress=False)
+    colors = ["red", "green", "blue", "yellow"]
+    labels = np.arange(24) % 4
+    images = []
+    for y in labels:
+        im = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(im).rectangle([6, 6, 26, 26], fill=colors[y])
+        images.append(im)
+    write_classification(tmp_path / "eval" / "cifar10", images, labels, colors, ["a {c} square."])
+    res = sweep(str(tmp_path / "pool"), "random", [0.5], str(tmp_path / "sweep"), shards=str(tmp_path / "shards"),
+                train_scale="tiny", eval_data=str(tmp_path / "eval"), tasks=["cifar10"],
+                train_args={"samples_seen": 128, "checkpoints": 1},
+                executor=Executor.create("slurm", ClusterOptions(time=10)))
+    (row,) = res["rows"]
+    assert row["kept"] == 100 and row["accuracy"] is not None and 0.0 <= row["accuracy"] <= 1.0
