@@ -154,8 +154,10 @@ def run(cfg: CompareConfig) -> dict:
     keys = [k for k in MAIN_KEYS if any(k in s.values for s in runs)]
     keys += sorted({k for s in runs for k in s.values if k not in BY_KEY})  # your own tasks, after DataComp's
     per_task = []
-    for k in keys + ["average"]:
-        row = {"key": k, "task": "Average (38)" if k == "average" else BY_KEY[k].name if k in BY_KEY else k}
+    own_names = {k: r[k].get("dataset") or k for r in reversed(loaded) for k in r if k not in BY_KEY}
+    has_average = any(not math.isnan(s.aggregates.get("Average", float("nan"))) for s in runs)
+    for k in keys + (["average"] if has_average else []):
+        row = {"key": k, "task": "Average (38)" if k == "average" else BY_KEY[k].name if k in BY_KEY else own_names[k]}
         for s in runs + bases:
             row[s.name] = s.aggregates.get("Average") if k == "average" else s.values.get(k)
         for (a, b), d in deltas.items():
