@@ -544,7 +544,10 @@ def _show_progress(stage: TrainStage, record: dict) -> threading.Event:
                 p = read_progress(stage.work_dir)
                 if p:
                     bar.n = p["done"]
-                    bar.set_postfix_str(f"{p['rate']:,.0f} samples/s, loss {p['loss']:.3f}", refresh=False)
+                    eta = p.get("eta_s")
+                    bar.set_postfix_str(f"{p['rate']:,.0f} samples/s, loss {p['loss']:.3f}"
+                                        + (f", ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta else ""),
+                                        refresh=False)
                     bar.refresh()
         finally:
             bar.close()
