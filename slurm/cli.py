@@ -25,10 +25,12 @@ def register(sub) -> None:
 
 
 def _info(args) -> None:
-    from .executor import resolve_executor
+    from .executor import backend_named
 
     kind, opts = options_from_args(args)
-    print(json.dumps({"executor": resolve_executor(kind), "options": opts.as_dict()}, indent=2))
+    backend = backend_named(kind)
+    print(json.dumps({"executor": backend.name, "backend": backend.describe(opts), "workers": args.workers,
+                      "options": opts.as_dict()}, indent=2))
 
 
 def _check(args) -> int:

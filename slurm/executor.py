@@ -494,7 +494,7 @@ class SlurmBackend(Backend):
         return self
 
     def dependencies(self, after):
-        return [j.job_id for sub in after for j in sub.jobs]
+        return [i for sub in after for i in sub.pending_job_ids()]
 
     def pack(self, pending, workers, options):
         k = max(1, options.parts_per_task)

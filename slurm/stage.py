@@ -133,6 +133,11 @@ class StageSubmission:
     def job_ids(self) -> list[str]:
         return [j.job_id for j in self.jobs]
 
+    def pending_job_ids(self) -> list[str]:
+        """The ids of jobs that outlive the launcher (SLURM's), which a later stage's jobs wait
+        for (afterok); none for local or inline runs, which a later stage waits for in the launcher."""
+        return self.job_ids if self.backend.can_detach else []
+
     @property
     def executor(self) -> str:
         return self.backend.name

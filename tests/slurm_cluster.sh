@@ -120,6 +120,7 @@ CONF
     echo "SlurmctldLogFile=$BASE/log/slurmctld.log"
     echo "SlurmdLogFile=$BASE/log/slurmd-%n.log"
     echo "DefMemPerCPU=512"
+    echo "MaxArraySize=4"  # small, so that a test sees a stage's parts cut into several arrays
     for i in "${!NODES[@]}"; do
       echo "NodeName=${NODES[$i]} NodeHostname=localhost NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]} CPUs=$cpus RealMemory=$mem State=UNKNOWN"
     done

@@ -207,3 +207,30 @@ def test_semdedup_graph_submitted_detached_then_collected(slurm_cluster, tmp_pat
                clustering=ClusteringConfig(clusters=5, niter=10), executor=Executor.create("inline", workers=2))
     assert out.read_bytes() == ref.read_bytes() and 0 < len(K.read_keep_list(out)) < 2000
     _assert_small_pickles(tmp_path, at_least=7)
+
+
+def test_arrays_respect_max_array_size_and_pack_parts(slurm_cluster, tmp_path):
+    """The test cluster's MaxArraySize is 4: six parts go into two arrays (4 + 2); with
+    --parts-per-task 2 five parts run as three array tasks. submission.record holds the
+    backend and its options."""
+    from conceptprune.slurm import executor as E
+    from conceptprune.slurm.diagnostics import CountingStage
+
+    E._max_array_size.cache_clear()
+    assert E.max_array_size() == 4
+    stage = CountingStage(work_dir=str(tmp_path / "a"), steps=1, step_seconds=0)
+    sub = Executor.create("slurm", ClusterOptions(time=5), workers=6).submit(stage, 6)
+    assert len(sub.jobs) == 6 and len({j.job_id.split("_")[0] for j in sub.jobs}) == 2
+    assert sorted(sub.wait().ran) == list(range(6))
+    rec = json.loads((stage.marker_dir() / "submission.record").read_text())
+    assert rec["executor"] == "slurm" and rec["workers"] == 6
+    assert rec["backend"]["max_array_size"] == 4 and rec["backend"]["options"]["time"] == 5
+
+    packed = CountingStage(work_dir=str(tmp_path / "b"), steps=1, step_seconds=0)
+    sub = Executor.create("slurm", ClusterOptions(time=5, parts_per_task=2), workers=5).submit(packed, 5)
+    assert sub.groups == [[0, 1], [2, 3], [4]] and len(sub.jobs) == 3
+    assert sorted(sub.wait().ran) == list(range(5))
+    jobs = [json.loads(packed.marker(r, 5).read_text())["job_id"] for r in range(5)]
+    assert jobs[0] == jobs[1] and jobs[2] == jobs[3] and len(set(jobs)) == 3  # two parts, one array task
+    rec = json.loads((packed.marker_dir() / "submission.record").read_text())
+    assert rec["backend"]["options"]["parts_per_task"] == 2 and rec["groups"] == [[0, 1], [2, 3], [4]]
