@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -23,19 +24,32 @@ from conceptprune.errors import ConfigError
 
 from .dist import job_identity
 
+log = logging.getLogger(__name__)
+
 
 def lock_path(marker_dir: Path, rank: int, world_size: int) -> Path:
     return Path(marker_dir) / f"{rank:05d}-of-{world_size:05d}.running"
 
 
-def _try_lock(fd: int) -> bool:
+_warned = False
+
+
+def _try_lock(fd: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this file system takes no locks
+    (Lustre mounted without ``flock``, some FUSE): liveness is then not known, and nothing is
+    refused for it."""
+    global _warned
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return False
-        raise
+        if not _warned:
+            log.warning("run locks are not supported where the markers are (%s): a second launcher of a part "
+                        "being run now is not detected", e)
+            _warned = True
+        return None
 
 
 class PartBusyError(ConfigError):
@@ -51,7 +65,7 @@ def hold_part(marker_dir: Path, rank: int, world_size: int, wait_s: float = 5.0)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s
-        while not _try_lock(fd):
+        while _try_lock(fd) is False:
             if time.monotonic() > deadline:
                 raise PartBusyError(f"part {rank} of {world_size} in {marker_dir} is being run by "
                                     f"{describe(read_holder(path))}")
@@ -89,10 +103,10 @@ def is_running(marker_dir: Path, rank: int, world_size: int) -> bool:
     except OSError:
         return False
     try:
-        if _try_lock(fd):
+        got = _try_lock(fd)
+        if got:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        return True
+        return got is False
     finally:
         os.close(fd)
 

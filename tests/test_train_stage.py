@@ -290,3 +290,28 @@ def test_scaling_sweep_with_training_on_slurm_evaluates_finished_runs(slurm_clus
                 executor=Executor.create("slurm", ClusterOptions(time=10)))
     (row,) = res["rows"]
     assert row["kept"] == 100 and row["accuracy"] is not None and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_run_locks_where_the_file_system_takes_none(tmp_path, monkeypatch):
+    """Lustre without -o flock answers ENOSYS: parts still run (liveness is then unknown)."""
+    import errno
+    import fcntl
+
+    from conceptprune.slurm import liveness as L
+
+    with L.hold_part(tmp_path, 0, 2):
+        assert L.is_running(tmp_path, 0, 2) and not L.is_running(tmp_path, 1, 2)
+        with pytest.raises(L.PartBusyError, match=r"part 0 of 2 .* is being run by process \d+"):
+            with L.hold_part(tmp_path, 0, 2, wait_s=0.2):
+                pass
+    assert not L.is_running(tmp_path, 0, 2)
+    real = fcntl.flock
+
+    def no_locks(fd, op):
+        if op & fcntl.LOCK_UN:
+            return real(fd, op)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with L.hold_part(tmp_path, 0, 2):
+        assert not L.is_running(tmp_path, 0, 2)
