@@ -166,7 +166,9 @@ def _kl_info(args) -> None:
 
     arr = K.read_keep_list(args.keep_list, multiset=True)
     stats = K.describe(arr)
-    out = {"path": args.keep_list, "count": stats["distinct"], **stats, "valid": True,
+    # entries (the rows DataComp's resharder writes) and distinct uids, each under one name: a
+    # separate "count" beside them read as a third number for a multiset
+    out = {"path": args.keep_list, **stats, "valid": True,
            "manifest": K.read_manifest(args.keep_list), "manifest_matches": K.manifest_matches(args.keep_list)}
     if args.uids:
         out["first_uids"] = U.array_to_uids(arr[: args.uids])

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.npz import NpyColumn, row_parallel
 from conceptprune.pool import Pool, file_fingerprints, pool_fingerprint
+from conceptprune.progress import progress_enabled
 from conceptprune.slurm.stage import Executor, Stage, StageSubmission
 
 from .base import Within
@@ -574,8 +576,12 @@ def _train(directory: Path, pool: Pool, spec: ClusteringConfig, within: Within, 
              "GPU" if gpu else "CPU")
     km = faiss.Kmeans(x.shape[1], spec.clusters, niter=spec.niter, seed=spec.seed, spherical=True, gpu=gpu,
                       max_points_per_centroid=math.ceil(len(x) / spec.clusters) + 1, min_points_per_centroid=1,
-                      verbose=log.isEnabledFor(logging.DEBUG))
+                      # faiss's own per-iteration line (time, objective) at a terminal, unless --quiet
+                      verbose=log.isEnabledFor(logging.DEBUG) or (progress_enabled() and sys.stdout.isatty()))
+    t_km = time.time()
     km.train(x)
+    log.info("k-means: %d iterations in %.1f s (%.2f s an iteration, %.0f rows/s)", spec.niter, time.time() - t_km,
+             (time.time() - t_km) / max(spec.niter, 1), len(x) * spec.niter / max(time.time() - t_km, 1e-9))
     centroids = km.centroids.astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     directory.mkdir(parents=True, exist_ok=True)

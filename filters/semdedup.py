@@ -49,6 +49,7 @@ from conceptprune import uids as U
 from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 from conceptprune.keeplist import UidCollector
+from conceptprune.progress import progress_bar
 from conceptprune.npz import NpzArray
 from conceptprune.slurm.stage import Executor, Stage
 
@@ -112,7 +113,8 @@ class ShuffleStage(Stage):
             os.unlink(leftover)
         a, b = aligned_split(pool.rows, rank, world_size)
         written = 0
-        with _RawRows(pool) as raw:
+        bar = progress_bar(total=b - a, desc=f"semdedup shuffle, part {rank + 1}/{world_size}", unit="rows")
+        with _RawRows(pool) as raw, bar:
             # this part's rows only: blocks and parts both start at multiples of BLOCK_ROWS
             for start, uids, cluster, dist in clustering.iter_assignment(a, b):
                 keep = cluster >= 0
@@ -121,6 +123,7 @@ class ShuffleStage(Stage):
                 if keep.any():
                     written += self._write(out, tag, clustering.k, uids, cluster, dist, keep,
                                            raw.read(start, start + len(uids)))
+                bar.update(len(uids))
         return {"rows": written}
 
     def _write(self, out: Path, tag: str, k: int, uids, cluster, dist, keep, emb) -> int:
@@ -227,13 +230,21 @@ class DedupStage(Stage):
         # which a multi-threaded BLAS runs far below its speed (and far worse on a busy machine)
         threads = max(1, min(len(os.sched_getaffinity(0)), DEDUP_THREADS, len(buckets)))
         torch = self.rule == "paper" and needs_torch(PairwiseConfig(self.pairwise), self.exact_from() == -math.inf)
-        with threadpool_limits(1, user_api="blas"), single_threaded_torch(torch), \
-                ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
-            return {"rows": sum(ex.map(lambda b: self._one(work, b), buckets))}
+        total = sum(self._bucket_bytes(work, b, ".meta") for b in buckets) // META_DTYPE.itemsize
+        bar = progress_bar(total=total, desc=f"semdedup dedup, part {rank + 1}/{world_size}", unit="rows")
 
-    def _bucket_bytes(self, work: Path, bucket: int) -> int:
+        def one(b: int) -> int:
+            n = self._one(work, b)
+            bar.update(n)  # tqdm's update holds its own lock
+            return n
+
+        with threadpool_limits(1, user_api="blas"), single_threaded_torch(torch), bar, \
+                ThreadPoolExecutor(threads, thread_name_prefix="dedup") as ex:
+            return {"rows": sum(ex.map(one, buckets))}
+
+    def _bucket_bytes(self, work: Path, bucket: int, ext: str = ".emb") -> int:
         """The largest buckets go first, so that no core waits for one at the end."""
-        pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}.emb"
+        pattern = f"b{bucket:04d}.p*-of-{self.shuffle_world:05d}{ext}"
         return sum(os.path.getsize(p) for p in glob.glob(str(work / "shuffle" / pattern)))
 
     def _one(self, work: Path, bucket: int) -> int:

@@ -58,7 +58,7 @@ def test_filter_cli_and_keep_list_tools(small_pool, tmp_path, capsys):
     capsys.readouterr()
     assert main(["keep-list", "info", str(tmp_path / "a.npy")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["count"] == len(a) and info["manifest"]["method"] == "clip-score"
+    assert info["distinct"] == info["entries"] == len(a) and info["manifest"]["method"] == "clip-score"
     assert info["manifest"]["command"][:4] == ["conceptprune", "--quiet", "filter", "clip-score"]
 
 

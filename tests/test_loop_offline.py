@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -217,3 +218,25 @@ def test_shared_clustering_warns_only_when_not_asked_for(l14_pool, tmp_path, cap
         run_filter(dbp, l14_pool, tmp_path / "d.npy", within=tmp_path / "clip.npy",
                    clustering=ClusteringConfig(clusters=5), **kw)
     assert [r for r in caplog.records if r.levelno == logging.WARNING and "earlier run" in r.getMessage()]
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+def test_semdedup_shows_progress_on_its_long_steps_and_quiet_silences_it(l14_pool, tmp_path):
+    """The assignment, SemDeDup's shuffle and dedup each draw a bar with rows/s and an ETA
+    (tqdm on stderr); k-means logs its iterations' time and rate; --quiet draws none."""
+    import os
+
+    env = {**os.environ, "CONCEPTPRUNE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = ["filter", "semdedup", "--pool", str(l14_pool), "--target-fraction", "0.8", "--clusters", "3",
+           "--executor", "inline"]
+    r = subprocess.run(CLI + cmd + ["--out", str(tmp_path / "a.npy")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for what in ("assign 1/1", "semdedup shuffle, part 1/1", "semdedup dedup, part 1/1"):
+        line = next((x for x in r.stderr.replace("\r", "\n").splitlines() if what in x and "100%" in x), None)
+        assert line is not None and "rows/s" in line, (what, r.stderr[-2000:])
+    assert re.search(r"k-means: \d+ iterations in [\d.]+ s \([\d.]+ s an iteration, \d+ rows/s\)", r.stderr)
+    q = subprocess.run(CLI + ["--quiet"] + cmd + ["--out", str(tmp_path / "b.npy")], capture_output=True, text=True,
+                       env=env)
+    assert q.returncode == 0 and "%|" not in q.stderr and "it/s]" not in q.stderr, q.stderr[-2000:]
