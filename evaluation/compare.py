@@ -262,12 +262,12 @@ def _one(delta, sa, sb, va, vb, noise, paired, oa, ob) -> dict:
             lo, hi = BS.interval(sa - sb)  # the same draws for both runs of a task (bootstrap.rng_for)
             method = "paired bootstrap" if same else "unpaired bootstrap (different examples)"
         else:
-            lo, hi, method = delta - noise, delta + noise, "seed noise only (no per-example outcomes)"
+            lo, hi, method = delta - noise, delta + noise, "seed noise only: no per-example outcomes"
     elif sa is not None:
         lo, hi = BS.interval(sa - vb)
         lo, hi, method = lo - noise, hi + noise, f"run's bootstrap + seed noise {noise:g}"
     else:
-        lo, hi, method = delta - noise, delta + noise, f"seed noise {noise:g} only (no per-example outcomes)"
+        lo, hi, method = delta - noise, delta + noise, f"seed noise {noise:g} only: no per-example outcomes"
     return {"delta": float(delta), "lo": float(lo), "hi": float(hi), "verdict": BS.verdict(lo, hi), "method": method}
 
 

@@ -256,6 +256,18 @@ def test_paired_bootstrap_against_an_independent_one_and_the_analytic_interval(t
     assert rows["cifar10"][col + " verdict"] == ("worse" if d.mean() + 1.96 * se < 0 else "within noise")
     settings = json.loads((tmp_path / "c" / "comparison.json").read_text())
     assert (settings["seed"], settings["resamples"]) == (seed, R)
+    # against a published baseline: the run's own bootstrap, widened by the seed noise on each side
+    name = "ViT-B-32/commonpool_m_clip_s128m_b4k"
+    res = compare([str(tmp_path / "A" / "eval_results.jsonl")], names=["A"], against=[name], scale=None,
+                  partial=True, seed=seed, resamples=R)
+    row = next(r for r in res["per_task"] if r["key"] == "cifar10")
+    base = float(next(r for r in _raw_csv() if f"{r['name']}/{r['pretrained']}" == name)["CIFAR-10"])
+    r = np.random.default_rng([seed, zlib.crc32(b"cifar10")])
+    own = [a[r.integers(0, n, n)].mean() - base for _ in range(R)]
+    lo, hi = np.percentile(own, [2.5, 97.5])
+    col = f"delta A - {name}"
+    assert (row[col + " lo"], row[col + " hi"]) == (pytest.approx(lo - 0.002), pytest.approx(hi + 0.002))
+    assert row[col + " interval"] == "run's bootstrap + seed noise 0.002"
     # the metrics recomputed per resample are DataComp's (sklearn's macro F1 and balanced accuracy)
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
