@@ -429,6 +429,13 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     opts = ReshardOptions(shard_size, shuffle_buffer, seed, datacomp_keys,
                           str(blur_metadata) if blur_metadata else None)
     opts.check()
+    from conceptprune.locks import output_lock
+
+    with output_lock(out, f"resharding into {out}"):  # one reshard at a time writes OUT and OUT.state/
+        return _reshard(shards, keep, out, overwrite, executor, opts)
+
+
+def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions") -> dict | None:
     out, keep = Path(out), Path(keep)
     executor = Executor.given(executor)
     inputs = {"--shards": Path(shards), "--keep": keep}
@@ -444,6 +451,8 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     if opts.shuffle_buffer or opts.datacomp_keys or opts.blur_metadata:  # the default state stays as it was
         state.update(shuffle_buffer=opts.shuffle_buffer, seed=opts.seed, datacomp_keys=opts.datacomp_keys,
                      blur_metadata=str(Path(opts.blur_metadata).resolve()) if opts.blur_metadata else None)
+    if opts.blur_metadata:  # keyed by content: metadata rewritten in place is other work
+        state["blur_metadata_files"] = _metadata_fingerprints(Path(opts.blur_metadata))
     done = _prepare_output(out, state, overwrite)
     if done is not None:
         return done
@@ -509,15 +518,27 @@ def _prepare_output(out: Path, state: dict, overwrite: bool) -> dict | None:
     return None
 
 
+def _metadata_files(metadata: Path) -> list[Path]:
+    files = sorted(metadata.glob("*.parquet")) if metadata.is_dir() else [metadata]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"--blur {metadata}: no metadata parquet found")
+    return files
+
+
+def _metadata_fingerprints(metadata: Path) -> dict[str, str]:
+    """name -> content fingerprint (size, mtime, hashes of both ends) of each metadata file."""
+    from conceptprune.pool import file_fingerprint
+
+    return {f.name: file_fingerprint(f) for f in _metadata_files(metadata)}
+
+
 def _face_boxes(metadata: Path, keep_uids: np.ndarray, dest: Path) -> Path:
     """The face boxes of the kept uids that have any, from metadata parquet (uid, face_bboxes)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = sorted(metadata.glob("*.parquet")) if metadata.is_dir() else [metadata]
-    if not files or not all(f.is_file() for f in files):
-        raise ConfigError(f"--blur {metadata}: no metadata parquet found")
+    files = _metadata_files(metadata)
     his, los, boxes = [], [], []
     for f in files:
         try:

@@ -151,9 +151,20 @@ def check_filter_output(out, pool: Pool, within, overwrite: bool) -> None:
                           "(KEEP.clusters.parquet) would be read as pool files; write it elsewhere")
 
 
-def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | None = None, *,
-               within=None, overwrite: bool = True, allow_empty: bool = False,
-               command: Sequence[str] | None = None, **params) -> FilterResult:
+def run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | None = None, **kw) -> FilterResult:
+    """``_run_filter`` with ``out`` locked (``conceptprune.locks.output_lock``) from its first check
+    to its last write: two runs given one ``--out`` (and so one ``KEEP.parts/``) run one after the other."""
+    if out is None:
+        return _run_filter(fn, pool, out, **kw)
+    from conceptprune.locks import output_lock
+
+    with output_lock(out, f"writing {out}"):
+        return _run_filter(fn, pool, out, **kw)
+
+
+def _run_filter(fn: Callable[..., FilterResult], pool, out: str | os.PathLike | None = None, *,
+                within=None, overwrite: bool = True, allow_empty: bool = False,
+                command: Sequence[str] | None = None, **params) -> FilterResult:
     """Run a filter function and write its keep-list, manifest and extra outputs.
 
     The output is checked before any work (``check_filter_output``): ``overwrite`` replaces an

@@ -24,7 +24,8 @@ import numpy as np
 from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.atomic import atomic_open
-from conceptprune.pool import Pool
+from conceptprune.errors import KeepListError
+from conceptprune.pool import Pool, pool_fingerprint
 from conceptprune.slurm.stage import Executor, Stage
 
 from .base import Within, as_within
@@ -80,13 +81,18 @@ class RowFilterStage(Stage):
     rule: RowRule
     name: str = "rows"
 
+    within_digest: str | None = None  # the --within list's content when the stage was made
+
     def part_path(self, rank: int, world_size: int, what: str, suffix: str = "npy") -> Path:
-        return Path(self.work_dir) / "parts" / f"{rank:05d}-of-{world_size:05d}.{what}.{suffix}"
+        # under the stage's name (its inputs' and rule's digest): parts of other work are never read
+        return Path(self.work_dir) / "parts" / self.name / f"{rank:05d}-of-{world_size:05d}.{what}.{suffix}"
 
     def run(self, rank: int, world_size: int) -> dict:
         pool = Pool(self.pool_root, embedding_dir=self.embedding_dir)
         start, stop = pool.split(rank, world_size)
         within = Within(self.within)
+        if within and _within_digest(within) != self.within_digest:
+            raise KeepListError(f"--within {self.within}: the list changed while the filter ran; run it again")
         spill = Path(self.work_dir) / "spill" / str(rank)
         spill.mkdir(parents=True, exist_ok=True)
         kept, counters, n = K.UidCollector(spill_dir=spill), _Counters(self.rule.concat), 0
@@ -143,10 +149,23 @@ def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | None, work_
         emb_dir = str(pool.files[0].npz.parent)
     source = str(pool.root) if pool.root is not None else [str(f.parquet) for f in pool.files]
     within_path = str(within.path) if within else None
-    name = f"{name}-{_digest(source, emb_dir, within_path, rule)}"  # another rule or input: other markers
-    stage = RowFilterStage(str(work_dir), source, emb_dir, within_path, rule, name)
+    # reusable state is keyed by content: the pool's fingerprint and the --within list's uids, not their paths
+    within_digest = _within_digest(within) if within else None
+    name = f"{name}-{_digest(source, emb_dir, within_path, pool_fingerprint(pool), within_digest, rule)}"
+    stage = RowFilterStage(str(work_dir), source, emb_dir, within_path, rule, name, within_digest)
     world = executor.parts(max(1, pool.rows))
     res = executor.run(stage, world)
+    try:
+        return _merge(res, stage, world, within, rule)
+    finally:  # merged or refused (a --within check): the parts are not reused
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _within_digest(within: Within) -> str:
+    return hashlib.sha256(np.ascontiguousarray(within.uids).view(np.uint8).data).hexdigest()
+
+
+def _merge(res, stage: "RowFilterStage", world: int, within: Within, rule: RowRule) -> "RowResult":
     kept, counters, n = K.UidCollector(), {}, 0
     seen = np.zeros(len(within.uids), bool) if within else None
     arrays = _Counters(rule.concat)  # summed part by part: one array of each in memory
@@ -163,7 +182,6 @@ def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | None, work_
     if within:
         within.seen = seen
         within.check()
-    shutil.rmtree(work_dir, ignore_errors=True)
     return RowResult(kept, n, counters, arrays.final_arrays())
 
 
