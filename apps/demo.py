@@ -276,13 +276,13 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     from conceptprune.data.download import download
     from conceptprune.data.embed import EmbedStage
-    from conceptprune.data.reshard import reshard
-    from conceptprune.evaluation.run import evaluate
     from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup, ssl_prototypes
     from conceptprune.filters.clustering_config import ClusteringConfig
+    from conceptprune.slurm.pipeline import CallStage, Pipeline
     from conceptprune.slurm.stage import Executor
     from conceptprune.training.launch import TrainConfig, train
 
+    executor = Executor.auto()  # SLURM where a controller answers (every step waits for its jobs), else local
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start, timings, counts = time.time(), {}, {}
@@ -324,18 +324,17 @@ def _run_demo(cfg: DemoConfig) -> Path:
     runs = out / "runs"
     data = {"full": shards}
 
-    def train_arm(arm: str, seed: int) -> dict:
-        return timed(f"train {arm} s{seed}", lambda: train(TrainConfig(
-            [str(data[arm])], "tiny", str(runs), name=f"{arm}-s{seed}", seed=seed, samples_seen=cfg.samples_seen,
-            checkpoints=2)))
+    def train_config(arm: str, seed: int) -> TrainConfig:
+        return TrainConfig([str(data[arm])], "tiny", str(runs), name=f"{arm}-s{seed}", seed=seed,
+                           samples_seen=cfg.samples_seen, checkpoints=2)
 
     _step(3, f"train the tiny CLIP on the full pool, seed {seeds[0]} (it is also the encoder for the filters)")
-    full = train_arm("full", seeds[0])
+    full = timed(f"train full s{seeds[0]}", lambda: train(train_config("full", seeds[0]), executor=executor))
 
     _step(4, "embed images and captions with that model")
     emb = out / "embeddings"
     embed = EmbedStage(str(emb), str(shards), "cp-tiny-vit", full["final_checkpoint"], batch_size=256, text=True)
-    timed("embed", lambda: Executor.create("auto").run(embed, 1))
+    timed("embed", lambda: executor.run(embed, 1))
 
     _step(5, "filter: SemDeDup -> CLIP score -> DBP (the DBP paper's DataComp pipeline); "
              "CLIP score alone and random at the same size")
@@ -374,27 +373,41 @@ def _run_demo(cfg: DemoConfig) -> Path:
     print(f"SemDeDup kept {len(sd.uids)}, CLIP score {len(cs.uids)}, DBP {size}; random {len(r.uids)}, "
           f"CLIP score alone {len(c.uids)}" + (f", SSL prototypes {kept['ssl']}" if cfg.ssl else ""))
 
-    _step(6, f"reshard each keep-list and train every arm with seeds {seeds} (the same {cfg.samples_seen:,} "
-             "samples seen)")
+    _step(6, f"one pipeline: reshard each keep-list, train every arm with seeds {seeds} (the same "
+             f"{cfg.samples_seen:,} samples seen), evaluate every run on held-out digits")
+    evalsets = out / "evalsets"
+    build_evalsets(evalsets, pool["digits"], pool["held_out"], cfg.seed)
+    pipe = Pipeline(out / "pipeline")
+
+    def add(name, target, kwargs, after=()):
+        pipe.add(name, CallStage(str(out / "pipeline" / name), target, kwargs, name=name), after=after)
+
     for arm in arms[1:]:
         data[arm] = out / "data" / f"shards_{arm}"
-        timed(f"reshard {arm}", lambda: reshard(shards, filt / f"{arm}.npy", data[arm], shard_size=1000,
-                                                overwrite=True))
+        add(f"reshard-{arm}", "conceptprune.data.reshard:reshard",
+            {"shards": str(shards), "keep": str(filt / f"{arm}.npy"), "out": str(data[arm]), "shard_size": 1000,
+             "overwrite": True})
     for seed in seeds:
         for arm in arms:
             if (arm, seed) != ("full", seeds[0]):
-                train_arm(arm, seed)
-
-    _step(7, "evaluate every run on held-out digits")
-    evalsets = out / "evalsets"
-    build_evalsets(evalsets, pool["digits"], pool["held_out"], cfg.seed)
-    results = {}
+                add(f"train-{arm}-s{seed}", "conceptprune.training.launch:train", {"cfg": train_config(arm, seed)},
+                    after=[f"reshard-{arm}"] if arm != "full" else [])
     for arm in arms:
         for seed in seeds:
             name = f"{arm}-s{seed}"
-            res = timed(f"evaluate {name}", lambda: evaluate(str(runs / name), str(evalsets), str(out / "eval" / name),
-                                                             tasks=[k for k, _, _ in METRICS]))
-            results.setdefault(arm, {})[seed] = {r["key"]: r["metrics"] for r in res["results"]}
+            trained = [f"train-{name}"] if (arm, seed) != ("full", seeds[0]) else []
+            add(f"evaluate-{name}", "conceptprune.evaluation.run:evaluate",
+                {"model": str(runs / name), "data_dir": str(evalsets), "output": str(out / "eval" / name),
+                 "tasks": [k for k, _, _ in METRICS]}, after=trained)
+    steps = timed("pipeline (reshard, train, evaluate)", lambda: pipe.run(executor))
+    for name, res in steps.items():  # each step's own time, from its marker
+        if res.summaries and isinstance(res.summaries[0], dict) and "wall_s" in res.summaries[0]:
+            timings[name.replace("-", " ", 1)] = round(res.summaries[0]["wall_s"], 1)
+    from conceptprune.evaluation.run import read_results
+
+    results = {arm: {seed: {r["key"]: r["metrics"] for r in read_results(out / "eval" / f"{arm}-s{seed}" /
+                                                                           "eval_results.jsonl")}
+                     for seed in seeds} for arm in arms}
     summary = {arm: {key: summarize([results[arm][s][key][metric] for s in seeds]) for key, metric, _ in METRICS}
                for arm in arms}
     table = format_table(summary, seeds, kept)

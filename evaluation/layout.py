@@ -19,7 +19,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .tasks import Task
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (tasks.table() imports this module)
+    from .tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def export_torch_env() -> DistEnv:
     """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for ``env://`` init.
 
@@ -42,6 +45,10 @@ def export_torch_env() -> DistEnv:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         return DistEnv(0, 1, 0, "127.0.0.1", int(os.environ["MASTER_PORT"]), node, job_id, restarts)
+    # values inherited from a launcher that trained in its own process (inline) belong to that run:
+    # submitit derives this job's own and refuses to overwrite set ones
+    for var in TORCH_VARS:
+        os.environ.pop(var, None)
     env.export(set_cuda_visible_devices=False)  # open_clip picks cuda:<local_rank> itself
     return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, node, job_id,
                    restarts)

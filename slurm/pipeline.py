@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,22 +55,24 @@ class CallStage(Stage):
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"step {self.name}: cannot find {self.target} ({e})") from None
 
-    def run(self, rank: int, world_size: int) -> Any:
+    def run(self, rank: int, world_size: int) -> dict:
         kw = dict(self.kwargs)
         if self.executor_keyword:
             kw[self.executor_keyword] = Executor.create("local" if self.workers > 1 else "inline", workers=self.workers)
-        return _summary(self.function()(**kw))
+        t0 = time.time()
+        res = self.function()(**kw)
+        return {**_summary(res), "wall_s": round(time.time() - t0, 3)}
 
 
-def _summary(res: Any) -> Any:
-    """What a step's marker keeps of its function's return value: small JSON-able values."""
+def _summary(res: Any) -> dict:
+    """What a step's marker keeps of its function's return value: its small JSON-able values."""
     if dataclasses.is_dataclass(res) and not isinstance(res, type):
         res = dataclasses.asdict(res)
     if isinstance(res, dict):
         return {k: v for k, v in res.items() if isinstance(v, (str, int, float, bool, type(None)))}
     if isinstance(res, (str, int, float, bool, type(None))):
-        return res
-    return type(res).__name__
+        return {"value": res}
+    return {"value": type(res).__name__}
 
 
 @dataclass
