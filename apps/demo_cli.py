@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int_arg("--threads", min=1), default=2,
                    help="torch/OpenMP threads in every step (default 2); the numbers depend on it, not on the "
                         "machine's cores or load")
-    p.add_argument("--quick", action="store_true", help="a much smaller configuration (seconds, for tests)")
+    p.add_argument("--quick", action="store_true", help="a much smaller configuration for tests (about 2 minutes on 2 CPU cores; every arm at chance)")
     p.set_defaults(func=_demo)
 
 

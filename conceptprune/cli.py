@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU-feature probe
+    for noisy in ("matplotlib", "PIL"):  # --log-level debug is for our steps, not matplotlib's font search
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     progress_before = os.environ.get(PROGRESS_ENV)
     if args.quiet:  # read by every progress bar, here and in the worker processes this command starts
         os.environ[PROGRESS_ENV] = "0"

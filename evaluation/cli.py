@@ -9,7 +9,7 @@ def register(sub) -> None:
     from conceptprune.checks import renamed_flag
     from conceptprune.slurm.options import add_cluster_args
 
-    p = sub.add_parser("evaluate", help="run DataComp's 38-task evaluation on a trained model",
+    p = sub.add_parser("evaluate", help="run DataComp's evaluation on a trained model: 40 tasks, 38 with a main metric",
                        description="Evaluate a training run (or a checkpoint) on DataComp's suite; results go to "
                                    "OUTPUT/eval_results.jsonl in DataComp's format (a rerun resumes). "
                                    "Actions: download (the evaluation sets), package (a submission bundle), upload, "

@@ -589,6 +589,7 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device, loader_workers, precision=precision)
     done = {r["key"] for r in _all_rows(out)}
     todo = [t.key for t in chosen if t.key not in done]
+    _check_some_data(data_dir, [t for t in chosen if t.key in todo])  # before the model is loaded
     errors = {}
     if todo:
         if executor.in_launcher:
@@ -607,6 +608,23 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     if errors:
         log.warning("%d task(s) failed: %s (see %s)", len(errors), ", ".join(errors), out / "eval_errors.json")
     return {"results": rows, "errors": errors, "model": {"arch": arch, "checkpoint": ckpt}, "run": run_info}
+
+
+def _check_some_data(data_dir, tasks: list) -> None:
+    """A data folder that holds none of the tasks asked is one error before any work, not one
+    failure per task after loading the model (some tasks missing: those fail, the others run)."""
+    from .layout import locate
+
+    if not tasks:
+        return
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir}: folder not found; fetch the evaluation sets with "
+                          f"'conceptprune evaluate download --data-dir {data_dir}'")
+    if all(locate(data_dir, t)[1] == "missing" for t in tasks):
+        raise ConfigError(f"--data-dir {data_dir} holds none of the {len(tasks)} task(s) asked "
+                          f"({', '.join(t.key for t in tasks[:3])}{', ...' if len(tasks) > 3 else ''}); fetch them "
+                          f"with 'conceptprune evaluate download --data-dir {data_dir}' (--tasks to choose), or "
+                          "point --data-dir at DataComp's download folder")
 
 
 def _tasks_id(keys: list[str]) -> str:

@@ -240,3 +240,30 @@ def test_semdedup_shows_progress_on_its_long_steps_and_quiet_silences_it(l14_poo
     q = subprocess.run(CLI + ["--quiet"] + cmd + ["--out", str(tmp_path / "b.npy")], capture_output=True, text=True,
                        env=env)
     assert q.returncode == 0 and "%|" not in q.stderr and "it/s]" not in q.stderr, q.stderr[-2000:]
+
+
+def test_evaluate_on_an_empty_data_folder_fails_before_the_model(tiny_checkpoint, tmp_path):
+    """One line naming the folder and `evaluate download`, before the model is loaded (a
+    checkpoint that cannot load would fail otherwise), instead of 40 failures after it."""
+    from conceptprune.errors import ConfigError
+    from conceptprune.evaluation.run import evaluate
+
+    (tmp_path / "evalsets").mkdir()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    for model in (str(tiny_checkpoint), str(broken)):
+        with pytest.raises(ConfigError, match=r"holds none of the 40 task\(s\) asked.*evaluate download"):
+            evaluate(model, str(tmp_path / "evalsets"), str(tmp_path / "out"), arch="cp-tiny-vit")
+    assert not (tmp_path / "out" / "eval_errors.json").exists()
+    with pytest.raises(ConfigError, match="folder not found"):
+        evaluate(str(tiny_checkpoint), str(tmp_path / "nowhere"), str(tmp_path / "out"), arch="cp-tiny-vit")
+
+
+def test_debug_log_level_is_not_flooded_by_matplotlib(tmp_path):
+    np.save(tmp_path / "k.npy", np.zeros(1, "u8,u8"))
+    code = ("import sys; from conceptprune.cli import main; main(['--log-level', 'debug', 'keep-list', 'info', "
+            f"{str(tmp_path / 'k.npy')!r}]); import matplotlib.pyplot as plt; plt.figure(); "
+            "import matplotlib.font_manager as fm; fm.FontManager()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "matplotlib" not in r.stderr and "findfont" not in r.stderr, r.stderr[:2000]
