@@ -22,6 +22,7 @@ from .progress import ENV as PROGRESS_ENV
 COMMAND_MODULES = (
     "conceptprune.data.cli",           # download, embed, reshard
     "conceptprune.filters.cli",        # filter <method>
+    "conceptprune.filters.scores_cli", # scores, scores correlate
     "conceptprune.cli_core",           # make-pool, pool, keep-list
     "conceptprune.training.cli",       # train
     "conceptprune.evaluation.cli",     # evaluate, compare

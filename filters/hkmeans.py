@@ -329,3 +329,27 @@ def _write_clusters(path, cl: Clustering, within, parents: list[np.ndarray]) -> 
             cols += [pa.array(p[c].astype(np.int32)) for p in up] + [pa.array(d.astype(np.float32))]
             w.write_table(pa.Table.from_arrays(cols, schema=schema))
         w.close()
+
+
+from conceptprune.checks import fraction_arg, int_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec(
+    "hkmeans", "hierarchical k-means with resampling, then balanced sampling down the tree (Vo et al. 2024)",
+    hkmeans, runs_as="clustering", embeddings=True, clustering=True, sweep=True,
+    default_clusters="the first of --levels",
+    params=(Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help="keep exactly min(N, candidates) rows"),
+            Param("--fraction", fraction_arg(), group="keep", required=True, help="keep exactly int(N*F) rows"),
+            Param("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
+                  help="clusters per level, bottom up (default 5000,1000: the authors' 2-level config; their "
+                       "web config: 10000000,500000,50000,10000)"),
+            Param("--resampling-steps", default=",".join(map(str, DEFAULT_STEPS)),
+                  help="k-means runs per level, the first included (default 10,10; web: 1,10,10,10)"),
+            Param("--sample-sizes", default=",".join(map(str, DEFAULT_SAMPLES)),
+                  help="closest points per cluster a resampling step clusters (default 10,3; web: 1,10,5,3)"),
+            Param("--leaf", choices=LEAVES, default="random",
+                  help="which members of a bottom cluster fill its quota: random (default; seeded) or closest"),
+            Param("--clusters-out", metavar="CLUSTERS.parquet",
+                  help="also write each candidate's cluster at every level and its distance"))))

@@ -264,4 +264,30 @@ def negcliploss(pool: Pool, *, fraction: float | None = None, keep_count: int | 
                         stats=score_stats(scores, keep, cand))
 
 
-negcliploss.uses_rows = True
+
+
+from conceptprune.checks import float_arg, fraction_arg, int_arg, seed_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec(
+    "negcliploss", "negCLIPLoss (Wang et al. 2024): CLIP score minus its batch normalisation; keep the top",
+    negcliploss, runs_as="rows", sweep=True,
+    params=(Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="keep exactly int(N*F) candidates with the largest negCLIPLoss (ties: the earlier row)"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help="keep exactly min(N, candidates) rows (an absolute size: the paper's recipe's second step)"),
+            Param("--threshold", float_arg("--threshold"), group="keep", required=True,
+                  help="keep negCLIPLoss >= threshold"),
+            Param("--arch", choices=("l14", "b32"), default="l14",
+                  help="which stored embedding pair (l14_img/l14_txt, default; or b32_img/b32_txt)"),
+            Param("--batch-size", int_arg("--batch-size", 1), default=DEFAULT_BATCH,
+                  help=f"rows a batch, B (default {DEFAULT_BATCH}, the authors' runs); B >= a file's rows: one batch"),
+            Param("--repetitions", int_arg("--repetitions", 1), default=DEFAULT_REPETITIONS,
+                  help=f"random batchings averaged, K (default {DEFAULT_REPETITIONS}, the authors' medium runs)"),
+            Param("--temperature", float_arg("--temperature", 0.0, min_open=True), default=DEFAULT_TEMPERATURE,
+                  help=f"tau (default {DEFAULT_TEMPERATURE}: OpenAI CLIP's logit scale cap, the authors')"),
+            Param("--seed", seed_arg(), default=DEFAULT_SEED,
+                  help="batching seed: file f, repetition k permute by default_rng([seed, f, k]) (default 0)"),
+            Param("--backend", choices=("auto", "numpy", "cuda"), default="auto",
+                  help="auto (default): torch on CUDA when a GPU is there, else numpy/BLAS"))))

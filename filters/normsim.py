@@ -202,4 +202,25 @@ def normsim(pool: Pool, *, target=None, norm: str = "inf", arch: str = "l14", fr
     return FilterResult("normsim", kept, params, {"pool": pool.rows, "candidates": n}, stats=stats)
 
 
-normsim.uses_rows = True
+
+
+from conceptprune.checks import float_arg, fraction_arg, int_arg  # noqa: E402
+
+from .registry import FilterSpec, Param, register  # noqa: E402
+
+register(FilterSpec(
+    "normsim", "NormSim (Wang et al. 2024): p-norm of a row's |similarity| to a target set's images; keep the top",
+    normsim, runs_as="rows",
+    params=(Param("--target", required=True, metavar="TARGET.npy",
+                  help="image embeddings of the target (M x d .npy, the pool's model, e.g. OpenAI L/14 over the "
+                       "train splits of the 24 downstream tasks or ImageNet-1k train; never a test split)"),
+            Param("--norm", choices=("inf", "2"), default="inf", help="p: inf (max, the paper's best; default) or 2"),
+            Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="keep exactly int(N*F) candidates with the largest NormSim (ties: the earlier row)"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help="keep exactly min(N, candidates) rows, e.g. int(0.2 x pool rows) after "
+                       "'negcliploss --fraction 0.3' (the paper's medium recipe)"),
+            Param("--threshold", float_arg("--threshold"), group="keep", required=True,
+                  help="keep NormSim >= threshold"),
+            Param("--arch", choices=("l14", "b32"), default="l14",
+                  help="pool image embeddings: l14_img (default) or b32_img"))))

@@ -353,3 +353,59 @@ def test_hkmeans_keep_count_above_pool_keeps_all(pool3, tmp_path):
                 sample_sizes=(1,), clustering=ClusteringConfig(dir=tmp_path / "c", seed=1, niter=5, gpu="no"),
                 executor=Executor.create("inline"))
     assert len(r.uids) == 2100
+
+
+# -- the command line and the score table ---------------------------------------------------------
+
+def test_cli_recipe_hkmeans_and_score_table(pool3, target, tmp_path, capsys):
+    from conceptprune import keeplist as K
+    from conceptprune.cli import main
+
+    df = read_pool_frame(pool3)
+    N = len(df)
+    common = ["--executor", "inline"]
+    assert main(["--quiet", "filter", "negcliploss", "--pool", str(pool3), "--out", str(tmp_path / "ncl.npy"),
+                 "--fraction", "0.3", "--batch-size", "256", "--repetitions", "2", "--backend", "numpy", *common]) == 0
+    assert main(["--quiet", "filter", "normsim", "--pool", str(pool3), "--out", str(tmp_path / "final.npy"),
+                 "--within", str(tmp_path / "ncl.npy"), "--target", str(target), "--keep-count", str(int(0.2 * N)),
+                 *common]) == 0
+    final = K.read_keep_list(tmp_path / "final.npy")
+    assert len(final) == int(0.2 * N)
+    assert K.read_manifest(tmp_path / "final.npy")["counts"] == {"pool": N, "candidates": int(0.3 * N),
+                                                                 "out": int(0.2 * N)}
+    assert main(["--quiet", "filter", "hkmeans", "--pool", str(pool3), "--out", str(tmp_path / "hk.npy"),
+                 "--keep-count", "300", "--levels", "12,3", "--resampling-steps", "2,2", "--sample-sizes", "4,2",
+                 "--niter", "5", "--clusters-out", str(tmp_path / "hk.parquet"), *common]) == 0
+    assert len(K.read_keep_list(tmp_path / "hk.npy")) == 300
+    with pytest.raises(SystemExit):  # one of --fraction, --keep-count, --threshold
+        main(["filter", "negcliploss", "--pool", str(pool3), "--out", str(tmp_path / "x.npy"),
+              "--fraction", "0.3", "--keep-count", "5"])
+
+    table = tmp_path / "scores.parquet"
+    assert main(["--quiet", "scores", "--pool", str(pool3), "--out", str(table), "--target", str(target),
+                 "--clusters", "6", "--batch-size", "256", "--repetitions", "2", *common]) == 0
+    import pandas as pd
+
+    t = pd.read_parquet(table)
+    assert t.uid.tolist() == df.uid.tolist()
+    np.testing.assert_array_equal(t.clip_l14.to_numpy(), df.clip_l14_similarity_score.to_numpy())
+    np.testing.assert_allclose(t.negcliploss, reference_negcliploss(pool3, 256, 2, seed=0), atol=2e-6)
+    np.testing.assert_allclose(t.normsim_inf, reference_normsim(pool3, np.load(target), "inf"), rtol=1e-5)
+    for c in ("ssl_distance", "dbp_complexity", "dbp_rank", "semdedup_m"):
+        assert t[c].notna().all(), c
+    # dbp_rank: 0 is each cluster's furthest member
+    far = t.loc[t.groupby("cluster").ssl_distance.idxmax()]
+    assert (far.dbp_rank == 0).all()
+    capsys.readouterr()
+    assert main(["scores", "correlate", str(table), "--fraction", "0.25"]) == 0
+    text = capsys.readouterr().out
+    assert "Spearman" in text and "negcliploss" in text and (tmp_path / "scores.correlate.png").stat().st_size > 0
+    from conceptprune.filters.scores_table import correlate
+
+    r = correlate(table, fraction=0.25)
+    sp, ov = r["spearman"].to_numpy(), r["overlap"].to_numpy()
+    assert np.allclose(np.diag(sp), 1) and np.allclose(sp, sp.T) and np.allclose(np.diag(ov), 1)
+    from scipy.stats import spearmanr
+
+    assert sp[list(r["spearman"].index).index("clip_l14"), list(r["spearman"].index).index("negcliploss")] == \
+        pytest.approx(spearmanr(t.clip_l14, t.negcliploss).statistic, abs=1e-9)
