@@ -161,6 +161,10 @@ class Pool:
 
     def describe(self) -> dict:
         d = {"path": str(self.root) if self.root else [str(f.parquet) for f in self.files],
+             # as typed (relative to where the command ran) and absolute, so that a manifest read from
+             # another folder still finds its pool
+             "absolute_path": str(Path(self.root).resolve()) if self.root else
+             [str(f.parquet.resolve()) for f in self.files],
              "files": len(self.files), "rows": self.rows}
         if self.embedding_key:
             d.update(embedding_key=self.embedding_key, dim=self.dim)

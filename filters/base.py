@@ -127,7 +127,7 @@ class Within:
     def describe(self) -> dict | None:
         if self.uids is None:
             return None
-        return {"path": str(self.path), "count": int(len(self.uids))}
+        return {"path": str(self.path), "absolute_path": str(Path(self.path).resolve()), "count": int(len(self.uids))}
 
 
 def as_within(within) -> Within:

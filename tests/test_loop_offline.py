@@ -267,3 +267,14 @@ def test_debug_log_level_is_not_flooded_by_matplotlib(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "matplotlib" not in r.stderr and "findfont" not in r.stderr, r.stderr[:2000]
+
+
+def test_manifests_record_the_pool_and_within_absolute_too(l14_pool, tmp_path, monkeypatch):
+    from conceptprune.filters import clip_score, random_subset, run_filter
+
+    monkeypatch.chdir(tmp_path)
+    run_filter(clip_score, "pool", "clip.npy", fraction=0.5)
+    run_filter(random_subset, "pool", "r.npy", within="clip.npy", fraction=0.5, seed=1)
+    man = json.loads((tmp_path / "r.json").read_text())
+    assert man["pool"]["path"] == "pool" and man["pool"]["absolute_path"] == str(l14_pool.resolve())
+    assert man["within"]["path"] == "clip.npy" and man["within"]["absolute_path"] == str((tmp_path / "clip.npy").resolve())
