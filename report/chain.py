@@ -4,8 +4,11 @@ Each keep-list's manifest names its method, parameters, counts, ``--within`` lis
 (for the cluster filters) the clustering folder; the cluster filters also leave
 ``KEEP.clusters.parquet`` and SemDeDup its per-row results (``M_j`` per candidate) under
 ``CLUSTERING/semdedup/<candidate set>/m``. Paths in manifests are as the filter was given
-them (often relative to where it ran); they are resolved against the working directory,
-then the keep-list's folder.
+them (often relative to where it ran); they are resolved against the keep-list's folder,
+then the working directory, and each candidate is checked against what the manifest
+recorded (a pool's rows, a --within list's size, a clustering's rows): another
+experiment's same-named folder is never taken. A list its manifest does not describe
+(sha256), steps from different pools or out of order are refused.
 """
 
 from __future__ import annotations
@@ -35,15 +38,63 @@ def runs_on_clustering(method: str) -> bool:
     return spec is not None and spec.runs_as == "clustering"
 
 
-def resolve(p: str | None, near: Path) -> Path | None:
-    """A path from a manifest: absolute, else relative to the cwd, else to ``near``'s folder."""
+def resolve(p: str | None, near: Path, verify=None, what: str = "path") -> Path | None:
+    """A path from ``near``'s manifest: absolute, else relative to the manifest's folder, then to
+    the current directory, then its name in the manifest's folder. ``verify(candidate)`` returns
+    None when the candidate is what the manifest describes, else why not: the first that
+    verifies is taken (a same-named folder of another experiment under the cwd is not); if some
+    exist but none verifies, that is an error naming the manifest."""
     if not p:
         return None
     q = Path(p)
-    for c in ([q] if q.is_absolute() else [Path.cwd() / q, near.parent / q, near.parent / q.name]):
-        if c.exists():
+    tried = []
+    for c in ([q] if q.is_absolute() else [near.parent / q, Path.cwd() / q, near.parent / q.name]):
+        if not c.exists():
+            continue
+        why = verify(c) if verify is not None else None
+        if why is None:
             return c
+        tried.append(f"{c} ({why})")
+    if tried:
+        raise ConfigError(f"{K.manifest_path(near)}: its {what} {p} was not found; "
+                          f"not the one it describes: {'; '.join(dict.fromkeys(tried))}")
     return None
+
+
+def _pool_check(rows):
+    def check(c: Path) -> str | None:
+        from conceptprune.pool import Pool
+
+        if rows is None:
+            return None
+        try:
+            n = Pool(c).rows
+        except Exception as e:  # not a pool at all
+            return f"not a pool: {e}"
+        return None if n == int(rows) else f"{n} rows, the manifest says {rows}"
+    return check
+
+
+def _within_check(count):
+    def check(c: Path) -> str | None:
+        if count is None:
+            return None
+        n = len(K.read_keep_list(c))
+        return None if n == int(count) else f"{n} uids, the manifest says {count}"
+    return check
+
+
+def _clustering_check(rows):
+    def check(c: Path) -> str | None:
+        import json
+
+        try:
+            meta = json.loads((c / "clustering.json").read_text())
+            n = int(meta["pool"]["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "no readable clustering.json"
+        return None if rows is None or n == int(rows) else f"a clustering of {n} rows, the pool has {rows}"
+    return check
 
 
 @dataclass
@@ -51,6 +102,8 @@ class Step:
     path: Path
     keep: np.ndarray  # sorted set of uids
     manifest: dict
+    entries: int = 0  # the list's entries (an upsampled list repeats uids)
+    pool_dir: Path | None = None  # the pool its manifest names, found and checked
     within: Path | None = None
     table: object = None  # KEEP.clusters.parquet as a DataFrame, if any
     clustering_dir: Path | None = None
@@ -137,24 +190,36 @@ class Chain:
 
 def load_step(path: str | os.PathLike) -> Step:
     path = Path(path)
-    keep = K.read_keep_list(path)
+    entries = K.read_keep_list(path, multiset=True)
+    keep = entries[np.r_[True, entries[1:] != entries[:-1]]] if len(entries) else entries
     man = K.read_manifest(path)
     if man is None:
         raise ConfigError(f"{path}: no manifest ({K.manifest_path(path).name}) beside it; the report needs "
                           "the filter's manifest")
-    step = Step(path, keep, man)
-    within = (man.get("within") or {}).get("path")
-    step.within = resolve(within, path)
-    if within and step.within is None:
-        raise ConfigError(f"{path}: its --within list {within} was not found (relative to the cwd or {path.parent})")
+    if K.manifest_matches(path) is False:
+        raise ConfigError(f"{path}: its manifest {K.manifest_path(path).name} describes another file (sha256 "
+                          "differs): the list was replaced after the filter wrote it; the report would show "
+                          "that filter's parameters for it")
+    step = Step(path, keep, man, entries=int(len(entries)))
+    pool = man.get("pool") or {}
+    rows = pool.get("rows")
+    if isinstance(pool.get("path"), str):
+        step.pool_dir = resolve(pool["path"], path, _pool_check(rows), "pool")
+    within = man.get("within") or {}
+    step.within = resolve(within.get("path"), path, _within_check(within.get("count")), "--within list")
+    if within.get("path") and step.within is None:
+        raise ConfigError(f"{path}: its --within list {within['path']} was not found (relative to {path.parent} "
+                          "or the cwd)")
     tp = path.with_suffix(".clusters.parquet")
     if tp.exists():
         import pandas as pd
 
         step.table = pd.read_parquet(tp)
     if runs_on_clustering(step.method):
-        cd = resolve(step.params.get("clustering"), path) or (path.with_suffix(".clustering")
-                                                              if path.with_suffix(".clustering").is_dir() else None)
+        check = _clustering_check(rows)
+        own = path.with_suffix(".clustering")
+        cd = resolve(step.params.get("clustering"), path, check, "clustering") or \
+            (own if own.is_dir() and check(own) is None else None)
         if cd is not None and (cd / "clustering.json").exists():
             step.clustering_dir = cd
         elif step.params.get("clustering"):  # (image-based with DataComp's centroids has none)
@@ -163,24 +228,57 @@ def load_step(path: str | os.PathLike) -> Step:
     return step
 
 
+def _pool_of(step: Step) -> tuple:
+    """What identifies a step's pool: the folder found (resolved), else the manifest's rows."""
+    rows = (step.manifest.get("pool") or {}).get("rows")
+    return (step.pool_dir.resolve() if step.pool_dir else None, int(rows) if rows is not None else None)
+
+
+def same_pool(a: Step, b: Step) -> bool:
+    (da, ra), (db, rb) = _pool_of(a), _pool_of(b)
+    return (da is None or db is None or da == db) and (ra is None or rb is None or ra == rb)
+
+
 def load_chain(paths, pool: str | os.PathLike | None = None) -> Chain:
     if not paths:
         raise ConfigError("give at least one keep-list")
     steps = [load_step(p) for p in paths]
+    for s in steps[1:]:  # one chain: one pool
+        if not same_pool(steps[0], s):
+            raise ConfigError(f"{s.path} was made from another pool than {steps[0].path} "
+                              f"({_pool_of(s)[0] or _pool_of(s)[1]} vs {_pool_of(steps[0])[0] or _pool_of(steps[0])[1]}); "
+                              "a report shows one chain over one pool")
+    where = {s.path.resolve(): i for i, s in enumerate(steps)}
+    for i, s in enumerate(steps):  # ... in its order: a step's --within list comes before it
+        j = where.get(s.within.resolve()) if s.within is not None else None
+        if j is not None and j >= i:
+            raise ConfigError(f"{s.path} chose from {s.within}, which comes {'at' if j == i else 'after'} it in the "
+                              "chain; give the keep-lists in the order they were made")
+        if i and s.within is not None and j is None and not _same_list(s.within, steps[i - 1].path):
+            log.warning("%s chose from %s, not from the step before it (%s)", s.path, s.within, steps[i - 1].path)
     pools = [s.manifest.get("pool") or {} for s in steps]
     pool_dir = Path(pool) if pool else None
     if pool_dir is not None and not pool_dir.is_dir():
         raise ConfigError(f"--pool {pool_dir}: not a folder")
+    if pool_dir is not None:
+        rows = next((p.get("rows") for p in pools if p.get("rows")), None)
+        why = _pool_check(rows)(pool_dir)
+        if why:
+            raise ConfigError(f"--pool {pool_dir}: not the pool of {steps[0].path} ({why})")
     if pool_dir is None:
-        for s, pd_ in zip(steps, pools):
-            pool_dir = resolve(pd_.get("path") if isinstance(pd_.get("path"), str) else None, s.path)
-            if pool_dir:
-                break
+        pool_dir = next((s.pool_dir for s in steps if s.pool_dir is not None), None)
     rows = next((int(p["rows"]) for p in pools if p.get("rows")), None)
     if rows is None:
         rows = int(steps[0].counts.get("pool") or 0)
     key = next((p.get("embedding_key") for p in pools if p.get("embedding_key")), None)
     return Chain(steps, pool_dir, rows, key)
+
+
+def _same_list(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or K.file_sha256(a) == K.file_sha256(b)
+    except OSError:
+        return False
 
 
 # -- per-row views over a clustering ------------------------------------------------------

@@ -104,6 +104,8 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, in
         if cand is not None and not _in(cand, q):
             rec["status"] = "not a candidate (dropped earlier)"
             steps.append(rec)
+            if fate.startswith("kept"):  # no step kept it: it was never in this step's --within list
+                fate = f"not a candidate of step {i + 1} ({s.method}: not in its --within list {s.within})"
             continue
         kept = _in(s.keep, q)
         rec["status"] = "kept" if kept else "dropped"

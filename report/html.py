@@ -20,7 +20,8 @@ from conceptprune import uids as U
 from conceptprune.atomic import atomic_open, write_json
 from conceptprune.errors import ConfigError
 
-from .chain import Chain, cluster_examples, kept_per_cluster, load_chain, near_duplicates, semdedup_results
+from .chain import (Chain, cluster_examples, kept_per_cluster, load_chain, near_duplicates, same_pool,
+                    semdedup_results)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def funnel(chain: Chain) -> list[dict]:
         cand = int(s.counts.get("candidates") or (len(chain.candidates(i)) if chain.candidates(i) is not None
                                                    else chain.pool_rows))
         rows.append({"step": s.method, "file": s.path.name, "candidates": cand, "kept": kept,
+                     "entries": s.entries or kept,  # an upsampled list: more entries than distinct uids
                      "of_previous": kept / prev if prev else float("nan"),
                      "of_pool": kept / chain.pool_rows if chain.pool_rows else float("nan"),
                      "params": _short_params(s.params)})
@@ -342,6 +344,9 @@ def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumb
     out.mkdir(parents=True, exist_ok=True)
     chain = load_chain(keep_lists, pool)
     other = load_chain(compare, pool) if compare else None
+    if other is not None and not same_pool(chain.steps[0], other.steps[0]):
+        raise ConfigError(f"--compare {other.steps[-1].path} was made from another pool than {chain.steps[0].path}; "
+                          "a diff of lists from two pools would show nothing in common")
     index = None
     if shards:
         from .index import build_index
@@ -356,9 +361,10 @@ def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumb
             f"<p>{len(chain.steps)} step(s) over a pool of {chain.pool_rows:,} rows "
             f"({_e(chain.pool_dir or 'pool folder not found')}).</p>",
             "<h2>Funnel</h2>", '<div class="plots"><img src="funnel.png" alt="funnel"></div>',
-            _table("funnel", ["step", "file", "candidates", "kept", "of previous", "of pool", "parameters"],
-                   [[r["step"], r["file"], r["candidates"], r["kept"], r["of_previous"], r["of_pool"], r["params"]]
-                    for r in data["funnel"]])]
+            _table("funnel", ["step", "file", "candidates", "kept (distinct uids)", "entries", "of previous",
+                              "of pool", "parameters"],
+                   [[r["step"], r["file"], r["candidates"], r["kept"], r.get("entries", r["kept"]), r["of_previous"],
+                     r["of_pool"], r["params"]] for r in data["funnel"]])]
     for i, s in enumerate(chain.steps):
         if s.table is not None and {"size", "kept", "complexity"} <= set(s.table.columns):
             body.append(_cluster_section(chain, i, out, thumbs, thumbs_per, max_clusters, data))

@@ -258,3 +258,227 @@ def test_20_info_pkl_without_model_is_one_line(tmp_path, capsys):
     _refused(capsys, "evaluate", "submit", "--run", run, "--results", res, "--keep-list", keep, "--out", tmp_path / "o",
              "--method-name", "m", "--author", "a", "--email", "e@x.org", "--hf-username", "alice",
              "--hf-repo-name", "r", "--track", "filtering", match="model")
+
+
+# -- 5, 6: a filter's reusable parts ---------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from conceptprune import keeplist as K  # noqa: E402
+from conceptprune import uids as U  # noqa: E402
+
+
+def _tiny_pool(path, rows=600, files=2, seed=1):
+    from conceptprune.synthetic import SyntheticPoolConfig, make_pool
+
+    make_pool(path, SyntheticPoolConfig(rows=rows, files=files, seed=seed, concepts=4, block_rows=100,
+                                        embedding_keys=("l14_img",)), progress=False)
+    return path
+
+
+def _pool_uids(pool) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [u for f in sorted(Path(pool).glob("*.parquet")) for u in pq.read_table(f, columns=["uid"])["uid"].to_pylist()]
+
+
+def _save_list(path, uids) -> Path:
+    arr = U.uids_to_array(list(uids))
+    arr.sort()
+    np.save(path, arr)
+    return path
+
+
+def test_6_rows_filter_never_reuses_parts_of_a_within_list_changed_in_place(tmp_path, capsys):
+    pool = _tiny_pool(tmp_path / "pool")
+    uids = _pool_uids(pool)
+    within = _save_list(tmp_path / "prev.npy", uids[:300] + ["f" * 32])  # one uid not in the pool
+    out = tmp_path / "keep.npy"
+    argv = ("filter", "clip-score", "--pool", pool, "--out", out, "--threshold", "-1", "--within", within)
+    _refused(capsys, *argv, match="not in the pool")
+    _save_list(within, uids[300:])  # the list fixed in place: other uids, same path
+    rc, _, err = _cli(capsys, *argv)
+    assert rc == 0, err
+    assert set(U.array_to_uids(K.read_keep_list(out))) == set(uids[300:])
+
+
+_RACE = r"""
+import sys
+from conceptprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_5_two_filters_given_one_out_run_one_after_the_other(tmp_path):
+    """Run A is stopped in the middle of its parts; run B, same --out, other parameters, must wait
+    for it (it shared A's KEEP.parts/ and removed them), then each run's list is its own."""
+    pool = _tiny_pool(tmp_path / "pool", rows=4000, files=4)
+    out = tmp_path / "keep.npy"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def start(threshold):
+        return subprocess.Popen([sys.executable, "-c", _RACE, "--quiet", "filter", "clip-score", "--pool", str(pool),
+                                 "--out", str(out), "--threshold", str(threshold), "--overwrite", "--workers", "2",
+                                 "--executor", "local"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+
+    a = start(0.25)
+    parts = out.with_suffix(".parts")
+    t0 = time.time()
+    while not any(parts.rglob("*.kept.bin")) and a.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.002)
+    os.killpg(a.pid, signal.SIGSTOP)  # A and its workers, half-way through the parts
+    try:
+        assert not out.exists(), "A finished before it could be stopped; the race was not set up"
+        b = start(0.3)
+        t0, waited = time.time(), ""
+        while b.poll() is None and time.time() - t0 < 120:
+            if (lock := out.parent / f".{out.name}.lock").exists() and "waiting" in (waited := _peek(b)):
+                break
+            time.sleep(0.1)
+        assert b.poll() is None, f"B ran while A held the output: rc {b.returncode} {b.stderr.read()}"
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+    ra = a.communicate(timeout=120)
+    rb = b.communicate(timeout=120)
+    assert a.returncode == 0 and b.returncode == 0, (ra, rb)
+    man = json.loads(K.manifest_path(out).read_text())
+    assert man["params"]["threshold"] == 0.3  # B ran last, on its own parts
+    want = _pool_scores_at_least(pool, 0.3)
+    assert set(U.array_to_uids(K.read_keep_list(out))) == want
+
+
+def _peek(proc) -> str:
+    """What a running process wrote to stderr so far (non-blocking)."""
+    import fcntl as F
+
+    fd = proc.stderr.fileno()
+    F.fcntl(fd, F.F_SETFL, F.fcntl(fd, F.F_GETFL) | os.O_NONBLOCK)
+    try:
+        chunk = os.read(fd, 1 << 16).decode(errors="replace")
+    except BlockingIOError:
+        chunk = ""
+    proc._peeked = getattr(proc, "_peeked", "") + chunk
+    return proc._peeked
+
+
+def _pool_scores_at_least(pool, t) -> set[str]:
+    import pyarrow.parquet as pq
+
+    out = set()
+    for f in sorted(Path(pool).glob("*.parquet")):
+        tab = pq.read_table(f, columns=["uid", "clip_l14_similarity_score"]).to_pydict()
+        out |= {u for u, s in zip(tab["uid"], tab["clip_l14_similarity_score"]) if s >= t}
+    return out
+
+
+def _blur_inputs(tmp_path, boxes):
+    """One shard of 3 samples and metadata parquet with face boxes (``boxes``: one list a uid)."""
+    import io as _io
+
+    import pandas as pd
+    from PIL import Image
+
+    from conceptprune.tars import Sample, ShardWriter
+
+    d = tmp_path / "shards"
+    d.mkdir(exist_ok=True)
+    u = [f"{i + 1:032x}" for i in range(len(boxes))]
+    buf = _io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    w = ShardWriter(d / "00000000.tar")
+    for i in range(len(boxes)):
+        w.write(Sample(f"{i:03d}", {"jpg": buf.getvalue(), "txt": b"x", "json": json.dumps({"uid": u[i]}).encode()}))
+    w.close()
+    (d / "00000000_stats.json").write_text("{}")
+    meta = tmp_path / "metadata"
+    meta.mkdir(exist_ok=True)
+    pd.DataFrame({"uid": u, "face_bboxes": boxes}).to_parquet(meta / "0.parquet")
+    return d, meta, _save_list(tmp_path / "k.npy", u)
+
+
+def test_6_reshard_blur_state_is_keyed_by_the_metadata_content_not_its_path(tmp_path):
+    from conceptprune.data.reshard import reshard
+    from conceptprune.errors import ConfigError
+
+    d, meta, keep = _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [], []])
+    m = reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta)
+    assert m["blurred"] == 1
+    _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [[0.1, 0.1, 0.9, 0.9]], [[0.2, 0.2, 0.4, 0.4]]])  # in place
+    with pytest.raises(ConfigError, match="not empty"):  # was: 'already complete', the old blur returned
+        reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta)
+    assert reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta, overwrite=True)["blurred"] == 3
+
+
+# -- 7, 8, 9, 14: report and explain over a chain ----------------------------------------------------
+
+
+def _experiment(root: Path, capsys, seed=1, rows=600):
+    """An experiment folder as a user makes it, from inside it: pool/, a.npy (clip-score), b.npy (within a)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _tiny_pool(root / "pool", rows=rows, seed=seed)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for argv in (("filter", "clip-score", "--pool", "pool", "--out", "a.npy", "--threshold", "0.2"),
+                     ("filter", "clip-score", "--pool", "pool", "--out", "b.npy", "--threshold", "0.3",
+                      "--within", "a.npy")):
+            rc, _, err = _cli(capsys, *argv)
+            assert rc == 0, err
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_7_report_resolves_manifest_paths_next_to_the_manifest_not_the_cwd(tmp_path, capsys, monkeypatch):
+    from conceptprune.report.chain import load_chain
+
+    a = _experiment(tmp_path / "expA", capsys, seed=1, rows=600)
+    _experiment(tmp_path / "expB", capsys, seed=2, rows=900)
+    monkeypatch.chdir(tmp_path / "expB")  # another experiment's folder: its pool/ and a.npy
+    chain = load_chain([a / "a.npy", a / "b.npy"])
+    assert chain.pool_dir.resolve() == (a / "pool").resolve() and chain.pool_rows == 600
+    assert chain.steps[1].within.resolve() == (a / "a.npy").resolve()
+
+
+def test_8_report_refuses_a_list_its_manifest_does_not_describe(tmp_path, capsys):
+    import shutil
+
+    a = _experiment(tmp_path / "exp", capsys)
+    shutil.copy(a / "a.npy", a / "b.npy")  # a list copied over b.npy: b's manifest no longer describes it
+    _refused(capsys, "report", a / "a.npy", a / "b.npy", "--out", tmp_path / "r", match="b.npy")
+
+
+def test_8_report_refuses_steps_in_the_wrong_order_or_from_other_pools(tmp_path, capsys):
+    a = _experiment(tmp_path / "expA", capsys, seed=1)
+    b = _experiment(tmp_path / "expB", capsys, seed=2, rows=900)
+    _refused(capsys, "report", a / "b.npy", a / "a.npy", "--out", tmp_path / "r", match="a.npy")
+    _refused(capsys, "report", a / "a.npy", b / "b.npy", "--out", tmp_path / "r", match="pool")
+    _refused(capsys, "report", a / "a.npy", "--compare", b / "a.npy", "--out", tmp_path / "r", match="pool")
+
+
+def test_9_explain_never_says_kept_when_no_step_kept_it(tmp_path, capsys):
+    a = _experiment(tmp_path / "exp", capsys)
+    outside = sorted(set(_pool_uids(a / "pool")) - set(U.array_to_uids(K.read_keep_list(a / "a.npy"))))[0]
+    for extra in ((), ("--json",)):
+        rc, out, err = _cli(capsys, "explain", outside, "--chain", a / "b.npy", *extra)
+        assert rc == 0, err
+        assert "kept by every step" not in out and "not a candidate" in out, out
+
+
+def test_14_funnel_counts_entries_and_distinct_uids_of_an_upsampled_list(tmp_path, capsys):
+    from conceptprune.report.html import funnel
+    from conceptprune.report.chain import load_chain
+
+    a = _experiment(tmp_path / "exp", capsys)
+    rc, _, err = _cli(capsys, "keep-list", "concat", a / "b.npy", a / "b.npy", "--out", a / "up.npy")
+    n = len(K.read_keep_list(a / "b.npy"))
+    up = K.read_keep_list(a / "up.npy", multiset=True)
+    assert rc == 0 and len(up) == 2 * n, (err, len(up), n)
+    row = funnel(load_chain([a / "up.npy"]))[-1]
+    assert (row["entries"], row["kept"]) == (2 * n, n)
