@@ -115,12 +115,11 @@ def read_info_pkl(path: str | Path) -> dict:
 def training_info(run: str | Path) -> dict:
     """DataComp's training facts (scale, checkpoint, scale_config) of a run folder."""
     run = Path(run)
-    if (run / "run.json").is_file():
-        from conceptprune.training.launch import datacomp_info
-
-        return datacomp_info(run, json.loads((run / "run.json").read_text()))
-    if (run / "info.pkl").is_file():
+    if (run / "info.pkl").is_file():  # DataComp's form; our train writes it when the run ends
         return read_info_pkl(run / "info.pkl")
+    if (run / "run.json").is_file():
+        raise ConfigError(f"--run {run}: the run has not finished (no info.pkl yet: train writes it at the end); "
+                          f"'conceptprune status {run}' shows where it stands")
     raise ConfigError(f"--run {run}: neither run.json nor DataComp's info.pkl in this folder")
 
 

@@ -452,7 +452,7 @@ def _results_file(path: Path) -> Path:
 def _medium_run(tmp_path: Path, shards: Path) -> Path:
     import torch
 
-    from conceptprune.training.launch import TrainConfig, train
+    from conceptprune.training.launch import TrainConfig, train, write_info_pkl
 
     rec = train(TrainConfig([str(shards)], "medium", str(tmp_path / "runs"), name="m"), executor="slurm",
                 dry_run=True)
@@ -460,6 +460,7 @@ def _medium_run(tmp_path: Path, shards: Path) -> Path:
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"epoch": 8}, run / "checkpoints" / "epoch_latest.pt")
     (run / "run.json").write_text(json.dumps({**rec, "status": "finished"}))
+    write_info_pkl(run)  # what train writes when a run ends (and what package/submit read)
     return run
 
 
