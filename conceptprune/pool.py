@@ -145,7 +145,8 @@ class Pool:
         for f in self.files:
             if f.npz is None:
                 raise PoolError(f"{f.parquet}: no embeddings file {f.stem}.npz beside it "
-                                f"(needed for --embedding-key {key})")
+                                f"(needed for --embedding-key {key}; `conceptprune download` fetches it with "
+                                "--with-embeddings, --embedding-dir names another folder)")
             arr = NpzArray(f.npz, key)
             arr.close()
             if arr.rows != f.rows:

@@ -278,3 +278,12 @@ def test_manifests_record_the_pool_and_within_absolute_too(l14_pool, tmp_path, m
     man = json.loads((tmp_path / "r.json").read_text())
     assert man["pool"]["path"] == "pool" and man["pool"]["absolute_path"] == str(l14_pool.resolve())
     assert man["within"]["path"] == "clip.npy" and man["within"]["absolute_path"] == str((tmp_path / "clip.npy").resolve())
+
+
+def test_a_pool_without_embeddings_names_the_download_flag(tmp_path):
+    from conceptprune.errors import PoolError
+    from conceptprune.filters import dbp, run_filter
+
+    make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=50, files=1, embedding_keys=()), progress=False)
+    with pytest.raises(PoolError, match=r"no embeddings file .*--with-embeddings"):
+        run_filter(dbp, tmp_path / "pool", tmp_path / "d.npy", embedding_key="l14_img", fraction=0.5)
