@@ -563,6 +563,14 @@ def test_forty_rows_compare_and_package(full_run, tmp_path):
         assert r["metrics"]["main_metric"] == (r["metrics"][t.main_metric] if t.main_metric else None)
     mains = [r["metrics"]["main_metric"] for r in rows if r["metrics"]["main_metric"] is not None]
     assert len(mains) == 38
+    # every task with a main metric kept its per-example outcomes, and they give the reported value again
+    from conceptprune.evaluation import bootstrap as BS
+
+    for r in rows:
+        o = BS.load(out, r["key"])
+        assert (o is None) == (r["metrics"]["main_metric"] is None), r["key"]
+        if o is not None:
+            assert o.metric() == pytest.approx(r["metrics"]["main_metric"], abs=1e-6), r["key"]
     agg = C.compare([str(out / "eval_results.jsonl")], names=["tiny"], scale=None)["aggregates"][0]
     assert agg["Average"] == pytest.approx(sum(mains) / 38, abs=1e-15)
     retrieval = [r["metrics"]["main_metric"] for r in rows if r["key"] in (
