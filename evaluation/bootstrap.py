@@ -22,7 +22,7 @@ zlib.crc32(key)])``, each resample draws ``integers(0, n, n)`` example indices, 
 recomputed on the resample as DataComp defines it (worst groups, macro F1 and Jaccard groups
 included, not approximated). Two runs on the same examples share the draws (paired); the 95%
 interval is the 2.5th and 97.5th percentile (numpy's linear interpolation) of the resampled
-differences. The 38-task average is resampled the same way: each resample's average over tasks.
+differences (resamples that leave a metric undefined are left out; over 5% of them: no interval). The 38-task average is resampled the same way: each resample's average over tasks.
 """
 
 from __future__ import annotations
@@ -206,7 +206,14 @@ def resampled(outcomes: list, seed: int, n_resamples: int) -> np.ndarray:
 
 
 def interval(samples: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(samples, [2.5, 97.5])
+    """The 2.5th and 97.5th percentiles. A resample can leave a metric undefined (no example of a
+    WinoGAViL group, say: NaN, as DataComp's own empty group): those resamples are left out, and
+    if they are more than 5% there is no interval (NaN: the verdict says "no interval")."""
+    s = np.asarray(samples, dtype=np.float64)
+    ok = ~np.isnan(s)
+    if ok.mean() < 0.95:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(s[ok], [2.5, 97.5])
     return float(lo), float(hi)
 
 

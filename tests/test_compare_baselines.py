@@ -268,6 +268,10 @@ def test_paired_bootstrap_against_an_independent_one_and_the_analytic_interval(t
     col = f"delta A - {name}"
     assert (row[col + " lo"], row[col + " hi"]) == (pytest.approx(lo - 0.002), pytest.approx(hi + 0.002))
     assert row[col + " interval"] == "run's bootstrap + seed noise 0.002"
+    # resamples that leave a metric undefined (an empty WinoGAViL group: NaN) are left out; over 5%: none
+    x = np.arange(200.0)
+    assert BS.interval(np.r_[x, [np.nan] * 5]) == tuple(np.percentile(x, [2.5, 97.5]))
+    assert np.isnan(BS.interval(np.r_[x, [np.nan] * 20])[0]) and BS.verdict(float("nan"), float("nan")) == "no interval"
     # the metrics recomputed per resample are DataComp's (sklearn's macro F1 and balanced accuracy)
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
