@@ -52,7 +52,7 @@ COMMANDS = ("download", "embed", "filter", "reshard", "train", "evaluate", "comp
 # keyword arguments that name files or folders (made absolute against the pipeline file's folder)
 PATH_KEYS = {"pool", "out", "within", "shards", "keep", "data_dir", "output", "model", "metadata_dir",
              "blur_metadata", "clustering", "embedding_dir", "data", "paths", "target", "lid_model", "synsets"}
-STEP_KEYS = {"name", "command", "method", "after", "workers"}
+STEP_KEYS = {"name", "command", "method", "after", "workers", "cluster"}
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,14 @@ def load(path: str | Path) -> PipelineConfig:
         workers = raw.get("workers", 1)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"{where} ({raw['name']}): workers must be an integer >= 1, not {workers!r}")
+        cluster = raw.get("cluster", {})
+        if not isinstance(cluster, dict):
+            raise ConfigError(f"{where} ({raw['name']}): cluster is a table of cluster options "
+                              "(partition, nodes, gpus_per_node, cpus_per_task, mem, time, ...)")
         args = {k.replace("-", "_"): _absolute(k.replace("-", "_"), v, base) for k, v in raw.items()
                 if k not in STEP_KEYS}
         steps.append({"name": raw["name"], "command": raw["command"], "method": raw.get("method"),
-                      "after": list(after), "workers": workers, "args": args})
+                      "after": list(after), "workers": workers, "args": args, "cluster": cluster})
     folder = base / doc.get("folder", path.stem)
     return PipelineConfig(path, folder, tuple(steps))
 
@@ -123,11 +127,28 @@ def _absolute(key: str, value: Any, base: Path) -> Any:
 
 def build(cfg: PipelineConfig, executor: Executor | None = None) -> Pipeline:
     """The pipeline's stages, each after the steps it names."""
+    executor = Executor.given(executor) if executor is not None else Executor.create("inline")
     pipe = Pipeline(cfg.folder)
     for s in cfg.steps:
-        stage = _stage(cfg, s, executor)
-        pipe.add(s["name"], stage, after=s["after"])
+        own = _step_executor(cfg, s, executor)
+        if s["command"] == "train":  # the step's job submits the training's own job (own options) and waits
+            pipe.add(s["name"], _train_stage(cfg, s, dict(s["args"]), own.replace(detach=False)), after=s["after"])
+        else:
+            pipe.add(s["name"], _stage(cfg, s), after=s["after"], executor=own if s["cluster"] else None)
     return pipe
+
+
+def _step_executor(cfg: PipelineConfig, s: dict, executor: Executor) -> Executor:
+    """The pipeline's executor with the step's own cluster options (``cluster = {...}``)."""
+    if not s["cluster"]:
+        return executor
+    from conceptprune.slurm.options import ClusterOptions
+
+    known = {f.name for f in dataclasses.fields(ClusterOptions)}
+    unknown = sorted(set(s["cluster"]) - known)
+    if unknown:
+        raise ConfigError(f"{cfg.path}: step {s['name']}: unknown cluster option {unknown[0]!r}")
+    return executor.replace(options=dataclasses.replace(executor.options, **s["cluster"]))
 
 
 def _call(cfg: PipelineConfig, s: dict, target: str, kwargs: dict, executor_keyword: str | None = "executor"):
@@ -135,13 +156,11 @@ def _call(cfg: PipelineConfig, s: dict, target: str, kwargs: dict, executor_keyw
                      executor_keyword=executor_keyword)
 
 
-def _stage(cfg: PipelineConfig, s: dict, executor: Executor | None):
+def _stage(cfg: PipelineConfig, s: dict):
     args, where = dict(s["args"]), f"{cfg.path}: step {s['name']}"
     try:
         if s["command"] == "filter":
             return _filter_stage(cfg, s, args)
-        if s["command"] == "train":
-            return _train_stage(cfg, s, args, executor)
         if s["command"] == "embed":
             from conceptprune.data.embed import EmbedConfig
 
@@ -184,20 +203,22 @@ def _filter_stage(cfg: PipelineConfig, s: dict, args: dict) -> CallStage:
                  executor_keyword="executor" if spec.jobs else None)
 
 
-def _train_stage(cfg: PipelineConfig, s: dict, args: dict, executor: Executor | None):
+def _train_stage(cfg: PipelineConfig, s: dict, args: dict, executor: Executor) -> CallStage:
+    """A one-part step whose job runs ``train`` with ``executor`` (the step's cluster options):
+    on SLURM it submits the training's own job (nodes x GPUs) once the data exists, and waits."""
     from conceptprune.training import launch
 
     if "data" in args and isinstance(args["data"], str):
         args["data"] = [args["data"]]
     if "run_name" in args:  # (`name` is the step's own)
         args["name"] = args.pop("run_name")
-    if "run_name" in args:  # (`name` is the step's own)
-        args["name"] = args.pop("run_name")
-    tc = launch.TrainConfig(**args)
-    make = getattr(launch, "train_stage", None)  # the training stage itself: the job gets the run's shape
-    if make is not None and executor is not None:
-        return make(tc, executor)
-    return _call(cfg, s, "conceptprune.training.launch:train", {"cfg": tc})
+    try:
+        tc = launch.TrainConfig(**args)
+    except TypeError as e:
+        raise ConfigError(f"{cfg.path}: step {s['name']}: {e}") from None
+    stage = _call(cfg, s, "conceptprune.training.launch:train", {"cfg": tc})
+    stage.executor = executor
+    return stage
 
 
 def run_pipeline(path: str | Path, executor: Executor | None = None, *, dry_run: bool = False) -> dict | None:

@@ -39,7 +39,9 @@ class CallStage(Stage):
     """A command's Python function as a one-part stage. ``target`` is ``module:function``;
     ``kwargs`` its keyword arguments (paths, numbers, typed configs: what pickles small);
     ``executor_keyword`` the keyword by which it takes its executor (None: it takes none),
-    which is inline, or local with ``workers`` processes, inside the step's job."""
+    which is inline, or local with ``workers`` processes, inside the step's job, unless
+    ``executor`` gives one (a training step: the job submits the training's own job, with its
+    nodes and GPUs, and waits for it)."""
 
     work_dir: str
     target: str
@@ -47,6 +49,7 @@ class CallStage(Stage):
     name: str = "call"
     workers: int = 1
     executor_keyword: str | None = "executor"
+    executor: Executor | None = None
 
     def function(self):
         module, _, fn = self.target.partition(":")
@@ -58,7 +61,8 @@ class CallStage(Stage):
     def run(self, rank: int, world_size: int) -> dict:
         kw = dict(self.kwargs)
         if self.executor_keyword:
-            kw[self.executor_keyword] = Executor.create("local" if self.workers > 1 else "inline", workers=self.workers)
+            kw[self.executor_keyword] = self.executor or Executor.create("local" if self.workers > 1 else "inline",
+                                                                         workers=self.workers)
         t0 = time.time()
         res = self.function()(**kw)
         return {**_summary(res), "wall_s": round(time.time() - t0, 3)}
@@ -81,6 +85,7 @@ class PipelineStep:
     stage: Stage
     parts: int = 1
     after: tuple[str, ...] = ()
+    executor: Executor | None = None  # this step's own (other cluster options), else the pipeline's
 
 
 class Pipeline:
@@ -90,7 +95,8 @@ class Pipeline:
         self.folder = Path(folder)
         self.steps: list[PipelineStep] = []
 
-    def add(self, name: str, stage: Stage, *, parts: int = 1, after: Sequence[str] = ()) -> PipelineStep:
+    def add(self, name: str, stage: Stage, *, parts: int = 1, after: Sequence[str] = (),
+            executor: Executor | None = None) -> PipelineStep:
         known = {s.name for s in self.steps}
         if name in known:
             raise ConfigError(f"pipeline {self.folder}: two steps are named {name!r}")
@@ -99,7 +105,7 @@ class Pipeline:
             raise ConfigError(f"pipeline step {name!r} comes after {missing[0]!r}, which is not an earlier step")
         if parts < 1:
             raise ConfigError(f"pipeline step {name!r}: parts must be >= 1, got {parts}")
-        step = PipelineStep(name, stage, parts, tuple(after))
+        step = PipelineStep(name, stage, parts, tuple(after), executor)
         self.steps.append(step)
         return step
 
@@ -116,7 +122,8 @@ class Pipeline:
         write_json(self.folder / "pipeline.json", self.describe())
         subs: dict[str, StageSubmission] = {}
         for s in self.steps:
-            subs[s.name] = executor.submit(s.stage, s.parts, after=[subs[a] for a in s.after])
+            ex = executor if s.executor is None else s.executor.replace(detach=executor.detach)
+            subs[s.name] = ex.submit(s.stage, s.parts, after=[subs[a] for a in s.after])
         return subs
 
     def run(self, executor: Executor) -> dict[str, StageResult] | None:

@@ -137,6 +137,9 @@ def test_pipeline_files_are_checked_before_any_work(tmp_path):
     f.write_text("[[step]\n")
     with pytest.raises(ConfigError, match="not a valid toml file"):
         load(f)
+    f.write_text('[[step]]\nname = "a"\ncommand = "reshard"\ncluster = { gpus = 8 }\n')
+    with pytest.raises(ConfigError, match="step a: unknown cluster option 'gpus'"):
+        build(load(f))
 
 
 @pytest.mark.slurm
@@ -178,6 +181,7 @@ def test_slurm_detached_reshard_train_evaluate_is_one_graph(slurm_cluster, loop_
         data_dir = "eval"
         output = "work/eval"
         tasks = ["cifar10"]
+        cluster = {{ time = "9" }}
     """))
     r = _cp("run", str(f), "--executor", "slurm", "--detach")
     assert "submitted" in r.stdout
@@ -185,14 +189,19 @@ def test_slurm_detached_reshard_train_evaluate_is_one_graph(slurm_cluster, loop_
     scripts = sorted(tmp_path.rglob("*_submission.sh"))
     deps = [l for s in scripts for l in s.read_text().splitlines() if "--dependency" in l]
     assert len(deps) >= 2 and all("afterok" in d for d in deps), deps
+    # a step's own cluster options reach its job (evaluate: --time 9), the others keep the CLI's
+    times = {s.parent.parent.name: [l for l in s.read_text().splitlines() if "--time" in l] for s in scripts}
+    assert times.get("evaluate") == ["#SBATCH --time=9"], times
     st = _cp("status", str(tmp_path)).stdout
     for name in ("reshard", "train", "evaluate"):
         assert name in st
-    # the rerun collects: it waits for the same jobs and submits none
-    before = {p.name for p in tmp_path.rglob("*_submission.sh")}
+    # the rerun collects: it waits for the same jobs and submits no step again (the training
+    # step's job itself submits the training's own job, with the run's nodes and GPUs, in runs/t)
+    before = {p.name for p in (tmp_path / "loop").rglob("*_submission.sh")}
     out = json.loads(_cp("run", str(f), "--executor", "slurm").stdout)
-    after = {p.name for p in tmp_path.rglob("*_submission.sh")}
+    after = {p.name for p in (tmp_path / "loop").rglob("*_submission.sh")}
     assert after == before and set(out) == {"reshard", "train", "evaluate"}
+    assert len(list((tmp_path / "runs" / "t").rglob("*_submission.sh"))) == 1
     rows = [json.loads(l) for l in (tmp_path / "work" / "eval" / "eval_results.jsonl").read_text().splitlines()]
     assert [r["key"] for r in rows] == ["cifar10"]
 
