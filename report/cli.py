@@ -14,7 +14,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="report folder (index.html, PNGs, thumbs/, report.json)")
     p.add_argument("--pool", default=None, help="the pool folder (default: the manifests' pool path)")
     p.add_argument("--shards", default=None, help="webdataset shards for thumbnails (indexed by uid once)")
-    p.add_argument("--index", default=None, help="folder of the uid index (default SHARDS/_uid_index)")
+    p.add_argument("--index", default=None, help="folder of the uid index (default OUT/uid_index; the shards "
+                                                  "are only read)")
     p.add_argument("--index-memory", default=None, metavar="SIZE",
                    help="memory for building the uid index (its sorted runs; default 1G, whatever the pool's size)")
     p.add_argument("--compare", nargs="+", default=None, metavar="OTHER.npy",
@@ -31,9 +32,12 @@ def register(sub) -> None:
     q.add_argument("--chain", nargs="+", required=True, metavar="KEEP.npy", help="the chain's keep-lists, in order")
     q.add_argument("--pool", default=None, help="the pool folder (default: the manifests' pool path)")
     q.add_argument("--shards", default=None, help="webdataset shards: show the sample's image and caption")
+    q.add_argument("--index", default=None, metavar="DIR",
+                   help="folder of the uid index, reused between runs (default: a per-user cache, "
+                        "$XDG_CACHE_HOME/conceptprune/uid_index/...; the shards are only read)")
     q.add_argument("--index-memory", default=None, metavar="SIZE",
                    help="memory for building the uid index when it is absent (default 1G)")
-    q.add_argument("--thumb-dir", default=None, help="where to copy its image (default SHARDS/_uid_index/thumbs)")
+    q.add_argument("--thumb-dir", default=None, help="where to copy its image (default INDEX/thumbs)")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(func=_explain)
 
@@ -58,6 +62,6 @@ def _explain(a) -> int:
     from .explain import explain, format_text
 
     res = explain(a.uid, a.chain, pool=a.pool, shards=a.shards, thumb_dir=a.thumb_dir,
-                  index_memory=a.index_memory)
+                  index_memory=a.index_memory, index_dir=a.index)
     print(json.dumps(res, indent=2, default=str) if a.json else format_text(res))
     return 0

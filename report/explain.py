@@ -86,7 +86,10 @@ def _explain_step(chain: Chain, i: int, q, kept: bool) -> dict:
     return spec.explain(StepView(chain, i), q, kept)
 
 
-def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, index_memory=None) -> dict:
+def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, index_memory=None,
+            index_dir=None) -> dict:
+    """``index_dir``: the uid index's folder (default a per-user cache, never inside --shards);
+    the image is copied to ``thumb_dir`` (default INDEX/thumbs)."""
     try:
         q = U.uids_to_array([uid])
     except Exception:
@@ -117,7 +120,7 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, in
     if shards:
         from .index import build_index
 
-        index = build_index(shards, memory=index_memory)
+        index = build_index(shards, index_dir, memory=index_memory)
         sample = index.read(uid)
         if sample is None:
             out["sample"] = None
@@ -134,13 +137,19 @@ def explain(uid: str, chain_paths, *, pool=None, shards=None, thumb_dir=None, in
     return out
 
 
+def _safe(text) -> str:
+    """Text from the data (web captions, file names) for a terminal: control characters (ANSI and
+    OSC escapes, bells, carriage returns) shown escaped, as --json does."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
 def format_text(res: dict) -> str:
-    lines = [f"uid {res['uid']}: {res['fate']}"]
+    lines = [f"uid {res['uid']}: {_safe(res['fate'])}"]
     for s in res["steps"]:
         why = s.get("why") or ""
-        lines.append(f"  {s['step']}. {s['method']:<11} {s['status']:<8} {why}".rstrip())
+        lines.append(_safe(f"  {s['step']}. {s['method']:<11} {s['status']:<8} {why}".rstrip()))
     if "sample" in res:
         smp = res["sample"]
         lines.append("  sample: not in the shards" if smp is None else
-                     f"  image: {smp['image']}\n  caption: {smp['caption']}")
+                     f"  image: {_safe(smp['image'])}\n  caption: {_safe(smp['caption'])}")
     return "\n".join(lines)

@@ -49,6 +49,11 @@ def _plt():
     return plt
 
 
+def _plain(text: str) -> str:
+    """A file name as a matplotlib label: its '$' are not mathtext delimiters."""
+    return str(text).replace("$", r"\$")
+
+
 def _save(fig, path: Path) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=80, bbox_inches="tight")
@@ -323,7 +328,7 @@ def _diff_section(chain: Chain, other: Chain, out: Path, data: dict) -> str:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(np.arange(len(delta)), delta, color=np.where(delta >= 0, "#2a2", "#c22"))
-        ax.set_xlabel(f"cluster (clustering of {ref.path.name})")
+        ax.set_xlabel(f"cluster (clustering of {_plain(ref.path.name)})")
         ax.set_ylabel("kept by A - kept by B")
         _save(fig, out / "diff.png")
         parts.append('<div class="plots"><img src="diff.png" alt="diff"></div>')
@@ -351,7 +356,7 @@ def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumb
     if shards:
         from .index import build_index
 
-        index = build_index(shards, index_dir, fallback=out / "uid_index", memory=index_memory)
+        index = build_index(shards, index_dir or out / "uid_index", memory=index_memory)  # never into the shards
     thumbs = Thumbs(index, out) if index is not None else None
     data = {"funnel": funnel(chain), "clusters": {}, "thumbnails": {}, "semdedup": {},
             "index": None if index is None else {"folder": str(index.folder), "samples": len(index),

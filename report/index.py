@@ -72,7 +72,11 @@ def _shard_list(shards: Path) -> list[Path]:
 
 
 def _signature(tars: list[Path]) -> list[list]:
-    return [[p.name, p.stat().st_size, int(p.stat().st_mtime_ns)] for p in tars]
+    """Each shard's name and content fingerprint (size, mtime, hashes of both ends): a shard
+    rewritten in place, even to the same size and mtime, is indexed again."""
+    from conceptprune.pool import file_fingerprint
+
+    return [[p.name, p.stat().st_size, file_fingerprint(p)] for p in tars]
 
 
 class _Tell:
@@ -94,11 +98,17 @@ def _json_uid(sample: Sample) -> str:
         return ""
 
 
-def _to_array(path: Path, uids: list[str]) -> np.ndarray:
+def _valid_uid(uid: str) -> bool:
     try:
-        return U.uids_to_array(uids)
-    except Exception as e:
-        raise PoolError(f"{path}: a sample's json holds a uid that is not 32 hex digits ({e})") from None
+        U.uid_to_pair(uid)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _skipped(path: Path, n: int, first: str) -> None:
+    if n:  # as reshard does: such a sample is left out and counted, the shard is still indexed
+        log.warning("%s: %d sample(s) skipped, their json's uid is not 32 hex digits (first: %r)", path, n, first)
 
 
 def _scan_members(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,6 +116,7 @@ def _scan_members(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     covers all its members (their extension headers included)."""
     uids, offs, sizes = [], [], []
     key, start, end, uid = None, 0, 0, ""
+    bad = []
     with open(path, "rb", buffering=1 << 20) as raw:
         f = _Tell(raw)
         prev_end = 0
@@ -121,9 +132,14 @@ def _scan_members(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             end = prev_end
             if ext == "json" and kind == "file":
                 uid = _json_uid(Sample(k, {"json": data}))
+                if uid and not _valid_uid(uid):
+                    bad.append(uid)
+                    uid = ""
         if key is not None and uid:
             uids.append(uid); offs.append(start); sizes.append(end - start)  # noqa: E702
-    return _to_array(path, uids), np.asarray(offs, np.uint64), np.asarray(sizes, np.uint64)
+    _skipped(path, len(bad), bad[0] if bad else "")
+    arr = U.uids_to_array(uids) if uids else np.empty(0, U.UID_DTYPE)
+    return arr, np.asarray(offs, np.uint64), np.asarray(sizes, np.uint64), len(bad)
 
 
 def _scan_plain(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -137,25 +153,28 @@ def _scan_plain(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
                 return None
             try:
                 ok, pairs = index.uid_pairs()
+                bad = []
                 for i in np.flatnonzero(~ok & (index.json_member >= 0)).tolist():
-                    uid = _json_uid(index.sample(i))  # no uid, or one that is not hex: the same answer
-                    if uid:
-                        _to_array(path, [uid])
+                    uid = _json_uid(index.sample(i))  # no uid (not indexed), or one that is not hex (counted)
+                    if uid and not _valid_uid(uid):
+                        bad.append(uid)
+                _skipped(path, len(bad), bad[0] if bad else "")
                 start = np.asarray(index.start, np.uint64)
                 end = np.asarray(index.end, np.uint64)
-                return pairs[ok].copy(), start[ok], end[ok] - start[ok]
+                return pairs[ok].copy(), start[ok], end[ok] - start[ok], len(bad)
             finally:
                 del index
 
 
-def scan_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(uids, offsets, sizes) of the samples of one tar whose json holds a uid, in tar order."""
+def scan_shard(path: Path, with_skipped: bool = False):
+    """(uids, offsets, sizes) of the samples of one tar whose json holds a uid, in tar order
+    (``with_skipped``: and the number of samples whose uid is not hex, left out)."""
     path = Path(path)
     got = _scan_plain(path)
-    arr, offs, sizes = got if got is not None else _scan_members(path)
+    arr, offs, sizes, bad = got if got is not None else _scan_members(path)
     if len(sizes) and sizes.max() >= 1 << 32:
         raise PoolError(f"{path}: a sample of {int(sizes.max())} bytes (the index holds sizes below 4 GiB)")
-    return arr, offs, sizes
+    return (arr, offs, sizes, bad) if with_skipped else (arr, offs, sizes)
 
 
 # -- lookups ---------------------------------------------------------------------------------------------
@@ -238,19 +257,45 @@ class ShardIndex:
         return sample
 
 
-def index_folder(shards: Path, fallback: Path | None) -> Path:
-    """``SHARDS/_uid_index`` when the shards' folder is writable, else ``fallback``."""
-    target = shards / INDEX_DIR
-    if os.access(shards, os.W_OK) or target.exists():
-        return target
-    if fallback is None:
-        raise ConfigError(f"{shards} is read-only; give a folder for the uid index")
-    return fallback
+def default_folder(shards: Path) -> Path:
+    """Where an index goes when no folder is given: a cache folder of this user
+    (``$CONCEPTPRUNE_CACHE``, else ``$XDG_CACHE_HOME/conceptprune``, else ``~/.cache/conceptprune``),
+    one subfolder per shards folder. Never inside the shards, which are an input and may be read-only."""
+    import hashlib
+
+    root = os.environ.get("CONCEPTPRUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "conceptprune")
+    tag = hashlib.sha1(str(shards.resolve()).encode()).hexdigest()[:16]
+    return Path(root) / "uid_index" / f"{shards.resolve().name}-{tag}"
 
 
 def _load(folder: Path, tars: list[Path], build_s: float = 0.0, stats: dict | None = None) -> ShardIndex:
-    return ShardIndex(folder, tars, np.load(folder / "uids.npy", mmap_mode="r"),
-                      np.load(folder / "loc.npy", mmap_mode="r"), build_s, stats or {})
+    uids = np.load(folder / "uids.npy", mmap_mode="r")
+    loc = np.load(folder / "loc.npy", mmap_mode="r")
+    n = (stats or {}).get("samples")
+    if uids.dtype != U.UID_DTYPE or loc.dtype != LOC_DTYPE or len(uids) != len(loc) or (n is not None and len(uids) != n):
+        raise ValueError(f"uids.npy/loc.npy of {len(uids)}/{len(loc)} rows, index.json says {n}")
+    return ShardIndex(folder, tars, uids, loc, build_s, stats or {})
+
+
+def _load_existing(folder: Path, tars: list[Path], sig: list) -> ShardIndex | None:
+    """The index in ``folder`` if it is complete, readable and of these shards; None to (re)build.
+    A damaged index (unreadable index.json, truncated arrays) is logged and rebuilt."""
+    meta_path = folder / "index.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        if meta.get("format") != FORMAT or meta.get("shards") != sig:
+            log.info("%s: the shards changed; rebuilding the uid index", folder)
+            return None
+        stats = {k: meta[k] for k in ("samples", "skipped") if k in meta}
+        return _load(folder, tars, 0.0, stats)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        log.warning("%s: damaged uid index (%s); rebuilding it", folder, e)
+        return None
 
 
 # -- the external sort ------------------------------------------------------------------------------------
@@ -259,7 +304,7 @@ def _scans(tars: list[Path], workers: int):
     """(shard number, scan) in shard order; ``workers`` processes scan ahead, at most 2 per worker."""
     if workers <= 1:
         for i, p in enumerate(tars):
-            yield i, scan_shard(p)
+            yield i, scan_shard(p, True)
         return
     from concurrent.futures import ProcessPoolExecutor
 
@@ -268,7 +313,7 @@ def _scans(tars: list[Path], workers: int):
         nxt = 0
         while nxt < len(tars) or pending:
             while nxt < len(tars) and len(pending) < 2 * workers:
-                pending.append((nxt, ex.submit(scan_shard, tars[nxt])))
+                pending.append((nxt, ex.submit(scan_shard, tars[nxt], True)))
                 nxt += 1
             i, fut = pending.popleft()
             yield i, fut.result()
@@ -452,14 +497,17 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
     shards = Path(shards)
     tars = _shard_list(shards)
     budget = parse_memory(memory if memory is not None else DEFAULT_MEMORY)
-    folder = Path(folder) if folder else index_folder(shards, Path(fallback) if fallback else None)
+    folder = Path(folder) if folder else Path(fallback) if fallback else default_folder(shards)
+    from conceptprune.paths import is_within
+
+    if is_within(folder, shards):
+        raise ConfigError(f"--index {folder} is inside --shards {shards}: the shards are an input, read only; "
+                          "give a folder elsewhere")
     sig = _signature(tars)
     meta_path = folder / "index.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") == FORMAT and meta.get("shards") == sig:
-            return _load(folder, tars)
-        log.info("%s: the shards changed; rebuilding the uid index", folder)
+    got = _load_existing(folder, tars, sig)
+    if got is not None:
+        return got
     t0 = time.time()
     workers = max(1, min(workers or os.cpu_count() or 1, len(tars)))
     run_rows = max(1024, budget // RUN_BYTES_PER_ROW)
@@ -471,7 +519,9 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".runs-{os.getpid()}-", dir=folder))
     try:
         runs = _RunWriter(tmp, min(run_rows, 1 << 16))
-        for i, (u, o, s) in _scans(tars, workers):
+        skipped = 0
+        for i, (u, o, s, bad) in _scans(tars, workers):
+            skipped += bad
             if runs.cap < run_rows and runs.n + len(u) > runs.cap:  # grow the buffer only as far as needed
                 cap = min(run_rows, max(2 * runs.cap, runs.n + len(u)))
                 runs.u = np.resize(runs.u, cap)
@@ -484,10 +534,12 @@ def build_index(shards: str | os.PathLike, folder: str | os.PathLike | None = No
         n, dups = _merge(runs.runs, runs.total, folder, budget)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if skipped:
+        log.warning("%s: %d sample(s) left out of the uid index: their uid is not 32 hex digits", shards, skipped)
     if dups:  # the same sample in two shards: the first in shard order is the one read
         log.warning("%s: %d uids appear in more than one sample; the first is indexed", shards, dups)
     build_s = time.time() - t0
-    stats = {"samples": n, "build_s": round(build_s, 3), "scan_s": round(scan_s, 3), "workers": workers,
+    stats = {"samples": n, "skipped": skipped, "build_s": round(build_s, 3), "scan_s": round(scan_s, 3), "workers": workers,
              "memory_budget": budget, "runs": len(runs.runs), "duplicates": dups,
              "uids_per_s": round(runs.total / max(build_s, 1e-9))}
     write_json(meta_path, {"format": FORMAT, "shards_dir": str(shards.resolve()), "shards": sig, **stats})

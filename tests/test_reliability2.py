@@ -482,3 +482,78 @@ def test_14_funnel_counts_entries_and_distinct_uids_of_an_upsampled_list(tmp_pat
     assert rc == 0 and len(up) == 2 * n, (err, len(up), n)
     row = funnel(load_chain([a / "up.npy"]))[-1]
     assert (row["entries"], row["kept"]) == (2 * n, n)
+
+
+# -- 4, 19, 20: the uid index and thumbnails never go into the input shards ---------------------
+
+
+def _shards_of(pool, out, rows=40):
+    from conceptprune.synthetic import write_shards
+
+    write_shards(pool, out, rows=np.arange(rows), per_shard=15, progress=False)
+    return out
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_4_report_and_explain_leave_the_input_shards_as_they_were(tmp_path, capsys):
+    a = _experiment(tmp_path / "exp", capsys)
+    shards = _shards_of(a / "pool", tmp_path / "shards")
+    before = _tree(shards)
+    rc, _, err = _cli(capsys, "report", a / "a.npy", a / "b.npy", "--shards", shards, "--out", tmp_path / "r")
+    assert rc == 0, err
+    assert (tmp_path / "r" / "uid_index" / "index.json").is_file()  # under --out
+    uid = _pool_uids(a / "pool")[3]
+    rc, out, err = _cli(capsys, "explain", uid, "--chain", a / "a.npy", "--shards", shards, "--index", tmp_path / "cache",
+                        "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["sample"]["image"].startswith(str(tmp_path / "cache")) and (tmp_path / "cache" / "index.json").is_file()
+    assert _tree(shards) == before
+
+
+def test_19_non_hex_uid_in_a_shard_is_skipped_and_counted_not_fatal(tmp_path, capsys, caplog):
+    from conceptprune.report.index import build_index
+    from conceptprune.tars import Sample, ShardWriter
+
+    a = _experiment(tmp_path / "exp", capsys)
+    shards = _shards_of(a / "pool", tmp_path / "shards", rows=15)
+    w = ShardWriter(shards / "00000009.tar")
+    w.write(Sample("bad", {"jpg": _jpeg(1), "txt": b"x", "json": json.dumps({"uid": "not-a-uid"}).encode()}))
+    w.close()
+    idx = build_index(shards, tmp_path / "idx")
+    assert len(idx) == 15 and idx.stats["skipped"] == 1
+    assert "1 sample(s) left out" in caplog.text
+
+
+def test_19_explain_escapes_control_characters_of_captions(tmp_path, capsys):
+    from conceptprune.tars import Sample, ShardWriter
+
+    a = _experiment(tmp_path / "exp", capsys)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    uid = _pool_uids(a / "pool")[0]
+    w = ShardWriter(shards / "00000000.tar")
+    w.write(Sample("s0", {"jpg": _jpeg(1), "txt": b"cap \x1b]0;owned\x07 \x1b[31mred\x1b[0m",
+                          "json": json.dumps({"uid": uid}).encode()}))
+    w.close()
+    rc, out, err = _cli(capsys, "explain", uid, "--chain", a / "a.npy", "--shards", shards, "--index", tmp_path / "i")
+    assert rc == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+
+
+def test_20_a_damaged_uid_index_is_rebuilt(tmp_path, capsys):
+    from conceptprune.report.index import build_index
+
+    a = _experiment(tmp_path / "exp", capsys)
+    shards = _shards_of(a / "pool", tmp_path / "shards")
+    folder = tmp_path / "idx"
+    build_index(shards, folder)
+    for damage in (lambda: (folder / "index.json").write_text("{not json"),
+                   lambda: (folder / "index.json").write_text("[1, 2]"),
+                   lambda: (folder / "loc.npy").write_bytes((folder / "loc.npy").read_bytes()[:200])):
+        damage()
+        idx = build_index(shards, folder)
+        assert len(idx) == 40 and idx.read(_pool_uids(a / "pool")[7]) is not None

@@ -136,8 +136,8 @@ def test_thumbnails_are_the_shard_members_of_the_right_uids(chain):
 def test_index_is_reused_and_reads_samples_by_byte_range(chain):
     from conceptprune.report.index import build_index
 
-    idx = build_index(chain["shards"])
-    assert idx.build_s == 0 and len(idx) == 1500  # reused, built by the report
+    idx = build_index(chain["shards"], chain["out"] / "uid_index")
+    assert idx.build_s == 0 and len(idx) == 1500  # reused, built by the report (under its --out)
     samples = _shard_samples(chain["shards"])
     for uid in list(samples)[::97]:
         s = idx.read(uid)
@@ -164,7 +164,7 @@ def test_report_renders_in_headless_chromium(chain, tmp_path):
 
 def _explain(chain, uid, capsys) -> dict:
     _cli("explain", uid, "--chain", *chain["chain"], "--shards", chain["shards"], "--json",
-         "--thumb-dir", chain["dir"] / "ex")
+         "--thumb-dir", chain["dir"] / "ex", "--index", chain["out"] / "uid_index")
     return json.loads(capsys.readouterr().out)
 
 
@@ -219,10 +219,10 @@ def test_index_rebuilds_when_a_shard_changes_and_bad_inputs_are_one_line_errors(
 
     shards = tmp_path / "shards"
     write_shards(chain["pool"], shards, rows=np.arange(0, 40), per_shard=15)
-    a = build_index(shards, workers=2)
+    a = build_index(shards, tmp_path / "idx", workers=2)
     assert len(a) == 40 and len(a.shards) == 3
     write_shards(chain["pool"], shards, rows=np.arange(100, 130), per_shard=15)  # rewrites shards 0 and 1
-    b = build_index(shards)
+    b = build_index(shards, tmp_path / "idx")
     assert b.build_s > 0 and len(b) == 30 + 10  # 30 new samples + the old third shard's 10
     pool = pd.concat([pd.read_parquet(p) for p in sorted(chain["pool"].glob("*.parquet"))], ignore_index=True)
     assert b.read(pool["uid"][105]).parts["txt"].decode() == pool["text"][105]
