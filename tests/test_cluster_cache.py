@@ -264,7 +264,7 @@ def test_changed_embeddings_are_not_reused(small_pool_dir, tmp_path):
     shutil.copytree(small_pool_dir, pool)
     clus = tmp_path / "c"
     a = run_filter(dbp, pool, tmp_path / "a.npy", embedding_key="l14_img", fraction=0.5,
-                   clustering=ClusteringConfig(clusters=6, dir=clus, niter=10), executor="debug")
+                   clustering=ClusteringConfig(clusters=6, dir=clus, niter=10), executor=Executor.create("inline"))
     npz = sorted(pool.glob("*.npz"))[1]
     with np.load(npz) as z:
         e = z["l14_img"].copy()
@@ -272,9 +272,9 @@ def test_changed_embeddings_are_not_reused(small_pool_dir, tmp_path):
     np.savez(npz, l14_img=e)
     with pytest.raises(ConfigError, match=f"other data: {npz.name} changed"):
         run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5,
-                   executor="debug", clustering=ClusteringConfig(dir=clus))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     b = run_filter(dbp, pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5,
-                   clustering=ClusteringConfig(clusters=6, dir=tmp_path / "fresh", niter=10), executor="debug")
+                   clustering=ClusteringConfig(clusters=6, dir=tmp_path / "fresh", niter=10), executor=Executor.create("inline"))
     assert not np.array_equal(a.uids, b.uids)
 
 
@@ -292,14 +292,14 @@ def test_bad_embeddings_policy_on_a_reused_clustering(tmp_path):
     for name in ("first", "reused"):
         r = run_filter(dbp, pool, tmp_path / f"{name}.npy", embedding_key="l14_img", bad_embeddings="drop",
                        fraction=0.5, clustering=ClusteringConfig(clusters=4, dir=clus, train_sample=1000, niter=10),
-                       executor="debug")
+                       executor=Executor.create("inline"))
         assert len(r.uids) == round(0.5 * 2997)
         report = json.loads((tmp_path / f"{name}.json").read_text())["embeddings"]
         assert (report["nan_or_inf"], report["zero"]) == (2, 1), name
         assert "row 10" in report["examples"][0]
     with pytest.raises(PoolError, match=r"row 10 .*NaN.*3 rows"):
         run_filter(dbp, pool, tmp_path / "strict.npy", embedding_key="l14_img", fraction=0.5,
-                   executor="debug", clustering=ClusteringConfig(dir=clus))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     assert not (tmp_path / "strict.npy").exists()
 
 
@@ -338,14 +338,14 @@ def test_a_corrupt_semdedup_cache_is_named_not_used(small_pool_dir, tmp_path):
     from conceptprune.filters import semdedup
 
     run_filter(semdedup, small_pool_dir, tmp_path / "a.npy", embedding_key="l14_img", eps=0.02,
-               clustering=ClusteringConfig(clusters=6, niter=10), executor="debug")
+               clustering=ClusteringConfig(clusters=6, niter=10), executor=Executor.create("inline"))
     work = tmp_path / "a.clustering" / "semdedup" / "all"
     bucket = sorted((work / "m").glob("b*.npy"))[0]
     res = np.load(bucket)
     np.save(bucket, np.concatenate([res, res]))
     with pytest.raises(ConfigError, match=f"hold {4000 + len(res):,} rows for 4,000 candidates; delete {work}"):
         run_filter(semdedup, small_pool_dir, tmp_path / "b.npy", embedding_key="l14_img", eps=0.02,
-                   executor="debug", clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
 
 
 def test_the_training_sample_is_the_candidates_with_the_smallest_row_hashes(tmp_path):

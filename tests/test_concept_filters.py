@@ -167,7 +167,7 @@ def concept_pool(tmp_path_factory):
 
 def test_semdedup_finds_planted_duplicates(concept_pool, tmp_path):
     r = run_filter(semdedup, concept_pool, tmp_path / "sd.npy", embedding_key="l14_img", eps=0.01,
-                   clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                   clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     kept = uid_set(r.uids)
     df, truth = read_pool_frame(concept_pool), read_planted(concept_pool)
     cl = np.concatenate([b[2] for b in Clustering(tmp_path / "sd.clustering").iter_assignment()])
@@ -189,19 +189,19 @@ def test_semdedup_finds_planted_duplicates(concept_pool, tmp_path):
 
 def test_semdedup_target_fraction_reads_off_stored_similarities(concept_pool, tmp_path):
     run_filter(semdedup, concept_pool, tmp_path / "a.npy", embedding_key="l14_img", eps=0.01,
-               clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+               clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     b = run_filter(semdedup, concept_pool, tmp_path / "b.npy", embedding_key="l14_img", target_fraction=0.7,
-                   executor="debug", clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
     assert len(b.uids) == round(0.7 * 8000)
     # the eps it reports reproduces the selection (up to ties at the cut)
     c = run_filter(semdedup, concept_pool, tmp_path / "c.npy", embedding_key="l14_img", eps=b.stats["eps_used"],
-                   executor="debug", clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=tmp_path / "a.clustering"))
     assert abs(len(c.uids) - len(b.uids)) <= 2 and uid_set(b.uids) <= uid_set(c.uids)
 
 
 def test_dbp_keeps_more_of_complex_clusters_and_hardest_members(concept_pool, tmp_path):
     r = run_filter(dbp, concept_pool, tmp_path / "dbp.npy", embedding_key="l14_img", fraction=0.3,
-                   neighbors=3, clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                   neighbors=3, clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     assert len(r.uids) == round(0.3 * 8000)
     t = pd.read_parquet(tmp_path / "dbp.clusters.parquet")
     assert list(t.columns[:7]) == ["cluster", "size", "d_intra", "d_inter", "complexity", "P", "kept"]
@@ -228,11 +228,11 @@ def test_dbp_keeps_more_of_complex_clusters_and_hardest_members(concept_pool, tm
 def test_dbp_easy_and_random_and_balance(concept_pool, tmp_path):
     clus = tmp_path / "c"
     hard = run_filter(dbp, concept_pool, tmp_path / "h.npy", embedding_key="l14_img", fraction=0.2,
-                      clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor="debug")
+                      clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor=Executor.create("inline"))
     easy = run_filter(dbp, concept_pool, tmp_path / "e.npy", embedding_key="l14_img", fraction=0.2, keep="easy",
-                      executor="debug", clustering=ClusteringConfig(dir=clus))
+                      executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     rnd = run_filter(dbp, concept_pool, tmp_path / "r.npy", embedding_key="l14_img", fraction=0.2, keep="random",
-                     executor="debug", clustering=ClusteringConfig(dir=clus))
+                     executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     assert len(hard.uids) == len(easy.uids) == len(rnd.uids) == 1600
     t_h = pd.read_parquet(tmp_path / "h.clusters.parquet")
     # opposite ends of each cluster: they meet only where the budget is over half the cluster
@@ -241,7 +241,7 @@ def test_dbp_easy_and_random_and_balance(concept_pool, tmp_path):
     t_r = pd.read_parquet(tmp_path / "r.clusters.parquet")
     assert (t_h.kept == t_r.kept).all()  # same budgets, other members
     bal = run_filter(dbp, concept_pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.2, balance=1.0,
-                     executor="debug", clustering=ClusteringConfig(dir=clus))
+                     executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     t_b = pd.read_parquet(tmp_path / "b.clusters.parquet")
     floor = np.minimum(1600 // 8, t_b["size"])
     assert (t_b.kept >= floor).all() and t_b.kept.sum() == 1600
@@ -249,18 +249,18 @@ def test_dbp_easy_and_random_and_balance(concept_pool, tmp_path):
 
 def test_ssl_prototypes(concept_pool, tmp_path):
     r = run_filter(ssl_prototypes, concept_pool, tmp_path / "s.npy", embedding_key="l14_img", fraction=0.25,
-                   clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                   clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     c = Clustering(tmp_path / "s.clustering")
     uids = np.concatenate([b[1] for b in c.iter_assignment()])
     dist = np.concatenate([b[3] for b in c.iter_assignment()])
     is_kept = K.member(r.uids, uids)[0]
     assert is_kept.sum() == 2000 and dist[is_kept].min() >= dist[~is_kept].max()  # globally hardest
     easy = run_filter(ssl_prototypes, concept_pool, tmp_path / "e.npy", embedding_key="l14_img", fraction=0.25,
-                      keep="easy", executor="debug", clustering=ClusteringConfig(dir=tmp_path / "s.clustering"))
+                      keep="easy", executor=Executor.create("inline"), clustering=ClusteringConfig(dir=tmp_path / "s.clustering"))
     is_easy = K.member(easy.uids, uids)[0]
     assert dist[is_easy].max() <= dist[~is_easy].min()
     bal = run_filter(ssl_prototypes, concept_pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.25,
-                     balance=0.5, executor="debug", clustering=ClusteringConfig(dir=tmp_path / "s.clustering"))
+                     balance=0.5, executor=Executor.create("inline"), clustering=ClusteringConfig(dir=tmp_path / "s.clustering"))
     t = pd.read_parquet(tmp_path / "b.clusters.parquet")
     assert len(bal.uids) == 2000 and (t.kept >= np.minimum(int(0.5 * 2000 / 8), t["size"])).all()
 
@@ -287,7 +287,7 @@ def test_interrupted_run_resumes_to_the_same_keep_list(concept_pool, tmp_path, m
     from conceptprune import npz
 
     ref = run_filter(dbp, concept_pool, tmp_path / "ref" / "dbp.npy", embedding_key="l14_img", fraction=0.3,
-                     clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                     clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     real_sync, calls = npz.NpyColumn.sync, []
 
     def crash_in_second_block(self):
@@ -299,13 +299,13 @@ def test_interrupted_run_resumes_to_the_same_keep_list(concept_pool, tmp_path, m
     monkeypatch.setattr(npz.NpyColumn, "sync", crash_in_second_block)
     with pytest.raises(KeyboardInterrupt):
         run_filter(dbp, concept_pool, tmp_path / "run" / "dbp.npy", embedding_key="l14_img", fraction=0.3,
-                   clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                   clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     assert not (tmp_path / "run" / "dbp.npy").exists()
     progress = list((tmp_path / "run" / "dbp.clustering" / "assign").glob("*.progress.json"))
     assert json.loads(progress[0].read_text())["rows_done"] == 16384 or 0 < json.loads(progress[0].read_text())["rows_done"]
     monkeypatch.setattr(npz.NpyColumn, "sync", real_sync)
     resumed = run_filter(dbp, concept_pool, tmp_path / "run" / "dbp.npy", embedding_key="l14_img", fraction=0.3,
-                         clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                         clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     assert (tmp_path / "run" / "dbp.npy").read_bytes() == (tmp_path / "ref" / "dbp.npy").read_bytes()
     assert len(resumed.uids) == len(ref.uids)
 
@@ -316,21 +316,21 @@ def test_interrupted_run_resumes_to_the_same_keep_list(concept_pool, tmp_path, m
 def test_bad_input(concept_pool, tmp_path):
     with pytest.raises(ConfigError, match="more than the"):
         run_filter(dbp, concept_pool, tmp_path / "x.npy", embedding_key="l14_img", fraction=0.3,
-                   clustering=ClusteringConfig(clusters=9000, niter=20), executor="debug")
+                   clustering=ClusteringConfig(clusters=9000, niter=20), executor=Executor.create("inline"))
     for bad in (0, 1.2, -1):
         with pytest.raises(ConfigError, match=r"\(0, 1\]"):
             run_filter(dbp, concept_pool, tmp_path / "x.npy", embedding_key="l14_img", fraction=bad,
-                       clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                       clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     K.write_keep_list(tmp_path / "foreign.npy", U.uids_to_array(["ab" * 16]))
     with pytest.raises(KeepListError, match="not in the pool"):
         run_filter(ssl_prototypes, concept_pool, tmp_path / "y.npy", embedding_key="l14_img", fraction=0.3,
                    within=tmp_path / "foreign.npy", clustering=ClusteringConfig(clusters=8, niter=20),
-                       executor="debug")
+                       executor=Executor.create("inline"))
     with pytest.raises(ConfigError, match="exactly one"):
         semdedup(concept_pool, eps=0.1, target_fraction=0.5)
     with pytest.raises(ConfigError, match="--rule paper"):
         run_filter(semdedup, concept_pool, tmp_path / "z.npy", embedding_key="l14_img", target_fraction=0.5,
-                   rule="greedy", clustering=ClusteringConfig(clusters=8, niter=20), executor="debug")
+                   rule="greedy", clustering=ClusteringConfig(clusters=8, niter=20), executor=Executor.create("inline"))
     assert not list(tmp_path.glob("*.npy"))[1:]  # only the --within list we wrote
 
 
@@ -344,9 +344,9 @@ def test_nan_embeddings_error_or_drop(tmp_path):
     np.savez(npz_path, l14_img=arr)
     with pytest.raises(PoolError, match="row 10.*NaN"):
         run_filter(dbp, tmp_path, tmp_path / "o" / "a.npy", embedding_key="l14_img", fraction=0.5,
-                   clustering=ClusteringConfig(clusters=4, niter=20), executor="debug")
+                   clustering=ClusteringConfig(clusters=4, niter=20), executor=Executor.create("inline"))
     r = run_filter(dbp, tmp_path, tmp_path / "o2" / "a.npy", embedding_key="l14_img", bad_embeddings="drop",
-                   fraction=0.5, clustering=ClusteringConfig(clusters=4, niter=20), executor="debug")
+                   fraction=0.5, clustering=ClusteringConfig(clusters=4, niter=20), executor=Executor.create("inline"))
     df = read_pool_frame(tmp_path)
     assert len(r.uids) == round(0.5 * 2998)
     assert not {df.uid[10], df.uid[2000]} & uid_set(r.uids)
@@ -355,13 +355,13 @@ def test_nan_embeddings_error_or_drop(tmp_path):
 def test_empty_clusters_get_no_budget(concept_pool, tmp_path):
     clus = tmp_path / "c"
     run_filter(dbp, concept_pool, tmp_path / "all.npy", embedding_key="l14_img", fraction=0.5,
-               clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor="debug")
+               clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor=Executor.create("inline"))
     c = Clustering(clus)
     uids = np.concatenate([b[1] for b in c.iter_assignment()])
     cl = np.concatenate([b[2] for b in c.iter_assignment()])
     K.write_keep_list(tmp_path / "few.npy", uids[cl < 3])  # candidates only in clusters 0-2
     r = run_filter(dbp, concept_pool, tmp_path / "few_dbp.npy", embedding_key="l14_img", fraction=0.5,
-                   within=tmp_path / "few.npy", neighbors=2, executor="debug", clustering=ClusteringConfig(dir=clus))
+                   within=tmp_path / "few.npy", neighbors=2, executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))
     t = pd.read_parquet(tmp_path / "few_dbp.clusters.parquet")
     assert (t.kept[t.cluster >= 3] == 0).all() and (t["size"][t.cluster >= 3] == 0).all()
     assert r.stats["empty_clusters"] == 5 and len(r.uids) == round(0.5 * (cl < 3).sum())
@@ -370,13 +370,13 @@ def test_empty_clusters_get_no_budget(concept_pool, tmp_path):
 def test_clustering_reuse_checks(concept_pool, tmp_path):
     clus = tmp_path / "c"
     run_filter(dbp, concept_pool, tmp_path / "a.npy", embedding_key="l14_img", fraction=0.5,
-               clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor="debug")
+               clustering=ClusteringConfig(clusters=8, dir=clus, niter=20), executor=Executor.create("inline"))
     with pytest.raises(ConfigError, match="k 8 \\(asked 5\\)"):
-        run_filter(dbp, concept_pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5, executor="debug",
+        run_filter(dbp, concept_pool, tmp_path / "b.npy", embedding_key="l14_img", fraction=0.5, executor=Executor.create("inline"),
                    clustering=ClusteringConfig(clusters=5, dir=clus))
     other = tmp_path / "other"
     make_pool(other, SyntheticPoolConfig(rows=500, files=1, seed=1, concepts=3, embedding_keys=("l14_img",)),
               progress=False)
     with pytest.raises(ConfigError, match="another pool"):
         run_filter(dbp, other, tmp_path / "c.npy", embedding_key="l14_img", fraction=0.5,
-                   executor="debug", clustering=ClusteringConfig(dir=clus))
+                   executor=Executor.create("inline"), clustering=ClusteringConfig(dir=clus))

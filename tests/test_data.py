@@ -24,6 +24,7 @@ from conceptprune.data.download import download
 from conceptprune.data.reshard import reshard
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.pool import Pool
+from conceptprune.slurm.stage import Executor
 
 N = 60
 BROKEN = {5, 17, 33}  # 404
@@ -113,7 +114,7 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
     base, log = image_server
     meta = _metadata(tmp_path / "meta", base)
     summary = download(tmp_path / "data", metadata_dir=tmp_path / "meta", processes=1, threads=4,
-                       img2dataset_args=I2D, executor="local")
+                       img2dataset_args=I2D, executor=Executor.create("local"))
     shards = tmp_path / "data" / "shards"
     tars = sorted(shards.glob("*.tar"))
     assert len(tars) == 8 and summary["shards"] == 8  # 2 files x ceil(30 / 8), numbered across files
@@ -128,7 +129,6 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
     # embed with a tiny random open_clip model (the command's Python function): the output is a
     # pool the filters read
     from conceptprune.data.embed import EmbedConfig, EmbedStage, embed
-    from conceptprune.slurm.stage import Executor
 
     totals = embed(EmbedConfig(str(shards), str(tmp_path / "emb"), "cp-tiny-vit", batch_size=16, text=True),
                    executor=Executor.create("local", workers=2))
@@ -179,7 +179,7 @@ def test_download_embed_reshard_end_to_end(tmp_path, image_server):
     again = reshard(shards, tmp_path / "keep.npy", out, shard_size=7, executor=Executor.create("local", workers=2))
     assert again == m
     with pytest.raises(ConfigError, match="not empty"):
-        reshard(shards, tmp_path / "keep.npy", tmp_path / "meta", executor="local")
+        reshard(shards, tmp_path / "keep.npy", tmp_path / "meta", executor=Executor.create("local"))
 
 
 def test_download_killed_midway_resumes_without_refetching(tmp_path, image_server):
@@ -201,7 +201,7 @@ def test_download_killed_midway_resumes_without_refetching(tmp_path, image_serve
     assert 3 <= len(finished) < 12, finished
     before = Counter(log)
     summary = download(tmp_path / "data", metadata_dir=tmp_path / "meta", processes=1, threads=4,
-                       img2dataset_args=I2D, executor="local")
+                       img2dataset_args=I2D, executor=Executor.create("local"))
     assert summary["shards"] == 12 and summary["shards_missing"] == 0
     refetched = {i for i in log if log[i] > before[i]}
     done_rows = {s * 8 + j for s in finished for j in range(8)}
@@ -227,14 +227,14 @@ def test_reshard_rejects_unsafe_members_and_missing_shards(tmp_path):
         add(tf, "/abs/evil.txt", b"x")
     (shards / "00000000_stats.json").write_text("{}")
     K.write_keep_list(tmp_path / "k.npy", U.uids_to_array([uid]))
-    m = reshard(shards, tmp_path / "k.npy", tmp_path / "out", executor="debug")
+    m = reshard(shards, tmp_path / "k.npy", tmp_path / "out", executor=Executor.create("inline"))
     assert m["unsafe_members_rejected"] == 2 and m["kept_samples"] == 1
     with tarfile.open(tmp_path / "out" / "00000000.tar") as tf:
         assert sorted(tf.getnames()) == ["000.jpg", "000.json", "000.txt"]
     assert not (tmp_path / "evil.json").exists()
     (shards / "00000001_stats.json").write_text("{}")
     with pytest.raises(PoolError, match="00000001.tar is missing"):
-        reshard(shards, tmp_path / "k.npy", tmp_path / "out2", executor="debug")
+        reshard(shards, tmp_path / "k.npy", tmp_path / "out2", executor=Executor.create("inline"))
 
 
 def test_sample_uid_reads_flat_jsons_fast_and_odd_ones_by_parsing():

@@ -86,7 +86,7 @@ def _keep(path: Path, uids: list[str]) -> Path:
 def test_upsampled_keep_list_writes_each_uid_as_often_as_listed(shards, tmp_path):
     listed = [_uid(0, 1)] + [_uid(0, 2)] * 2 + [_uid(1, 5)] * 3 + [_uid(2, 11)] + ["f" * 32] * 2
     keep = _keep(tmp_path / "keep.npy", listed)
-    m = reshard(shards, keep, tmp_path / "out", shard_size=4, executor="debug")
+    m = reshard(shards, keep, tmp_path / "out", shard_size=4, executor=Executor.create("inline"))
     got = _samples(tmp_path / "out")
     assert Counter(u for _, u, _ in got) == Counter(u for u in listed if u != "f" * 32)
     assert m["kept_samples"] == 7 and m["keep_list_uids"] == 5 and m["keep_list_entries"] == 9
@@ -96,7 +96,7 @@ def test_upsampled_keep_list_writes_each_uid_as_often_as_listed(shards, tmp_path
     assert keys[:3] == ["00000001", "00000002", "00000002-1"]
     assert [p["jpg"] for k, _, p in got if k.startswith("00000002")] == [_jpg(2)] * 2
     # DataComp's resharder names every sample <uid>-<j>
-    reshard(shards, keep, tmp_path / "dc", shard_size=4, executor="debug", datacomp_keys=True)
+    reshard(shards, keep, tmp_path / "dc", shard_size=4, executor=Executor.create("inline"), datacomp_keys=True)
     assert [k for k, _, _ in _samples(tmp_path / "dc")][:3] == [f"{_uid(0, 1)}-0", f"{_uid(0, 2)}-0",
                                                                 f"{_uid(0, 2)}-1"]
     # a raw memory-mapped array (no .npy header), as DataComp's resharder accepts
@@ -104,12 +104,12 @@ def test_upsampled_keep_list_writes_each_uid_as_often_as_listed(shards, tmp_path
     raw.write_bytes(np.load(keep).tobytes())
     uniq, counts = read_keep_counts(raw)
     assert len(uniq) == 5 and counts.tolist() == [1, 2, 3, 1, 2]
-    assert reshard(shards, raw, tmp_path / "out_raw", shard_size=4, executor="debug")["kept_samples"] == 7
+    assert reshard(shards, raw, tmp_path / "out_raw", shard_size=4, executor=Executor.create("inline"))["kept_samples"] == 7
     # unsorted stays an error (DataComp would silently select the wrong samples)
     bad = tmp_path / "unsorted.npy"
     np.save(bad, np.load(keep)[::-1])
     with pytest.raises(KeepListError, match="not sorted at entry 2"):
-        reshard(shards, bad, tmp_path / "out_bad", executor="debug")
+        reshard(shards, bad, tmp_path / "out_bad", executor=Executor.create("inline"))
 
 
 # -- issue 16.4: output DataComp's train.py and open_clip read as their own -------------------------
@@ -172,25 +172,25 @@ def test_overwrite_never_deletes_or_overlaps_the_inputs(shards, tmp_path):
     for out, what in ((data / "shards", "is or contains --shards"), (data, "is or contains --shards"),
                       (tmp_path, "is or contains --shards"), (data / "shards" / "sub", "lies inside --shards")):
         with pytest.raises(ConfigError, match=what):
-            reshard(data / "shards", keep, out, overwrite=True, executor="debug")
+            reshard(data / "shards", keep, out, overwrite=True, executor=Executor.create("inline"))
     other = tmp_path / "keeps"
     other.mkdir()
     keep2 = _keep(other / "k.npy", [_uid(0, 1)])
     with pytest.raises(ConfigError, match="is or contains --keep"):
-        reshard(data / "shards", keep2, other, overwrite=True, executor="debug")
+        reshard(data / "shards", keep2, other, overwrite=True, executor=Executor.create("inline"))
     assert sorted(p.name for p in (data / "shards").iterdir()) == before and keep.exists() and keep2.exists()
     # a non-empty --out, a foreign <out>.state folder, an unfinished reshard of other inputs: refused
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("x")
     with pytest.raises(ConfigError, match="is not empty; choose an empty or new folder or pass --overwrite"):
-        reshard(data / "shards", keep, tmp_path / "full", executor="debug")
+        reshard(data / "shards", keep, tmp_path / "full", executor=Executor.create("inline"))
     (tmp_path / "o.state").mkdir()
     with pytest.raises(ConfigError, match="o.state exists and is not a reshard's job folder"):
-        reshard(data / "shards", keep, tmp_path / "o", executor="debug")
+        reshard(data / "shards", keep, tmp_path / "o", executor=Executor.create("inline"))
     (tmp_path / "o.state" / ".reshard.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds an unfinished reshard of other inputs"):
-        reshard(data / "shards", keep, tmp_path / "o", executor="debug")
-    assert reshard(data / "shards", keep, tmp_path / "o", executor="debug", overwrite=True)["kept_samples"] == 1
+        reshard(data / "shards", keep, tmp_path / "o", executor=Executor.create("inline"))
+    assert reshard(data / "shards", keep, tmp_path / "o", executor=Executor.create("inline"), overwrite=True)["kept_samples"] == 1
     assert (tmp_path / "full" / "mine.txt").exists() and not (tmp_path / "o.state").exists()
 
 
@@ -220,8 +220,8 @@ def test_kill_during_assemble_leaves_no_folder_and_train_refuses_unfinished(shar
     with pytest.raises(ConfigError, match="no .tar shards"):
         resolve_data([str(out)])
     out.rmdir()
-    m = reshard(shards, keep, out, shard_size=3, executor="debug")  # the rerun finishes it
-    clean = reshard(shards, keep, tmp_path / "clean", shard_size=3, executor="debug")
+    m = reshard(shards, keep, out, shard_size=3, executor=Executor.create("inline"))  # the rerun finishes it
+    clean = reshard(shards, keep, tmp_path / "clean", shard_size=3, executor=Executor.create("inline"))
     assert m["kept_samples"] == clean["kept_samples"] == 12 and not state_dir(out).exists()
     for t in sorted(clean_t for clean_t in (tmp_path / "clean").glob("*.tar")):
         assert (out / t.name).read_bytes() == t.read_bytes()
@@ -286,7 +286,7 @@ def test_links_devices_fifos_are_dropped_and_counted_and_imageless_samples_not_k
     ])
     (d / "00000000_stats.json").write_text("{}")
     keep = _keep(tmp_path / "k.npy", u)
-    m = reshard(d, keep, tmp_path / "out", executor="debug")
+    m = reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"))
     assert m["special_members_dropped"] == 4 and m["samples_with_dropped_members"] == 3
     assert m["samples_without_image"] == 2 and m["kept_samples"] == 2 and m["missing_from_shards"] == 2
     with tarfile.open(tmp_path / "out" / "00000000.tar") as tf:
@@ -302,7 +302,7 @@ def test_garbage_tar_header_is_one_line_naming_the_shard(shards, tmp_path):
     (d / "00000000_stats.json").write_text("{}")
     keep = _keep(tmp_path / "k.npy", [_uid(0, 0)])
     with pytest.raises(PoolError) as e:
-        reshard(d, keep, tmp_path / "out", executor="debug")
+        reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"))
     assert str(d / "00000000.tar") in str(e.value) and "\n" not in str(e.value)
     hdr = bytearray(good[:512])
     hdr[124:136] = b"9x9x9x9x9x9\0"  # not octal; with a checksum that matches
@@ -332,10 +332,10 @@ def test_garbage_tar_header_is_one_line_naming_the_shard(shards, tmp_path):
 
 def test_shuffle_buffer_is_seeded_and_keeps_every_sample(shards, tmp_path):
     keep = _keep(tmp_path / "keep.npy", [_uid(s, i) for s in range(3) for i in range(12)])
-    reshard(shards, keep, tmp_path / "p", executor="debug")
-    reshard(shards, keep, tmp_path / "a", executor="debug", shuffle_buffer=8, seed=1)
-    reshard(shards, keep, tmp_path / "b", executor="debug", shuffle_buffer=8, seed=1)
-    reshard(shards, keep, tmp_path / "c", executor="debug", shuffle_buffer=8, seed=2)
+    reshard(shards, keep, tmp_path / "p", executor=Executor.create("inline"))
+    reshard(shards, keep, tmp_path / "a", executor=Executor.create("inline"), shuffle_buffer=8, seed=1)
+    reshard(shards, keep, tmp_path / "b", executor=Executor.create("inline"), shuffle_buffer=8, seed=1)
+    reshard(shards, keep, tmp_path / "c", executor=Executor.create("inline"), shuffle_buffer=8, seed=2)
     order = {n: [k for k, _, _ in _samples(tmp_path / n)] for n in "pabc"}
     assert order["a"] == order["b"] and order["a"] != order["p"] and order["a"] != order["c"]
     assert sorted(order["a"]) == sorted(order["p"]) == sorted(order["c"])
@@ -364,7 +364,7 @@ def test_blur_uses_the_metadata_face_boxes(tmp_path):
     pd.DataFrame({"uid": u, "face_bboxes": [[[0.0, 0.0, 0.5, 0.5]], [], [[0.5, 0.5, 1.0, 1.0]]]}).to_parquet(
         meta / "0.parquet")
     keep = _keep(tmp_path / "k.npy", u[:2])
-    m = reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta)
+    m = reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"), blur_metadata=meta)
     got = {uid: parts for _, uid, parts in _samples(tmp_path / "out")}
     assert m["blurred"] == 1 and m["apply_blur"] == "True"
     assert sorted(got[u[0]]) == ["json", "txt", "webp"] and got[u[1]]["jpg"] == jpg  # no boxes: as it was
@@ -374,7 +374,7 @@ def test_blur_uses_the_metadata_face_boxes(tmp_path):
     outside = np.abs(blurred[44:, 44:] - orig[44:, 44:]).mean()
     assert inside > 40 and outside < 3, (inside, outside)
     with pytest.raises(ConfigError, match="is or contains --blur"):
-        reshard(d, keep, meta, executor="debug", blur_metadata=meta, overwrite=True)
+        reshard(d, keep, meta, executor=Executor.create("inline"), blur_metadata=meta, overwrite=True)
 
 
 # -- issue 16.5: package, leaderboard record, upload to a loopback stand-in ------------------------------

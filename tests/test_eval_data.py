@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conceptprune.evaluation.tasks import AGGREGATES, BY_KEY, TASKS
+from conceptprune.slurm.stage import Executor
 
 # DataComp's tasklist.yml (mlfoundations/datacomp @ 4a8df19), key -> (name, size, main metric, tags).
 # DataComp defaults a missing main_metric to acc1; FairFace and UTKFace write no acc1, so their
@@ -511,7 +512,7 @@ def test_datacomp_folder_is_evaluated(tmp_path, tiny_checkpoint):
     datacomp_download_folder(tmp_path / "dc")
     keys = ["cifar10", FLICKR, "misc/winogavil"]
     res = evaluate(str(tiny_checkpoint), str(tmp_path / "dc"), str(tmp_path / "out"), arch="cp-tiny-vit",
-                   tasks=keys, batch_size=4, executor="local")
+                   tasks=keys, batch_size=4, executor=Executor.create("local"))
     assert res["errors"] == {}
     rows = {r["key"]: r for r in read_results(tmp_path / "out" / "eval_results.jsonl")}
     assert sorted(rows) == sorted(keys)
@@ -523,7 +524,7 @@ def test_datacomp_folder_is_evaluated(tmp_path, tiny_checkpoint):
 
     shutil.copytree(tmp_path / "dc" / "wds_cifar10_test", tmp_path / "ours" / "cifar10")
     again = evaluate(str(tiny_checkpoint), str(tmp_path / "ours"), str(tmp_path / "out2"), arch="cp-tiny-vit",
-                     tasks=["cifar10"], batch_size=4, executor="local")
+                     tasks=["cifar10"], batch_size=4, executor=Executor.create("local"))
     assert again["errors"] == {}
     assert read_results(tmp_path / "out2" / "eval_results.jsonl")[0]["metrics"] == rows["cifar10"]["metrics"]
 

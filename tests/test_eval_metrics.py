@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conceptprune.evaluation import metrics as M
+from conceptprune.slurm.stage import Executor
 
 NAN = float("nan")
 
@@ -352,7 +353,7 @@ def full_run(tiny_checkpoint, all_sets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     res = evaluate(str(tiny_checkpoint), str(all_sets[0]), str(out), arch="cp-tiny-vit", batch_size=16,
-                   executor="local", loader_workers=0)  # 40 tiny sets: a loader process per task costs ~0.4 s each
+                   executor=Executor.create("local"), loader_workers=0)  # 40 tiny sets: a loader process per task costs ~0.4 s each
     return out, res
 
 
@@ -658,7 +659,7 @@ def test_own_grouped_task(tiny_checkpoint, tmp_path, ref):
     (d / "task.json").write_text(json.dumps({"key": "mine/sites", "name": "Sites", "type": "wilds",
                                              "main_metric": "acc_worst_site", "metadata": {"0": "site"}}))
     res = evaluate(str(tiny_checkpoint), str(tmp_path / "data"), str(tmp_path / "out"), arch="cp-tiny-vit",
-                   tasks=["mine/sites"], executor="local", loader_workers=0)
+                   tasks=["mine/sites"], executor=Executor.create("local"), loader_workers=0)
     assert res["errors"] == {}
     m = read_results(tmp_path / "out" / "eval_results.jsonl")[0]["metrics"]
     pred = [argmax(r) for r in ref.logits(ims, COLORS, TEMPLATES)]
@@ -677,7 +678,7 @@ def test_own_retrieval_task_has_mean_recall_at_every_k(tiny_checkpoint, tmp_path
     (d / "task.json").write_text(json.dumps({"key": "mine/caps", "name": "Caps", "type": "retrieval",
                                              "main_metric": "mean_recall@5"}))
     evaluate(str(tiny_checkpoint), str(tmp_path / "data"), str(tmp_path / "out"), arch="cp-tiny-vit",
-             tasks=["mine/caps"], executor="local", loader_workers=0)
+             tasks=["mine/caps"], executor=Executor.create("local"), loader_workers=0)
     m = read_results(tmp_path / "out" / "eval_results.jsonl")[0]["metrics"]
     assert m["main_metric"] == m["mean_recall@5"] == pytest.approx(
         (m["text_retrieval_recall@5"] + m["image_retrieval_recall@5"]) / 2)

@@ -13,6 +13,7 @@ from conceptprune.evaluation.package import package
 from conceptprune.evaluation.run import EvaluationError, evaluate, read_results
 from conceptprune.evaluation.tasks import AGGREGATES, BY_KEY, TASKS
 from conceptprune.evaluation.wds import write_classification, write_retrieval, write_winogavil
+from conceptprune.slurm.stage import Executor
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "pink"]
 
@@ -114,7 +115,7 @@ def test_metrics_equal_independent_computations(tiny_checkpoint, eval_data, tmp_
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
     res = evaluate(str(tiny_checkpoint), str(eval_data), str(tmp_path / "out"), arch="cp-tiny-vit",
-                   tasks=EVAL_TASKS, batch_size=16, executor="local")
+                   tasks=EVAL_TASKS, batch_size=16, executor=Executor.create("local"))
     assert res["errors"] == {}
     rows = {r["key"]: r for r in read_results(tmp_path / "out" / "eval_results.jsonl")}
     assert sorted(rows) == sorted(EVAL_TASKS)
@@ -192,12 +193,12 @@ def test_resume_never_duplicates_and_failures_are_recorded(tiny_checkpoint, eval
     data = tmp_path / "data"
     shutil.copytree(eval_data, data)
     out = tmp_path / "out"
-    evaluate(str(tiny_checkpoint), str(data), str(out), arch="cp-tiny-vit", tasks=["cifar10"], executor="local")
+    evaluate(str(tiny_checkpoint), str(data), str(out), arch="cp-tiny-vit", tasks=["cifar10"], executor=Executor.create("local"))
     before = (out / "eval_results.jsonl").read_text()
     # an empty shard and a missing folder fail; the other tasks still run
     (data / "wilds-iwildcam" / "test" / "0.tar").write_bytes(b"")
     res = evaluate(str(tiny_checkpoint), str(data), str(out), arch="cp-tiny-vit",
-                   tasks=["cifar10", "vtab/pets", "wilds/iwildcam", "vtab/dtd"], executor="local")
+                   tasks=["cifar10", "vtab/pets", "wilds/iwildcam", "vtab/dtd"], executor=Executor.create("local"))
     assert set(res["errors"]) == {"wilds/iwildcam", "vtab/dtd"}
     assert "empty" in res["errors"]["wilds/iwildcam"] and "not found" in res["errors"]["vtab/dtd"]
     assert json.loads((out / "eval_errors.json").read_text()).keys() == res["errors"].keys()
@@ -209,7 +210,7 @@ def test_resume_never_duplicates_and_failures_are_recorded(tiny_checkpoint, eval
 def test_checkpoint_architecture_mismatch(tiny_checkpoint, eval_data, tmp_path):
     with pytest.raises(EvaluationError, match="does not match --arch ViT-B-32"):
         evaluate(str(tiny_checkpoint), str(eval_data), str(tmp_path / "o"), arch="ViT-B-32", tasks=["cifar10"],
-                 executor="auto")
+                 executor=Executor.auto())
 
 
 def _fake_results(path, drop=None, dup=None, seed=0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conceptprune.apps.scaling import PerceptronConfig, fit, mean_errors, pareto, perceptron, read_points, write_perceptron
+from conceptprune.slurm.stage import Executor
 
 CFG = dict(dim=40, alpha_tot=(1, 2, 4, 8, 16, 32), fractions=(0.1, 0.2, 0.4, 0.7, 1.0), seeds=(0, 1))
 
@@ -105,7 +106,7 @@ def test_sweep_shares_one_clustering(tmp_path):
     make_pool(tmp_path / "pool", SyntheticPoolConfig(rows=3000, files=1, seed=3, concepts=5,
                                                      embedding_keys=("l14_img",)), progress=False)
     res = sweep(str(tmp_path / "pool"), "dbp", [0.2, 0.5], str(tmp_path / "sweep"),
-                filter_args={"clusters": 5, "niter": 10, "executor": "debug"},
+                filter_args={"clusters": 5, "niter": 10, "executor": Executor.create("inline")},
                 command=["conceptprune", "scaling", "sweep", "--method", "dbp"])
     assert [r["kept"] for r in res["rows"]] == [600, 1500]
     manifest = json.loads((tmp_path / "sweep" / "keep_0.2.json").read_text())

@@ -25,6 +25,7 @@ from conceptprune.pool import Pool
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool
 
 from conftest import uid_set
+from conceptprune.slurm.stage import Executor
 
 DIM, PAIRS, SINGLES, CLUSTERS = 64, 700, 600, 4
 EPS = 0.05
@@ -117,7 +118,7 @@ def test_decisions_equal_float32_at_the_threshold(planted_pool, tmp_path, caplog
     assert (near > THRESHOLD).sum() >= 100 and (near <= THRESHOLD).sum() >= 100
     with caplog.at_level(logging.INFO, logger="conceptprune.filters.clustering"):
         r = run_filter(semdedup, pool, tmp_path / "sd.npy", embedding_key="l14_img", eps=EPS,
-                       clustering=ClusteringConfig(clusters=CLUSTERS, niter=20), executor="debug",
+                       clustering=ClusteringConfig(clusters=CLUSTERS, niter=20), executor=Executor.create("inline"),
                        pairwise=pairwise)
     clustering = Clustering(tmp_path / "sd.clustering")
     expected = _reference_kept(clustering, e)
@@ -162,7 +163,7 @@ def test_target_size_equals_float32_at_the_threshold(planted_pool, tmp_path):
     cfg = ClusteringConfig(clusters=CLUSTERS, niter=20)
     # bfloat16 first (on any CPU): below its threshold the stored M is bfloat16's, not exact
     first = run_filter(semdedup, pool, tmp_path / "eps.npy", embedding_key="l14_img", eps=EPS, clustering=cfg,
-                       executor="debug", pairwise="bf16-recheck")
+                       executor=Executor.create("inline"), pairwise="bf16-recheck")
     clustering = Clustering(tmp_path / "eps.clustering")
     uids, m = _reference_m(clustering, e)
     stored = _stored_m(clustering, uids)
@@ -175,7 +176,7 @@ def test_target_size_equals_float32_at_the_threshold(planted_pool, tmp_path):
     n = target_count(fraction, len(m))
     order = np.argsort(m, kind="stable")
     assert m[order[n - 1]] < m[order[n]]  # no tie at the cut: the reference selection is unique
-    again = {"clustering": ClusteringConfig(dir=tmp_path / "eps.clustering"), "executor": "debug"}
+    again = {"clustering": ClusteringConfig(dir=tmp_path / "eps.clustering"), "executor": Executor.create("inline")}
     r = run_filter(semdedup, pool, tmp_path / "tf.npy", embedding_key="l14_img", target_fraction=fraction, **again)
     assert uid_set(r.uids) == uid_set(uids[order[:n]])
     assert (_stored_m(clustering, uids) == m).all()  # now exact everywhere (the eps run's were not all)

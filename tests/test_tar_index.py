@@ -16,6 +16,7 @@ import pytest
 from conceptprune import uids as U
 from conceptprune.data.reshard import reshard
 from conceptprune.tars import Sample, ShardWriter, index_plain, iter_samples, stopped_at
+from conceptprune.slurm.stage import Executor
 
 UID = "0123456789abcdef0123456789ABCDEF"
 
@@ -234,10 +235,10 @@ def test_fast_reshard_is_byte_identical_to_the_reference(tmp_path, monkeypatch, 
     arr = np.sort(U.uids_to_array(keep))
     np.save(tmp_path / "keep.npy", arr)
     fast = reshard(tmp_path / "in", tmp_path / "keep.npy", tmp_path / "fast", shard_size=shard_size,
-                   executor="debug")
+                   executor=Executor.create("inline"))
     monkeypatch.setenv("CONCEPTPRUNE_RESHARD_REFERENCE", "1")
     ref = reshard(tmp_path / "in", tmp_path / "keep.npy", tmp_path / "ref", shard_size=shard_size,
-                  executor="debug")
+                  executor=Executor.create("inline"))
     for k in ("kept_samples", "samples_read", "samples_without_image", "samples_without_uid", "output_shards"):
         assert fast[k] == ref[k], k
     assert fast["samples_without_uid"] == 1 and fast["samples_without_image"] == 1
