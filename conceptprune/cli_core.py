@@ -92,6 +92,8 @@ def register(sub) -> None:
 def _out_args(q) -> None:
     q.add_argument("--out", required=True, help="output keep-list (.npy); never one of the inputs")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--allow-empty", action="store_true",
+                   help="write an empty keep-list when the result is empty (default: an error, nothing written)")
 
 
 def _make_pool(args: argparse.Namespace) -> None:
@@ -179,6 +181,9 @@ def _kl_write(args, arr, method: str, params: dict, counts: dict, inputs: dict) 
     from . import keeplist as K
     from .manifest import base_manifest
 
+    if len(arr) == 0 and not getattr(args, "allow_empty", False):  # the filters' rule: empty is an error
+        raise ConfigError(f"keep-list {method}: the result is empty (inputs: {counts.get('in')} entries); "
+                          f"nothing written to {args.out}. Pass --allow-empty to write an empty keep-list")
     manifest = base_manifest("keep-list", command=getattr(args, "command_line", None), method=method, params=params,
                              counts=counts)
     K.write_keep_list(args.out, arr, manifest, multiset=True)

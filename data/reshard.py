@@ -423,7 +423,8 @@ class ReshardOptions:
 
 def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000,
             overwrite: bool = False, executor: "Executor | None" = None, shuffle_buffer: int = 0, seed: int = 0,
-            datacomp_keys: bool = False, blur_metadata: str | Path | None = None) -> dict | None:
+            datacomp_keys: bool = False, blur_metadata: str | Path | None = None,
+            allow_empty: bool = False) -> dict | None:
     """Run the reshard stage and assemble its output; returns the meta.json content (None when
     the executor detaches: the same call, rerun once the jobs are done, assembles it)."""
     opts = ReshardOptions(shard_size, shuffle_buffer, seed, datacomp_keys,
@@ -432,10 +433,11 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     from conceptprune.locks import output_lock
 
     with output_lock(out, f"resharding into {out}"):  # one reshard at a time writes OUT and OUT.state/
-        return _reshard(shards, keep, out, overwrite, executor, opts)
+        return _reshard(shards, keep, out, overwrite, executor, opts, allow_empty)
 
 
-def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions") -> dict | None:
+def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions",
+             allow_empty: bool = False) -> dict | None:
     out, keep = Path(out), Path(keep)
     executor = Executor.given(executor)
     inputs = {"--shards": Path(shards), "--keep": keep}
@@ -443,6 +445,8 @@ def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions
         inputs["--blur"] = Path(opts.blur_metadata)
     check_no_overlap(out, inputs)
     keep_uids, multiplicity = read_keep_counts(keep)
+    if len(keep_uids) == 0 and not allow_empty:
+        raise ConfigError(f"--keep {keep}: an empty keep-list; nothing to reshard (--allow-empty writes no shards)")
     complete, incomplete = list_input_shards(shards)
     for t in incomplete:
         log.warning("skipping %s: no %s_stats.json (unfinished download)", t, t.stem)
@@ -465,6 +469,12 @@ def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions
     result = executor.finish(executor.submit(stage, world))
     if result is None:
         return None
+    found = sum(int(s.get("kept", 0)) for s in result.summaries)
+    if found == 0 and len(keep_uids) and not allow_empty:  # another pool's list: nothing matches
+        read = sum(int(s.get("samples_read", 0)) for s in result.summaries)
+        _remove_state(state_dir(out))
+        raise ConfigError(f"--keep {keep}: none of its {len(keep_uids)} uids is in the {read} samples of --shards "
+                          f"{shards} (a list of another pool?); nothing written (--allow-empty accepts it)")
     meta = _assemble(out, stage, world, result.summaries, keep, keep_uids, multiplicity, complete, incomplete, state,
                      opts)
     _remove_state(sd)

@@ -557,3 +557,33 @@ def test_20_a_damaged_uid_index_is_rebuilt(tmp_path, capsys):
         damage()
         idx = build_index(shards, folder)
         assert len(idx) == 40 and idx.read(_pool_uids(a / "pool")[7]) is not None
+
+
+# -- 13: empty results -----------------------------------------------------------------------------
+
+
+def test_13_keep_list_tools_refuse_an_empty_result_unless_allow_empty(tmp_path, capsys):
+    a = _save_list(tmp_path / "a.npy", [f"{i:032x}" for i in range(1, 5)])
+    (tmp_path / "empty.txt").write_text("\n")
+    _refused(capsys, "keep-list", "diff", a, a, "--out", tmp_path / "d.npy", match="empty")
+    _refused(capsys, "keep-list", "from-uids", tmp_path / "empty.txt", "--out", tmp_path / "f.npy", match="empty")
+    assert not (tmp_path / "d.npy").exists() and not (tmp_path / "f.npy").exists()
+    rc, _, err = _cli(capsys, "keep-list", "diff", a, a, "--out", tmp_path / "d.npy", "--allow-empty")
+    assert rc == 0 and len(K.read_keep_list(tmp_path / "d.npy")) == 0, err
+
+
+def test_13_reshard_refuses_an_empty_list_and_a_list_that_matches_no_sample(tmp_path, capsys):
+    d, meta, keep = _blur_inputs(tmp_path, [[], [], []])
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.empty(0, U.UID_DTYPE))
+    other = _save_list(tmp_path / "other.npy", [f"{i:032x}" for i in range(100, 150)])  # another pool's uids
+    _refused(capsys, "reshard", "--shards", d, "--keep", empty, "--out", tmp_path / "o1", "--executor", "inline",
+             match="empty")
+    err = _refused(capsys, "reshard", "--shards", d, "--keep", other, "--out", tmp_path / "o2", "--executor", "inline",
+                   match="none of its 50 uids")
+    assert "3 samples" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any(tmp_path.glob("o2*"))  # nor its job state
+    rc, _, err = _cli(capsys, "reshard", "--shards", d, "--keep", other, "--out", tmp_path / "o3", "--executor", "inline",
+                      "--allow-empty")
+    assert rc == 0, err
