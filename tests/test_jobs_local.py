@@ -116,3 +116,35 @@ def test_slurm_executor_script_has_requested_directives(tmp_path):
                  "#SBATCH --cpus-per-task=12", "#SBATCH --mem=480GB", "#SBATCH --constraint=a100",
                  "#SBATCH --exclusive", "module load cuda", "#SBATCH --signal=USR2@120"):
         assert line in script, line
+
+
+def test_local_workers_are_forked_only_where_that_is_safe(tmp_path):
+    """A fresh launcher forks its second worker (no interpreter start); once an OpenMP runtime
+    is loaded (faiss: a child forked after its k-means deadlocks, measured) or another Python
+    thread runs, workers are fresh interpreters again. Checked in a fresh process."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(f"""
+        import threading
+        from conceptprune.slurm.diagnostics import CountingStage
+        from conceptprune.slurm.executor import ForkJob, fork_is_safe
+        from conceptprune.slurm.stage import Executor
+        ex = Executor.create("local", workers=2)
+        safe = fork_is_safe()
+        sub = ex.submit(CountingStage(work_dir={str(tmp_path / 'a')!r}, steps=1, step_seconds=0), 2)
+        forked = [isinstance(j, ForkJob) for j in sub.jobs]
+        assert sub.wait().ran == [0, 1]
+        t = threading.Thread(target=threading.Event().wait, args=(2,), daemon=True)
+        t.start()
+        with_thread = fork_is_safe()
+        t.join()
+        import faiss  # noqa: F401 - loads libgomp
+        sub = ex.submit(CountingStage(work_dir={str(tmp_path / 'b')!r}, steps=1, step_seconds=0), 2)
+        spawned = [isinstance(j, ForkJob) for j in sub.jobs]
+        assert sub.wait().ran == [0, 1]
+        print(safe, forked, with_thread, fork_is_safe(), spawned)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "True [True] False False [False]"
