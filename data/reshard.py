@@ -347,6 +347,7 @@ class ReshardStage(Stage):
         """(sample, key) for each copy to write, in input order (key None: the sample's own)."""
         blurrer = None
         if boxes:
+            os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import asks PyPI for a newer version
             from img2dataset.blurrer import BoundingBoxBlurrer
 
             blurrer = BoundingBoxBlurrer()
@@ -549,6 +550,7 @@ def _face_boxes(metadata: Path, keep_uids: np.ndarray, dest: Path) -> Path:
     import pyarrow.parquet as pq
 
     files = _metadata_files(metadata)
+    bad, first_bad = 0, ""
     his, los, boxes = [], [], []
     for f in files:
         try:
@@ -563,7 +565,15 @@ def _face_boxes(metadata: Path, keep_uids: np.ndarray, dest: Path) -> Path:
         rows = np.flatnonzero(found)
         his.append(U.split(arr)[0][rows])
         los.append(U.split(arr)[1][rows])
-        boxes += [t["face_bboxes"][int(r)].as_py() for r in rows]
+        for r in rows:
+            good = []
+            for box in t["face_bboxes"][int(r)].as_py():
+                if _valid_box(box):
+                    good.append(box)
+                else:  # one bad box costs that box, not the reshard
+                    bad += 1
+                    first_bad = first_bad or f"{f} row of uid {t['uid'][int(r)].as_py()}: {box!r}"
+            boxes.append(good)
     table = pa.table({"hi": pa.array(np.concatenate(his) if his else [], pa.uint64()),
                       "lo": pa.array(np.concatenate(los) if los else [], pa.uint64()),
                       "face_bboxes": pa.array(boxes, pa.list_(pa.list_(pa.float64())))})
@@ -571,7 +581,22 @@ def _face_boxes(metadata: Path, keep_uids: np.ndarray, dest: Path) -> Path:
     pq.write_table(table, tmp)
     os.replace(tmp, dest)
     log.info("--blur: %d kept uids have face boxes", len(table))
+    if bad:
+        log.warning("--blur: %d face box(es) skipped (not 4 finite numbers with x0 < x1, y0 < y1 in [0, 1]); "
+                    "first: %s", bad, first_bad)
     return dest
+
+
+def _valid_box(box) -> bool:
+    """A face box as DataComp's metadata holds it: relative x0, y0, x1, y1, finite, inside the image."""
+    import math
+
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return False
+    x0, y0, x1, y1 = box
+    return 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
 
 
 def _assemble(out, stage, world, summaries, keep, keep_uids, multiplicity, complete, incomplete, state, opts) -> dict:

@@ -587,3 +587,19 @@ def test_13_reshard_refuses_an_empty_list_and_a_list_that_matches_no_sample(tmp_
     rc, _, err = _cli(capsys, "reshard", "--shards", d, "--keep", other, "--out", tmp_path / "o3", "--executor", "inline",
                       "--allow-empty")
     assert rc == 0, err
+
+
+# -- 17: reshard --blur ----------------------------------------------------------------------------
+
+
+def test_17_blur_skips_and_counts_bad_boxes_and_never_asks_pypi(tmp_path, monkeypatch, caplog):
+    from conceptprune.data.reshard import reshard
+
+    monkeypatch.delenv("NO_ALBUMENTATIONS_UPDATE", raising=False)
+    nan = float("nan")
+    d, meta, keep = _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [[nan, 0.1, 0.5, 0.5]],
+                                            [[0.1, 0.2], [0.2, 0.2, 0.6, float("inf")], [0.1, 0.1, 0.4, 0.4]]])
+    m = reshard(d, keep, tmp_path / "out", executor="inline", blur_metadata=meta)
+    assert m["blurred"] == 2 and m["kept_samples"] == 3
+    assert "3 face box(es) skipped" in caplog.text and "uid 00000000000000000000000000000002" in caplog.text
+    assert os.environ.get("NO_ALBUMENTATIONS_UPDATE") == "1"
