@@ -14,6 +14,10 @@ from .text_based import text_based
 from .dbp import dbp
 from .semdedup import semdedup
 from .ssl_prototypes import ssl_prototypes
+from .negcliploss import negcliploss
+from .normsim import normsim
+from .hkmeans import hkmeans
 
 __all__ = ["FilterResult", "Within", "run_filter", "target_count", "ClusteringConfig", "keep_all", "random_subset",
-           "clip_score", "basic", "laion2b", "image_based", "text_based", "dbp", "semdedup", "ssl_prototypes"]
+           "clip_score", "basic", "laion2b", "image_based", "text_based", "dbp", "semdedup", "ssl_prototypes",
+           "negcliploss", "normsim", "hkmeans"]

@@ -81,8 +81,20 @@ def check_fraction(fraction: float, name: str = "fraction") -> float:
     return f
 
 
-def target_count(fraction: float, n: int, name: str = "fraction") -> int:
-    """``round(fraction * n)`` examples, refusing a target of zero."""
+KEEP_COUNT_HELP = "keep exactly min(N, candidates) examples (an absolute size instead of a fraction)"
+
+
+def target_count(fraction: float | None, n: int, name: str = "fraction", keep_count: int | None = None) -> int:
+    """``round(fraction * n)`` examples, or ``min(keep_count, n)`` (``--keep-count``, an absolute
+    size; exactly one of the two), refusing a target of zero."""
+    if keep_count is not None:
+        from conceptprune.checks import check_int
+
+        if fraction is not None:
+            raise ConfigError(f"give one of --{name} or --keep-count, not both")
+        return min(check_int("--keep-count", keep_count, min=1), n)
+    if fraction is None:
+        raise ConfigError(f"give --{name} or --keep-count")
     f = check_fraction(fraction, name)
     k = round(f * n)
     if k < 1:

@@ -65,15 +65,18 @@ class AtLeast(RowRule):
         return chunk.column(self.column).astype(np.float32, copy=False) >= np.float32(self.threshold), {}
 
 
-def score_threshold(pool: Pool, column: str, fraction: float, within, executor=None,
-                    work_dir=None) -> tuple[float, int]:
-    """(threshold, number of candidates) for DataComp's fraction rule, in two scans."""
+def score_threshold(pool: Pool, column: str, fraction: float | None, within, executor=None,
+                    work_dir=None, keep_count: int | None = None) -> tuple[float, int]:
+    """(threshold, number of candidates) for DataComp's fraction rule, in two scans: the score
+    at index int(N * fraction) (or the keep_count-th, index keep_count - 1) of the scores sorted
+    descending."""
     work = work_dir_for(None, pool, "clip-score") if work_dir is None else work_dir
     first = run_rows(pool, ScoreHistogram(column), within, executor, work, name="clip-score-high")
     hist, n = first.arrays.get("hist", np.zeros(BINS, np.int64)), first.candidates
     if n == 0:
         raise ConfigError("no candidate rows to filter")
-    r = int(n * fraction)  # rank in descending order, 0-based
+    # rank in descending order, 0-based (DataComp's index int(N F); the N-th score for keep_count N)
+    r = int(n * fraction) if keep_count is None else int(keep_count) - 1
     if r >= n:
         return -np.inf, n
     desc = np.cumsum(hist[::-1])  # desc[i]: rows in the top i+1 high-bit bins
@@ -88,12 +91,13 @@ def score_threshold(pool: Pool, column: str, fraction: float, within, executor=N
 
 def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | None = None,
                model: str = "l14", column: str | None = None, within=None, executor=None,
-               out=None) -> FilterResult:
+               out=None, keep_count: int | None = None) -> FilterResult:
     """``column`` overrides the model's score column (e.g. ``similarity_score`` written by
     ``conceptprune embed --text`` for your own encoder). ``executor``: where the scans run
-    (``executor.workers`` row-range parts); the kept uids do not depend on it."""
-    if (fraction is None) == (threshold is None):
-        raise ConfigError("clip-score needs exactly one of --fraction or --threshold")
+    (``executor.workers`` row-range parts); the kept uids do not depend on it. ``keep_count``
+    K: the threshold is the K-th largest score (ties kept, as with --fraction)."""
+    if sum(x is not None for x in (fraction, threshold, keep_count)) != 1:
+        raise ConfigError("clip-score needs exactly one of --fraction, --keep-count or --threshold")
     if column is None and model not in SCORE_COLUMNS:
         raise ConfigError(f"--model must be one of {sorted(SCORE_COLUMNS)}, got {model!r}")
     column = column or SCORE_COLUMNS[model]
@@ -102,15 +106,22 @@ def clip_score(pool: Pool, *, fraction: float | None = None, threshold: float | 
     within = as_within(within)
     work = work_dir_for(out, pool, "clip-score")
     n_cand = None
+    if keep_count is not None:
+        from conceptprune.checks import check_int
+
+        threshold, n_cand = score_threshold(pool, column, None, within, executor, work,
+                                            keep_count=check_int("--keep-count", keep_count, min=1))
     if fraction is not None:
         fraction = check_fraction(fraction)
         threshold, n_cand = score_threshold(pool, column, fraction, within, executor, work)
     res = run_rows(pool, AtLeast(column, threshold), within, executor, work, name="clip-score-select")
     params = {"model": model, "fraction": fraction, "threshold": float(threshold), "column": column}
+    if keep_count is not None:
+        params["keep_count"] = keep_count
     return FilterResult("clip-score", res.kept, params, {"pool": pool.rows, "candidates": n_cand or res.candidates})
 
 
-from conceptprune.checks import float_arg, fraction_arg  # noqa: E402
+from conceptprune.checks import float_arg, fraction_arg, int_arg  # noqa: E402
 
 from .registry import FilterSpec, Param, register  # noqa: E402
 
@@ -132,6 +143,8 @@ register(FilterSpec(
                   help="which CLIP model's score column (DataComp's --arch; default l14)"),
             Param("--fraction", fraction_arg(), group="keep", required=True,
                   help="keep the top fraction (threshold at index int(N*F), ties kept)"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help="keep the N highest scores (threshold: the N-th largest, ties kept)"),
             Param("--threshold", float_arg("--threshold"), group="keep", required=True,
                   help="keep score >= threshold (a finite number)"),
             Param("--score-column", keyword="column",

@@ -58,11 +58,12 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
-def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20, balance: float = 0.0,
+def dbp(pool, *, fraction: float | None = None, temperature: float = 0.1, neighbors: int = 20, balance: float = 0.0,
         keep: str = "hard", within=None, clustering: ClusteringConfig | None = None,
-        executor: "Executor | None" = None, out=None) -> FilterResult | None:
-    """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
-    fraction = check_fraction(fraction)
+        executor: "Executor | None" = None, out=None, keep_count: int | None = None) -> FilterResult | None:
+    """None when the executor detaches before the clustering's jobs are done (rerun to collect).
+    ``keep_count``: keep exactly min(keep_count, M) instead of round(fraction * M)."""
+    fraction = check_fraction(fraction) if fraction is not None else None
     if keep not in KEEP_ORDERS:
         raise ConfigError(f"--keep must be one of {sorted(KEEP_ORDERS)}")
     temperature = check_float("--temperature", temperature, min=0.0, min_open=True)
@@ -78,7 +79,7 @@ def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20,
     if empty:
         log.warning("%d of %d clusters have no candidates; they get no budget", empty, cl.k)
     m = int(size.sum())
-    n_keep = target_count(fraction, m)
+    n_keep = target_count(fraction, m, keep_count=keep_count)
     d_inter, cx = complexity(cl, size, d_intra, neighbors)
     p = softmax(cx, temperature)
     lower = np.minimum(np.floor(balance * n_keep / cl.k), size).astype(np.int64)
@@ -92,18 +93,21 @@ def dbp(pool, *, fraction: float, temperature: float = 0.1, neighbors: int = 20,
     kept, counts = grouped_select(batches, budgets, KEEP_ORDERS[keep])
     assert int(counts.sum()) == n_keep and (counts == budgets).all()
     table = cluster_table(size, d_intra, d_inter, cx, p, counts, budget_target=p * n_keep)
-    params = {"fraction": fraction, "clusters": cl.k, "temperature": temperature, "neighbors": neighbors,
+    params = {"fraction": fraction, **({"keep_count": keep_count} if keep_count is not None else {}),
+              "clusters": cl.k, "temperature": temperature, "neighbors": neighbors,
               "balance": balance, "keep": keep, "seed": seed, "clustering": str(cl.dir),
               "train_sample": cl.meta["train_sample"], "niter": cl.meta["niter"]}
     stats = {"empty_clusters": empty, "target": n_keep,
              "effective_clusters": float(1.0 / np.sum(p ** 2)),  # how spread P is
              "budget_objective": float(((budgets - p * n_keep) ** 2).sum())}
     return FilterResult("dbp", kept, params, {"pool": cl.rows, "candidates": m}, stats,
-                        extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={fraction:.3g}, "
+                        extras=table_writer(table, f"DBP: keep {n_keep:,} of {m:,} (F={n_keep / max(m, 1):.3g}, "
                                                    f"k={cl.k}, tau={temperature}, keep {keep})"))
 
 
 from conceptprune.checks import float_arg, fraction_arg, int_arg  # noqa: E402
+
+from .base import KEEP_COUNT_HELP  # noqa: E402
 
 from .registry import FilterSpec, Param, register  # noqa: E402
 
@@ -162,7 +166,10 @@ def _explain(view, q, kept: bool) -> dict:
 register(FilterSpec(
     "dbp", "Density-Based Pruning: cluster budgets from softmax(d_inter * d_intra / T), keep the hardest", dbp,
     runs_as="clustering", embeddings=True, clustering=True, sweep=True, explain=_explain,
-    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of the candidates to keep, in (0, 1]"),
+    params=(Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="fraction of the candidates to keep, in (0, 1]"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help=KEEP_COUNT_HELP),
             Param("--temperature", float_arg("--temperature", 0.0, min_open=True), default=0.1,
                   help="softmax temperature, > 0 (default 0.1, the paper's)"),
             Param("--neighbors", int_arg("--neighbors", 1), default=20,

@@ -16,10 +16,11 @@ permuted by ``numpy.random.default_rng([seed, f, k]).permutation(n_f)`` and cut 
 consecutive batches of B rows, the last one shorter. B >= n_f means one batch of the whole
 file: no randomness, and the K repetitions are one.
 
-Memory: one batch (2 x B x d float32, plus a tile of T x B scores), and the launcher's one
-float32 score a row. A batch is gathered from the file with positioned reads
-(``NpzArray.read_rows``), so a file is never held whole; I/O per file is K x ceil(n_f / B)
-passes over it (page cache), small beside the K x n_f x B x d multiply-adds.
+Memory: one batch (2 x B x d float32, plus a tile of T x B scores), the launcher's one float32
+score a row, and a file's two arrays as stored when they fit ``FILE_CACHE_BYTES`` (1 GiB; a
+DataComp shard's l14 pair is 338 MB in fp16): each file is then read once. A larger file is
+gathered a batch at a time with positioned reads (``NpzArray.read_rows``), never held whole, at
+K x ceil(n_f / B) passes over it (page cache), small beside the K x n_f x B x d multiply-adds.
 
 Numerics: each batch's similarity tile is exponentiated once with one shift c for the whole
 batch, folded into the GEMM as an extra coordinate (so it costs no pass): c = max(0, max_i
@@ -58,6 +59,7 @@ TILE_ROWS = 1024  # rows of the batch's similarity matrix computed at a time (T 
 EXP_MAX = 88.0  # float32 exp overflows above ~88.72
 TINY = 1.2e-38  # float32's smallest normal: what an entry lost to underflow can weigh at most
 REL_TOL = 1e-7  # a sum whose possible underflow loss exceeds this fraction is recomputed exactly
+FILE_CACHE_BYTES = 1 << 30  # a file whose image + text arrays fit is read once and batched from memory
 
 
 def batch_terms(F: np.ndarray, G: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -155,11 +157,19 @@ def file_scores(img: NpzArray, txt: NpzArray, file_index: int, *, batch_size: in
         return (s - 0.5 * temperature * lse).astype(np.float32)
     s = np.empty(n, np.float32)
     acc = np.zeros(n, np.float64)
+    if 2 * n * img.row_bytes <= FILE_CACHE_BYTES:  # one read of the file, kept as stored (fp16: 338 MB a
+        whole_img, whole_txt = img.read(0, n), txt.read(0, n)  # DataComp shard of 110k rows x 768 x 2)
+
+        def gather(rows):
+            return to_float32(whole_img[rows]), to_float32(whole_txt[rows])
+    else:  # a batch at a time by positioned reads: memory O(B d), the file read once a batch
+        def gather(rows):
+            return to_float32(img.read_rows(rows)), to_float32(txt.read_rows(rows))
     for k in range(repetitions):
         perm = batch_permutation(seed, file_index, k, n)
         for a in range(0, n, batch_size):
             rows = np.sort(perm[a:a + batch_size])  # a batch is a set: read it in file order
-            s_b, lse = terms(to_float32(img.read_rows(rows)), to_float32(txt.read_rows(rows)), temperature)
+            s_b, lse = terms(*gather(rows), temperature)
             acc[rows] += lse
             if k == 0:
                 s[rows] = s_b
@@ -225,7 +235,8 @@ def make_scorer(arch: str = "l14", batch_size: int = DEFAULT_BATCH, repetitions:
                              check_seed("--seed", seed), backend)
 
 
-def negcliploss_scores(pool, *, executor=None, work_dir=None, within=None, **kw) -> tuple[np.ndarray, np.ndarray | None]:
+def negcliploss_scores(pool, *, executor=None, work_dir=None, within=None,
+                       **kw) -> tuple[np.ndarray, np.ndarray | None]:
     """(negCLIPLoss of every pool row, candidate mask or None), computed as file-range parts."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     res = compute_scores(pool, make_scorer(**kw), within, executor, work_dir)

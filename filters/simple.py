@@ -51,9 +51,9 @@ class HashBelow(RowRule):
         return top < self.boundary, {"edge_uids": chunk.uids[edge], "edge_keys": keys[edge]}
 
 
-def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None, executor=None,
-                  out=None) -> FilterResult:
-    """Keep exactly ``round(fraction * N)`` of the N candidates.
+def random_subset(pool: Pool, *, fraction: float | None = None, seed: int = 0, within=None, executor=None,
+                  out=None, keep_count: int | None = None) -> FilterResult:
+    """Keep exactly ``round(fraction * N)`` (or ``min(keep_count, N)``) of the N candidates.
 
     Each uid gets a seeded 64-bit hash key and the smallest keys are kept, so the choice
     depends only on the uids and the seed: not on file order, chunking or workers. Two
@@ -65,7 +65,7 @@ def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None, ex
     work = work_dir_for(out, pool, "random")
     first = run_rows(pool, HashHistogram(seed), within, executor, work, name="random-hist")
     n = first.candidates
-    k = target_count(fraction, n)
+    k = target_count(fraction, n, keep_count=keep_count)
     cum = np.cumsum(first.arrays.get("hist", np.zeros(BINS, np.int64)))
     boundary = int(np.searchsorted(cum, k, side="left"))  # first bin reaching k
     need = k - (int(cum[boundary - 1]) if boundary else 0)
@@ -74,16 +74,26 @@ def random_subset(pool: Pool, *, fraction: float, seed: int = 0, within=None, ex
     ekeys = res.arrays.get("edge_keys", np.empty(0, np.uint64))
     hi, lo = U.split(edge)
     res.kept.add(edge[np.lexsort((lo, hi, ekeys))[:need]])  # smallest keys; a tie goes by uid
-    return FilterResult("random", res.kept, {"fraction": fraction, "seed": seed},
+    return FilterResult("random", res.kept, {"fraction": fraction, "seed": seed} | _given(keep_count=keep_count),
                         {"pool": pool.rows, "candidates": n})
 
 
-from conceptprune.checks import fraction_arg, seed_arg  # noqa: E402
+def _given(**kw) -> dict:
+    """The keywords that were given (--keep-count appears in a manifest only when used)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+from conceptprune.checks import fraction_arg, int_arg, seed_arg  # noqa: E402
+
+from .base import KEEP_COUNT_HELP  # noqa: E402
 
 from .registry import FilterSpec, Param, register  # noqa: E402
 
 register(FilterSpec("none", "keep every uid of the pool (or of --within)", keep_all, runs_as="rows"))
 register(FilterSpec(
     "random", "keep exactly round(F * N) uids chosen at random (seeded)", random_subset, runs_as="rows", sweep=True,
-    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of candidates to keep, in (0, 1]"),
+    params=(Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="fraction of candidates to keep, in (0, 1]"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help=KEEP_COUNT_HELP),
             Param("--seed", seed_arg(), default=0, help="random seed (default 0)"))))

@@ -25,11 +25,12 @@ from .select import grouped_select
 ORDERS = {"hard": "largest", "easy": "smallest"}
 
 
-def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float | None = None, within=None,
-                   clustering: ClusteringConfig | None = None, executor: "Executor | None" = None,
-                   out=None) -> FilterResult | None:
-    """None when the executor detaches before the clustering's jobs are done (rerun to collect)."""
-    fraction = check_fraction(fraction)
+def ssl_prototypes(pool, *, fraction: float | None = None, keep: str = "hard", balance: float | None = None,
+                   within=None, clustering: ClusteringConfig | None = None, executor: "Executor | None" = None,
+                   out=None, keep_count: int | None = None) -> FilterResult | None:
+    """None when the executor detaches before the clustering's jobs are done (rerun to collect).
+    ``keep_count``: keep exactly min(keep_count, M) instead of round(fraction * M)."""
+    fraction = check_fraction(fraction) if fraction is not None else None
     if keep not in ORDERS:
         raise ConfigError(f"--keep must be one of {sorted(ORDERS)}")
     if balance is not None and not 0 <= balance <= 1:
@@ -41,7 +42,7 @@ def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float 
     seed = cl.meta["seed"]
     size, d_intra = cl.cluster_stats(within)
     m = int(size.sum())
-    n_keep = target_count(fraction, m)
+    n_keep = target_count(fraction, m, keep_count=keep_count)
     order = ORDERS[keep]
     kept = UidCollector()
     counts = np.zeros(cl.k, dtype=np.int64)
@@ -72,7 +73,8 @@ def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float 
             counts += np.bincount(cluster[K.member(kept, uids)[0]], minlength=cl.k)
     d_inter, cx = complexity(cl, size, d_intra, 20)
     table = cluster_table(size, d_intra, d_inter, cx, np.full(cl.k, np.nan), counts)
-    params = {"fraction": fraction, "clusters": cl.k, "keep": keep, "balance": balance, "seed": seed,
+    params = {"fraction": fraction, **({"keep_count": keep_count} if keep_count is not None else {}),
+              "clusters": cl.k, "keep": keep, "balance": balance, "seed": seed,
               "clustering": str(cl.dir), "train_sample": cl.meta["train_sample"]}
     return FilterResult("ssl-prototypes", kept, params, {"pool": cl.rows, "candidates": m},
                         {"target": n_keep, "from_floors": int(floors.sum())},
@@ -80,14 +82,19 @@ def ssl_prototypes(pool, *, fraction: float, keep: str = "hard", balance: float 
                                                    f"(k={cl.k}, balance={balance})"))
 
 
-from conceptprune.checks import float_arg, fraction_arg  # noqa: E402
+from conceptprune.checks import float_arg, fraction_arg, int_arg  # noqa: E402
+
+from .base import KEEP_COUNT_HELP  # noqa: E402
 
 from .registry import FilterSpec, Param, register  # noqa: E402
 
 register(FilterSpec(
     "ssl-prototypes", "SSL prototypes (Sorscher et al.): keep the hardest/easiest by distance to the centroid",
     ssl_prototypes, runs_as="clustering", embeddings=True, clustering=True, sweep=True,
-    params=(Param("--fraction", fraction_arg(), required=True, help="fraction of the candidates to keep, in (0, 1]"),
+    params=(Param("--fraction", fraction_arg(), group="keep", required=True,
+                  help="fraction of the candidates to keep, in (0, 1]"),
+            Param("--keep-count", int_arg("--keep-count", 1), group="keep", required=True, metavar="N",
+                  help=KEEP_COUNT_HELP),
             Param("--prefer", choices=("hard", "easy"), default="hard", keyword="keep",
                   help="hard (abundant data, default) or easy (scarce data)"),
             Param("--balance", float_arg("--balance", 0.0, 1.0), default=None,

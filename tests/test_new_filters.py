@@ -2,6 +2,7 @@
 implementation written here from the papers / the authors' code (float64, plain loops)."""
 
 import glob
+import importlib
 import logging
 import os
 
@@ -74,7 +75,7 @@ def _same_top(ref_scores, kept_uids, all_uids, count, band=1e-4):
 
 
 @pytest.mark.parametrize("B,K", [(5000, 3), (128, 3)])  # B >= n_f (one batch a file); B < n_f (random batches)
-def test_negcliploss_matches_reference(pool3, B, K):
+def test_negcliploss_matches_reference(pool3, B, K, monkeypatch):
     df = read_pool_frame(pool3)
     ref = reference_negcliploss(pool3, B, K, seed=5)
     for workers in (1, 2, 3):  # file-range parts: the same scores for any part count
@@ -86,6 +87,11 @@ def test_negcliploss_matches_reference(pool3, B, K):
             first = scores
         else:
             assert np.array_equal(scores, first)
+    # a file too large to hold is gathered a batch at a time from the npz: the same scores
+    monkeypatch.setattr(importlib.import_module("conceptprune.filters.negcliploss"), "FILE_CACHE_BYTES", 0)
+    scores, _ = negcliploss_scores(Pool(pool3), batch_size=B, repetitions=K, seed=5, backend="numpy",
+                                   executor=Executor.create("inline", workers=2))
+    assert np.array_equal(scores, first)
     r = negcliploss(Pool(pool3), fraction=0.3, batch_size=B, repetitions=K, seed=5, backend="numpy",
                     executor=Executor.create("inline", workers=2))
     n = int(len(df) * 0.3)  # exactly int(N * F)
@@ -200,7 +206,7 @@ def target(tmp_path_factory):
 
 @pytest.mark.parametrize("p", ["inf", "2"])
 def test_normsim_matches_reference(pool3, target, p, monkeypatch):
-    from conceptprune.filters import normsim as ns
+    ns = importlib.import_module("conceptprune.filters.normsim")  # the module, not the function it exports
 
     monkeypatch.setattr(ns, "TARGET_BLOCK", 128)  # several target blocks, and a ragged last one
     monkeypatch.setattr(ns, "CHUNK", 500)
@@ -409,3 +415,42 @@ def test_cli_recipe_hkmeans_and_score_table(pool3, target, tmp_path, capsys):
 
     assert sp[list(r["spearman"].index).index("clip_l14"), list(r["spearman"].index).index("negcliploss")] == \
         pytest.approx(spearmanr(t.clip_l14, t.negcliploss).statistic, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["random", "clip-score", "ssl-prototypes", "dbp"])
+def test_keep_count_on_the_fraction_filters(pool3, tmp_path, method):
+    """--keep-count N beside --fraction: exactly N kept (clip-score: the N-th largest score is the
+    threshold, ties kept, so at least N)."""
+    from conceptprune import keeplist as K
+    from conceptprune.cli import main
+
+    extra = ["--clusters", "5", "--niter", "5"] if method in ("ssl-prototypes", "dbp") else []
+    out = tmp_path / "k.npy"
+    assert main(["--quiet", "filter", method, "--pool", str(pool3), "--out", str(out), "--keep-count", "777",
+                 "--executor", "inline", *extra]) == 0
+    kept = K.read_keep_list(out)
+    if method == "clip-score":
+        df = read_pool_frame(pool3)
+        thr = -np.sort(-df.clip_l14_similarity_score.to_numpy())[776]
+        assert uid_set(kept) == set(df.uid[df.clip_l14_similarity_score >= thr])
+    else:
+        assert len(kept) == 777
+    assert K.read_manifest(out)["params"]["keep_count"] == 777
+
+
+def test_negcliploss_cuda_matches_numpy():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from conceptprune.filters.negcliploss import batch_terms, batch_terms_torch
+
+    rng = np.random.default_rng(1)
+    F = rng.standard_normal((5000, 768)).astype(np.float32)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    G = F + rng.standard_normal(F.shape).astype(np.float32)
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    s_np, l_np = batch_terms(F, G, TAU)
+    s_cu, l_cu = batch_terms_torch(F, G, TAU, tile=1024)
+    np.testing.assert_allclose(s_cu, s_np, atol=1e-5)
+    np.testing.assert_allclose(TAU / 2 * l_cu, TAU / 2 * l_np, atol=1e-5)  # on the score's scale
