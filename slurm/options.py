@@ -155,8 +155,8 @@ def add_cluster_args(parser: argparse.ArgumentParser, *, distributed: bool = Fal
     g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra #SBATCH directive, repeatable (e.g. --sbatch exclusive=true)")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help="parts the work is cut into (default %(default)s): the local executor runs them all at "
-                        "once as worker processes, SLURM as the tasks of a job array")
+                   help="parts the work is cut into (default %(default)s): locally they all run at once (one in "
+                        "this process, the others in worker processes), on SLURM as the tasks of a job array")
     g.add_argument("--parts-per-task", type=int, default=None,
                    help="SLURM: parts one array task runs one after the other (default 1; fewer, longer tasks)")
 
