@@ -188,8 +188,9 @@ def test_download_killed_midway_resumes_without_refetching(tmp_path, image_serve
     shards = tmp_path / "data" / "shards"
     code = (
         "import sys; from conceptprune.data.download import download\n"
+        "from conceptprune.slurm.stage import Executor\n"
         f"download(r'{tmp_path / 'data'}', metadata_dir=r'{tmp_path / 'meta'}', processes=1, threads=1,\n"
-        f"         img2dataset_args={I2D!r}, executor='local')\n")
+        f"         img2dataset_args={I2D!r}, executor=Executor.create('local'))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()

@@ -211,7 +211,8 @@ def test_kill_during_assemble_leaves_no_folder_and_train_refuses_unfinished(shar
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(path, obj)\n"
         "R.write_json = killing\n"
-        f"R.reshard(r'{shards}', r'{keep}', r'{out}', shard_size=3, executor='debug')\n")
+        "from conceptprune.slurm.stage import Executor\n"
+        f"R.reshard(r'{shards}', r'{keep}', r'{out}', shard_size=3, executor=Executor.create('inline'))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not out.exists()  # the half-assembled output sits in the state folder, never at --out
