@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--repetitions", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/cp-bench-ncl")
     ap.add_argument("--runs", type=int, default=1, help="alternate ours and the floor; keep the best of each")
+    ap.add_argument("--out", default=None, help="write the result here (default: bench/results/)")
     ap.add_argument("--keep", action="store_true", help="keep the generated pool")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -83,8 +84,11 @@ def main():
            "all_ours_s": [r["wall_s"] for r in ours_runs],
            "all_floor_s": [round(r["read_s"] + r["gemm_s"], 2) for r in floor_runs]}
     print(table([row], [c for c in row if not c.startswith("all_")]))
-    print("saved", save(f"negcliploss_{args.rows}", {"benchmark": "filter negcliploss --fraction 0.3 vs read + "
-                                                                  "batch GEMMs", "results": [row]}))
+    payload = {"benchmark": "filter negcliploss --fraction 0.3 vs read + batch GEMMs", "results": [row]}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    else:
+        print("saved", save(f"negcliploss_{args.rows}", payload))
     if not args.keep:
         shutil.rmtree(pool, ignore_errors=True)
 

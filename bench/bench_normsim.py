@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--files", type=int, default=0, help="files (default: one per 100k rows)")
     ap.add_argument("--workdir", default="/tmp/cp-bench-normsim")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write the result here (default: bench/results/)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -80,8 +81,11 @@ def main():
            "all_ours_s": [r["wall_s"] for r in ours_runs],
            "all_floor_s": [round(r["read_s"] + r["gemm_s"], 2) for r in floor_runs]}
     print(table([row], [c for c in row if not c.startswith("all_")]))
-    print("saved", save(f"normsim_{args.rows}x{args.target_rows}", {"benchmark": "filter normsim --norm inf vs "
-                                                                   "read + GEMMs", "results": [row]}))
+    payload = {"benchmark": "filter normsim --norm inf vs read + GEMMs", "results": [row]}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    else:
+        print("saved", save(f"normsim_{args.rows}x{args.target_rows}", payload))
     if not args.keep:
         shutil.rmtree(pool, ignore_errors=True)
 

@@ -454,3 +454,22 @@ def test_negcliploss_cuda_matches_numpy():
     s_cu, l_cu = batch_terms_torch(F, G, TAU, tile=1024)
     np.testing.assert_allclose(s_cu, s_np, atol=1e-5)
     np.testing.assert_allclose(TAU / 2 * l_cu, TAU / 2 * l_np, atol=1e-5)  # on the score's scale
+
+
+@pytest.mark.parametrize("bench,args", [
+    ("bench/bench_negcliploss.py", ["--rows", "3000", "--batch-size", "512", "--repetitions", "2"]),
+    ("bench/bench_normsim.py", ["--rows", "3000", "--target-rows", "500"])])
+def test_benches_run_at_toy_size(tmp_path, bench, args):
+    """The benches cannot rot: each runs end to end (ours through the CLI, then its floor)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, bench, *args, "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    assert row["ratio_ours_over_floor"] > 0 and row["ours_peak_rss_mib"] > 0 and row["tmac"] > 0
