@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def _run(a) -> None:
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .pipeline import run_pipeline
 

@@ -67,7 +67,7 @@ def register(sub) -> None:
 
 
 def _download(a) -> None:
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .download import download
 
@@ -79,7 +79,7 @@ def _download(a) -> None:
 
 
 def _embed(a) -> None:
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .embed import EmbedConfig, embed
 
@@ -90,7 +90,7 @@ def _embed(a) -> None:
 
 
 def _reshard(a) -> None:
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .reshard import reshard
 

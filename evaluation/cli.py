@@ -98,7 +98,7 @@ def _evaluate(a) -> int:
         return 0
     if not (a.model and a.data_dir and a.out):
         raise ConfigError("evaluate needs --model, --data-dir and --out (or --list-tasks)")
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .run import evaluate
 

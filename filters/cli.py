@@ -65,7 +65,7 @@ def run_spec(spec, a):
     if spec.clustering:
         kw["clustering"] = _clustering_config(a)
     if spec.jobs:
-        from conceptprune.slurm.options import executor_from_args
+        from conceptprune.slurm.stage import executor_from_args
 
         kw["executor"] = executor_from_args(a)
     kw.update(spec.keywords(a))

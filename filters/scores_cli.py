@@ -44,7 +44,7 @@ def register(sub) -> None:
 
 def _table(a: argparse.Namespace) -> None:
     from conceptprune.errors import ConfigError
-    from conceptprune.slurm.options import executor_from_args
+    from conceptprune.slurm.stage import executor_from_args
 
     from .clustering_config import ClusteringConfig
     from .scores_table import score_table

@@ -176,12 +176,3 @@ def options_from_args(args: argparse.Namespace) -> tuple[str, ClusterOptions]:
                         parts_per_task=getattr(args, "parts_per_task", None))
     opts.extra = extra
     return args.executor, opts.validate()
-
-
-def executor_from_args(args: argparse.Namespace):
-    """The one Executor a command runs its stages with, from the job-layer flags."""
-    from .stage import Executor
-
-    kind, opts = options_from_args(args)
-    return Executor.create(kind, opts, workers=getattr(args, "workers", DEFAULT_WORKERS),
-                           detach=bool(getattr(args, "detach", False)))

@@ -337,3 +337,13 @@ class Executor:
     def run_job(self, fn, *args, folder: str | os.PathLike, name: str, **kwargs) -> list:
         """``submit_job`` and wait; one result per task (inline: one call in this process)."""
         return self.backend.run_job(fn, args, kwargs, options=self.options, folder=Path(folder), name=name)
+
+
+def executor_from_args(args) -> Executor:
+    """The one Executor a command runs its stages with, from the job-layer flags
+    (``options.add_cluster_args``)."""
+    from .options import options_from_args
+
+    kind, opts = options_from_args(args)
+    return Executor.create(kind, opts, workers=getattr(args, "workers", DEFAULT_WORKERS),
+                           detach=bool(getattr(args, "detach", False)))

@@ -41,7 +41,8 @@ def register(sub) -> None:
 def _train(a) -> None:
     import json
 
-    from conceptprune.slurm.options import executor_from_args, options_from_args
+    from conceptprune.slurm.options import options_from_args
+    from conceptprune.slurm.stage import executor_from_args
     from conceptprune.slurm.stage import Executor
 
     from .launch import TrainConfig, train
