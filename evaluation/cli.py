@@ -53,6 +53,8 @@ def register(sub) -> None:
     q.add_argument("--scale", required=True, choices=["small", "medium", "large", "xlarge"], help="DataComp scale")
     q.add_argument("--out", required=True, help="bundle folder")
     q.add_argument("--checkpoint", help="also include this checkpoint (as checkpoint.pt, DataComp's name)")
+    q.add_argument("--force", action="store_true", help="no warning when the run's recorded scale or "
+                                                        "architecture is not --scale's")
     q.set_defaults(func=_package)
     _register_submit(acts)
     q = acts.add_parser("upload", help="upload a bundle to a Hugging Face model repo (needs a token)")
@@ -83,7 +85,9 @@ def register(sub) -> None:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000; recorded)")
     p.add_argument("--out", help="write comparison.md, comparison.html, aggregates.csv, per_task.csv, "
                                  "comparison.json and plots here")
-    p.add_argument("--partial", action="store_true", help="allow results files without all 38 tasks")
+    p.add_argument("--partial", action="store_true", help="allow results files without all 38 tasks (averages "
+                                                           "over fewer are shown as n/38)")
+    p.add_argument("--overwrite", action="store_true", help="replace what an existing non-empty --out holds")
     p.set_defaults(func=_compare)
     register_baselines(sub)
 
@@ -126,7 +130,7 @@ def _download(a) -> int:
 def _package(a) -> None:
     from .package import package
 
-    print(f"bundle: {package(a.results, a.keep_list, a.scale, a.out, a.checkpoint)}")
+    print(f"bundle: {package(a.results, a.keep_list, a.scale, a.out, a.checkpoint, force=a.force)}")
 
 
 def _upload(a) -> None:
@@ -188,7 +192,7 @@ def _compare(a) -> None:
         raise ConfigError(f"--scale {a.scale} and --baselines {a.baselines} disagree (--baselines is --scale's old name)")
     scale = a.scale or a.baselines or "medium"
     res = compare(a.results, scale=None if scale == "none" else scale, names=a.names, out=a.out,
-                  partial=a.partial, against=a.against, seed=a.seed, resamples=a.resamples)
+                  partial=a.partial, against=a.against, seed=a.seed, resamples=a.resamples, overwrite=a.overwrite)
     print(res["markdown"])
     if a.out:
         print(f"written to {a.out}: comparison.md, comparison.html, aggregates.csv, per_task.csv, comparison.json, "

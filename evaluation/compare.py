@@ -86,6 +86,75 @@ def aggregates(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def aggregate_counts(keys) -> dict[str, tuple[int, int]]:
+    """Per aggregate: (tasks of its group among ``keys``, tasks in its group). An aggregate of a
+    partial results file is over fewer tasks than the published ones it stands beside."""
+    keys = set(keys)
+    return {name: (sum(1 for t in TASKS if member(t) and t.key in keys), sum(1 for t in TASKS if member(t)))
+            for name, member in AGGREGATES.items()}
+
+
+def _of(counts: dict | None, col: str) -> str:
+    """'' when the aggregate is over its whole group, else ' (n/N)'."""
+    n, total = (counts or {}).get(col, (0, 0))
+    return f" ({n}/{total})" if n < total else ""
+
+
+# -- a run's keep-list size, from the run's own records -----------------------------------------
+
+
+def run_folder_of(results: str | Path) -> Path | None:
+    """The training run a results file belongs to: the run evaluate recorded beside it
+    (eval_model.json), else the first of its folder, that folder's parent and grandparent holding a
+    run.json (``RUN/eval/eval_results.jsonl``) or DataComp's info.pkl."""
+    import json
+
+    d = Path(results).resolve().parent
+    try:  # evaluate records the model it evaluated (eval_model.json)
+        run = json.loads((d / "eval_model.json").read_text()).get("run")
+        if run and ((Path(run) / "run.json").is_file() or (Path(run) / "info.pkl").is_file()):
+            return Path(run)
+    except (OSError, ValueError, AttributeError):
+        pass
+    for cand in (d, d.parent, d.parent.parent):
+        if (cand / "run.json").is_file() or (cand / "info.pkl").is_file():
+            return cand
+    return None
+
+
+def run_record(run: Path | None) -> dict:
+    """The run's run.json (read as JSON: evaluation does not import training); {} when absent or
+    unreadable."""
+    import json
+
+    if run is None or not (run / "run.json").is_file():
+        return {}
+    try:
+        rec = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def kept_of(results: str | Path) -> int | None:
+    """Keep-list entries the run trained on: run.json's data sources (train records, for a reshard
+    of a keep-list, the keep-list's manifest), summed; None when any source has no such count."""
+    sources = run_record(run_folder_of(results)).get("data")
+    if not isinstance(sources, list) or not sources:
+        return None
+    total = 0
+    for src in sources:
+        man = src.get("keep_list_manifest") if isinstance(src, dict) else None
+        kl = man.get("keep_list") if isinstance(man, dict) else None
+        n = kl.get("entries") if isinstance(kl, dict) else None
+        if n is None and isinstance(man, dict):
+            n = (man.get("counts") or {}).get("out")
+        if isinstance(n, bool) or not isinstance(n, int):
+            return None
+        total += n
+    return total
+
+
 @dataclass
 class Side:
     """One column of the comparison: a run (with its outcomes) or a published baseline."""
@@ -100,6 +169,7 @@ class Side:
     note: str = ""
     problems: tuple = ()
     leaderboard: tuple | None = None  # (imagenet, average) for a leaderboard entry
+    counts: dict | None = None  # aggregate -> (tasks averaged, tasks in its group); None: all
 
 
 @dataclass
@@ -112,12 +182,25 @@ class CompareConfig:
     partial: bool = False
     seed: int = 0
     resamples: int = 1000
+    overwrite: bool = True  # False (the CLI without --overwrite): an existing non-empty out is refused
 
 
 def compare(paths: list[str], *, scale: str | None = "medium", names: list[str] | None = None,
             out: str | None = None, partial: bool = False, against: list[str] | None = None, seed: int = 0,
-            resamples: int = 1000) -> dict:
-    return run(CompareConfig(list(paths), names, list(against or []), scale, out, partial, seed, resamples))
+            resamples: int = 1000, overwrite: bool = True) -> dict:
+    return run(CompareConfig(list(paths), names, list(against or []), scale, out, partial, seed, resamples,
+                             overwrite))
+
+
+def check_out(out, overwrite: bool) -> None:
+    """Before any work: ``out`` is a folder that is new, empty, or replaced with ``overwrite``."""
+    if not out:
+        return
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--out {d}: is a file, not a folder")
+    if d.is_dir() and any(d.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {d} already exists and is not empty; pass --overwrite to replace what is there")
 
 
 def run(cfg: CompareConfig) -> dict:
@@ -126,6 +209,7 @@ def run(cfg: CompareConfig) -> dict:
                           "give one per file")
     if cfg.resamples < 100:
         raise ConfigError(f"--resamples {cfg.resamples}: need at least 100 for a 95% interval")
+    check_out(cfg.out, cfg.overwrite)
     if cfg.scale is not None:
         B.check_scale(cfg.scale)
     ref = B.load(warn=False)
@@ -137,7 +221,8 @@ def run(cfg: CompareConfig) -> dict:
     runs = []
     for n, r, p in zip(names, loaded, cfg.results):
         vals = {k: _main(r, k) for k in r}
-        side = Side(n, vals, aggregates(r), "run", outcomes=BS.load_all(p, [k for k in vals if vals[k] is not None]))
+        side = Side(n, vals, aggregates(r), "run", outcomes=BS.load_all(p, [k for k in vals if vals[k] is not None]),
+                    kept=kept_of(p), counts=aggregate_counts(r))
         _check_outcomes(side, p)
         runs.append(side)
     bases = [_side_of(x, n) for x, n in zip(against, cfg.against)]
@@ -157,7 +242,8 @@ def run(cfg: CompareConfig) -> dict:
     own_names = {k: r[k].get("dataset") or k for r in reversed(loaded) for k in r if k not in BY_KEY}
     has_average = any(not math.isnan(s.aggregates.get("Average", float("nan"))) for s in runs)
     for k in keys + (["average"] if has_average else []):
-        row = {"key": k, "task": "Average (38)" if k == "average" else BY_KEY[k].name if k in BY_KEY else own_names[k]}
+        row = {"key": k, "task": _average_label(runs) if k == "average" else
+               BY_KEY[k].name if k in BY_KEY else own_names[k]}
         for s in runs + bases:
             row[s.name] = s.aggregates.get("Average") if k == "average" else s.values.get(k)
         for (a, b), d in deltas.items():
@@ -166,7 +252,9 @@ def run(cfg: CompareConfig) -> dict:
             row.update({col: v and v["delta"], f"{col} lo": v and v["lo"], f"{col} hi": v and v["hi"],
                         f"{col} verdict": v and v["verdict"], f"{col} interval": v and v["method"]})
         per_task.append(row)
-    agg_rows = [{"run": s.name, "kind": s.kind, "kept": s.kept, **s.aggregates} for s in runs + bases]
+    agg_rows = [{"run": s.name, "kind": s.kind, "kept": s.kept, **s.aggregates,
+                 "average_tasks": "{}/{}".format(*(s.counts or {}).get("Average", (len(MAIN_KEYS), len(MAIN_KEYS)))),
+                 "_counts": s.counts} for s in runs + bases]
     ranks = {}
     if cfg.scale:
         for s in runs:
@@ -181,7 +269,7 @@ def run(cfg: CompareConfig) -> dict:
                 "sources": ref.sources}
     detail = [(a.name, b.name) for a, b in pairs if b.kind != "datacomp baseline"]
     md = _markdown(runs, bases, agg_rows, per_task, summary, ranks, detail, cfg)
-    result = {"aggregates": agg_rows, "per_task": per_task, "summary": summary, "ranks": ranks,
+    result = {"aggregates": [{k: v for k, v in r.items() if k != "_counts"} for r in agg_rows], "per_task": per_task, "summary": summary, "ranks": ranks,
               "markdown": md, "settings": settings}
     if cfg.out:
         d = Path(cfg.out)
@@ -191,7 +279,7 @@ def run(cfg: CompareConfig) -> dict:
             c = f"delta {a.name} - {b.name}"
             cols += [c, f"{c} lo", f"{c} hi", f"{c} verdict", f"{c} interval"]
         _write_text(d / "comparison.md", md)
-        _csv(d / "aggregates.csv", agg_rows, ["run", "kind", "kept", *B.COLUMNS])
+        _csv(d / "aggregates.csv", agg_rows, ["run", "kind", "kept", *B.COLUMNS, "average_tasks"])
         _csv(d / "per_task.csv", per_task, cols)
         write_json(d / "comparison.json", {**settings, "summary": summary,
                                            "ranks": {k: list(v) for k, v in ranks.items()}})
@@ -215,7 +303,7 @@ def _check_outcomes(side: Side, path) -> None:
 def _side_of(x, given: str, kind: str | None = None, kept=None) -> Side:
     if isinstance(x, B.ModelResult):
         return Side(given, dict(x.tasks), x.aggregates(), kind or "openclip", kept=kept, problems=x.problems,
-                    note=f"OpenCLIP {x.name}")
+                    note=f"OpenCLIP {x.name}", counts=aggregate_counts(x.tasks))
     vals = {"imagenet1k": x.imagenet}
     aggs = {c: float("nan") for c in B.COLUMNS}
     aggs["ImageNet"], aggs["Average"] = x.imagenet, x.average
@@ -286,10 +374,23 @@ def _summary(a: Side, b: Side, d: dict) -> dict:
             "tasks": len(tasks), "better": sum(v["verdict"] == "better" for v in tasks.values()),
             "worse": sum(v["verdict"] == "worse" for v in tasks.values()),
             "within noise": sum(v["verdict"] == "within noise" for v in tasks.values()),
-            "average": avg, "problems": list(b.problems)}
+            "average": avg, "problems": list(b.problems),
+            "average_tasks": (_of(a.counts, "Average") or _of(b.counts, "Average")).strip()[1:-1] or None}
 
 
 # -- text ---------------------------------------------------------------------------------------
+
+
+def _average_label(runs) -> str:
+    """'Average (38)', or with each partial run's count: 'Average (38; mine: 5/38)'."""
+    partial = [f"{s.name}: {_of(s.counts, 'Average').strip()[1:-1]}" for s in runs if _of(s.counts, "Average")]
+    return f"Average ({len(MAIN_KEYS)}{'; ' + ', '.join(partial) if partial else ''})"
+
+
+def _agg(r: dict, col: str) -> str:
+    """An aggregate cell: the value, with '(n/N)' when over fewer tasks than its group."""
+    text = _fmt(r[col])
+    return text + _of(r.get("_counts"), col) if text != "-" else text
 
 
 def _fmt(v, signed=False) -> str:
@@ -311,6 +412,8 @@ def _summary_line(s) -> str:
         noise = "larger than" if avg["exceeds_seed_noise"] else "within"
         text += (f": average {_iv(avg)} ({avg['method']}); the difference is {noise} DataComp's seed noise "
                  f"({B.SEED_NOISE['Average']})")
+        if s.get("average_tasks"):
+            text += f" (NOTE: an average over {s['average_tasks']} tasks)"
     text += (f"; per task at 95%: {s['better']} better, {s['worse']} worse, {s['within noise']} within noise "
              f"(of {s['tasks']})")
     if s["problems"]:
@@ -324,13 +427,15 @@ def _markdown(runs, bases, agg_rows, per_task, summary, ranks, detail, cfg) -> s
     L += [f"## Aggregates ({'with the DataComp ' + scale + ' baselines' if scale else 'runs only'})", "",
           "| run | kind | kept | " + " | ".join(B.COLUMNS) + " |", "|" + "---|" * (len(B.COLUMNS) + 3)]
     for r in agg_rows:
-        L.append(f"| {r['run']} | {r['kind']} | {_fmt(r['kept'])} | " + " | ".join(_fmt(r[c]) for c in B.COLUMNS)
+        L.append(f"| {r['run']} | {r['kind']} | {_fmt(r['kept'])} | " + " | ".join(_agg(r, c) for c in B.COLUMNS)
                  + " |")
     if ranks:
         L += ["", f"## Leaderboard ({scale}, filtering track, by the 38-task average)", ""]
         for n, (rk, of) in ranks.items():
-            avg = next(s.aggregates["Average"] for s in runs if s.name == n)
-            L.append(f"- {n}: average {avg:.4f} would rank {rk} of {of}")
+            s = next(s for s in runs if s.name == n)
+            part = _of(s.counts, "Average")
+            L.append(f"- {n}: average {s.aggregates['Average']:.4f}{part} would rank {rk} of {of}"
+                     + (" (an average over fewer tasks than the leaderboard's)" if part else ""))
     if summary:
         L += ["", "## Verdicts (95% intervals)", "",
               f"Paired bootstrap between runs ({cfg.resamples} resamples, seed {cfg.seed}); against a published "
@@ -478,7 +583,7 @@ def _html(md_parts, plots) -> str:
              f"<h1>Comparison{' at ' + _esc(cfg.scale) + ' scale' if cfg.scale else ''}</h1>",
              "<h2>Aggregates</h2>",
              table(["run", "kind", "kept", *B.COLUMNS],
-                   [[(r["run"], "l"), (r["kind"], "l"), (_fmt(r["kept"]), "")] + [(_fmt(r[c]), "") for c in B.COLUMNS]
+                   [[(r["run"], "l"), (r["kind"], "l"), (_fmt(r["kept"]), "")] + [(_agg(r, c), "") for c in B.COLUMNS]
                     for r in agg_rows])]
     if ranks:
         parts.append(f"<h2>Leaderboard ({_esc(cfg.scale)}, filtering track)</h2><ul>"

@@ -35,7 +35,7 @@ from conceptprune import keeplist as K
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConceptPruneError, ConfigError
 
-from .compare import load
+from .compare import load, run_folder_of, run_record
 
 SCALES = ("small", "medium", "large", "xlarge")
 TRACKS = ("filtering", "byod")
@@ -50,8 +50,47 @@ class SubmissionError(ConceptPruneError):
 # -- the bundle ---------------------------------------------------------------------------------
 
 
-def package(results: str, keep_list: str | list, scale: str, out: str, checkpoint: str | None = None) -> Path:
-    """``OUT/{scale}_scale/results.jsonl`` + ``samples/<keep-list>`` (+ ``checkpoint.pt``)."""
+# DataComp's architecture of each scale (its training/scale configs; ../docs/datacomp.md)
+SCALE_ARCH = {"small": "ViT-B-32", "medium": "ViT-B-32", "large": "ViT-B-16", "xlarge": "ViT-L-14"}
+
+
+def check_run_scale(results, scale: str, checkpoint: str | None = None, force: bool = False) -> str | None:
+    """The training run the results come from (their folder or one of its two parents; else the
+    checkpoint's) records a scale and an architecture: either disagreeing with ``scale`` is
+    returned and logged as a warning (not with ``force``). Nothing recorded: None."""
+    import logging
+
+    run = run_folder_of(results)
+    if run is None and checkpoint:
+        run = run_folder_of(Path(checkpoint).resolve().parent / "x")
+    rec = run_record(run)
+    if not rec and run is not None and (run / "info.pkl").is_file():
+        try:
+            info = read_info_pkl(run / "info.pkl")
+            rec = {"scale": info.get("scale"), "recipe": {"model": info["scale_config"].get("model")}}
+        except ConfigError:
+            rec = {}
+    got_scale = rec.get("scale")
+    got_arch = (rec.get("recipe") or {}).get("model") if isinstance(rec.get("recipe"), dict) else None
+    wrong = []
+    if isinstance(got_scale, str) and got_scale != scale:
+        wrong.append(f"scale {got_scale}")
+    if isinstance(got_arch, str) and got_arch != SCALE_ARCH[scale]:
+        wrong.append(f"architecture {got_arch} (DataComp's {scale} is {SCALE_ARCH[scale]})")
+    if not wrong:
+        return None
+    msg = (f"--scale {scale}: the results {results} come from the run {run}, trained at "
+           f"{' with '.join(wrong)}")
+    if not force:
+        logging.getLogger(__name__).warning("%s: DataComp's %s track expects %s; check --scale", msg, scale,
+                                            SCALE_ARCH[scale])
+    return msg
+
+
+def package(results: str, keep_list: str | list, scale: str, out: str, checkpoint: str | None = None,
+            force: bool = False) -> Path:
+    """``OUT/{scale}_scale/results.jsonl`` + ``samples/<keep-list>`` (+ ``checkpoint.pt``). A run
+    recorded at another scale or architecture than ``scale`` gets a warning (``force``: none)."""
     if scale not in SCALES:
         raise ConfigError(f"--scale must be one of {', '.join(SCALES)}")
     keep_lists = [keep_list] if isinstance(keep_list, (str, Path)) else list(keep_list)
@@ -65,6 +104,7 @@ def package(results: str, keep_list: str | list, scale: str, out: str, checkpoin
         K.read_keep_list(k)  # a valid keep-list
     if checkpoint and not Path(checkpoint).is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: not found")
+    check_run_scale(results, scale, checkpoint, force)
     _check_out(out, scale, [results, *keep_lists, *([checkpoint] if checkpoint else [])])
     d = Path(out) / f"{scale}_scale"
     (d / "samples").mkdir(parents=True, exist_ok=True)

@@ -586,6 +586,7 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     chosen = select(tasks, data_dir)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    _record_model(out, model, arch, ckpt)
     evaluator = Evaluator(arch, ckpt, str(data_dir), batch_size, device, loader_workers, precision=precision)
     done = {r["key"] for r in _all_rows(out)}
     todo = [t.key for t in chosen if t.key not in done]
@@ -608,6 +609,19 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
     if errors:
         log.warning("%d task(s) failed: %s (see %s)", len(errors), ", ".join(errors), out / "eval_errors.json")
     return {"results": rows, "errors": errors, "model": {"arch": arch, "checkpoint": ckpt}, "run": run_info}
+
+
+MODEL_INFO = "eval_model.json"  # the model evaluated: its run folder, for compare's kept and package's scale
+
+
+def _record_model(out: Path, model, arch, ckpt) -> None:
+    p = Path(str(model))
+    run = p if (p / "run.json").is_file() else None
+    if run is None and ckpt and Path(str(ckpt)).is_file():
+        c = Path(str(ckpt)).resolve().parent
+        run = next((d for d in (c, c.parent) if (d / "run.json").is_file() or (d / "info.pkl").is_file()), None)
+    write_json(out / MODEL_INFO, {"model": str(model), "arch": arch, "checkpoint": str(ckpt) if ckpt else None,
+                                  "run": str(run.resolve()) if run is not None else None})
 
 
 def _check_some_data(data_dir, tasks: list) -> None:

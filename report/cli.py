@@ -24,6 +24,7 @@ def register(sub) -> None:
                    help="kept and dropped members per cluster, nearest and furthest each (default 3)")
     p.add_argument("--max-clusters", type=int_arg("--max-clusters", min=1), default=30,
                    help="clusters with thumbnails, largest first (default 30)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report an existing non-empty --out holds")
     p.set_defaults(func=_report)
 
     q = sub.add_parser("explain", help="why one sample was kept or dropped by each step of a chain",
@@ -47,7 +48,7 @@ def _report(a) -> int:
 
     res = write_report(a.keep_lists, a.out, pool=a.pool, shards=a.shards, compare=a.compare,
                        thumbs_per=a.thumbs, max_clusters=a.max_clusters, index_dir=a.index,
-                       index_memory=a.index_memory)
+                       index_memory=a.index_memory, overwrite=a.overwrite)
     b = (res.get("index") or {}).get("build")
     if b:
         print(f"uid index: {b['samples']:,} samples indexed in {b['build_s']:.1f} s ({b['uids_per_s']:,} uids/s, "

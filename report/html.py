@@ -340,12 +340,16 @@ def _diff_section(chain: Chain, other: Chain, out: Path, data: dict) -> str:
 
 
 def write_report(keep_lists, out, *, pool=None, shards=None, compare=None, thumbs_per: int = 3,
-                 max_clusters: int = 30, groups: int = 8, index_dir=None, index_memory=None) -> dict:
-    """Write the report folder; returns its summary (also ``report.json``)."""
+                 max_clusters: int = 30, groups: int = 8, index_dir=None, index_memory=None,
+                 overwrite: bool = True) -> dict:
+    """Write the report folder; returns its summary (also ``report.json``). Without ``overwrite``
+    (the CLI without --overwrite) an existing non-empty ``out`` is refused before any work."""
     t0 = time.time()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite to replace the report")
     out.mkdir(parents=True, exist_ok=True)
     chain = load_chain(keep_lists, pool)
     other = load_chain(compare, pool) if compare else None

@@ -213,7 +213,36 @@ def progress_files(root: str | Path) -> list[tuple[str, dict]]:
 
 
 def status(root: str | Path) -> list[StageStatus]:
-    return [stage_status(d) for d in find_stages(root)]
+    """The stages at or below ``root``, and a reshard's into ``root`` (its job state lives beside
+    its output, in ``<root>.state/``, while it runs)."""
+    root = Path(root)
+    dirs = find_stages(root)
+    beside = root.parent / f"{root.name}.state"  # data/reshard.py's state_dir (slurm/ imports no stage)
+    if root.name and beside.is_dir():
+        dirs += [d for d in find_stages(beside) if d not in dirs]
+    return [stage_status(d) for d in dirs]
+
+
+def finished_reshard(root: str | Path) -> str:
+    """'' unless ``root`` is a finished reshard (its meta.json, written last): then one line saying so."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(meta, dict) or "output_shard_count" not in meta or "reshard_state" not in meta:
+        return ""
+    return (f"{'reshard':14s} finished: {meta.get('kept_samples', meta.get('output_count'))} samples in "
+            f"{meta['output_shard_count']} shards, from keep-list {meta.get('keep_list')}  ({Path(root)}; "
+            "its job state was removed when it finished)")
+
+
+def finished_run(folder: str | Path) -> dict | None:
+    """A training run's run.json when it says the run finished, else None."""
+    try:
+        rec = json.loads((Path(folder) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("status") == "finished" else None
 
 
 def register(sub) -> None:
@@ -234,13 +263,21 @@ def _main(args) -> int:
     if args.json:
         print(json.dumps([dict(r.__dict__, state=r.state) for r in rows], indent=2))
     live = progress_files(args.dir)
-    if not args.json and not rows and not live:
+    reshard = finished_reshard(args.dir) if not rows else ""
+    if not args.json and reshard:
+        print(reshard)
+    if not args.json and not rows and not live and not reshard:
         print(f"{args.dir}: no stages found (no .markers folders, no progress.json)")
     for r in rows if not args.json else []:
         print(r.line())
         if r.failure:
             print("  " + r.failure.replace("\n", "\n  "))
     for folder, p in live if not args.json else []:
+        fin = finished_run(folder)
+        if fin is not None:  # its progress.json is the last update before the end: show the end instead
+            print(f"{'training':14s} finished: {fin.get('name', Path(folder).name)}, final checkpoint "
+                  f"{fin.get('final_checkpoint', '?')}  ({folder})")
+            continue
         stopped = "  not running (no process holds it; rerun the command to resume)" if p.get("live") is False and \
             p.get("done", 0) < (p.get("total") or 0) else ""
         print(f"{'progress':14s} {format_progress(p)}  ({folder}){stopped}")
