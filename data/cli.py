@@ -63,6 +63,8 @@ def register(sub) -> None:
     add_cluster_args(p)
     p.add_argument("--allow-empty", action="store_true",
                    help="accept an empty keep-list, or one of which no uid is in the shards (default: an error)")
+    p.add_argument("--force", action="store_true",
+                   help="write even if the estimated output is larger than the free space")
     p.set_defaults(func=_reshard)
 
 
@@ -96,6 +98,7 @@ def _reshard(a) -> None:
 
     meta = reshard(a.shards, a.keep, a.out, shard_size=a.shard_size, overwrite=a.overwrite,
                    executor=executor_from_args(a), shuffle_buffer=a.shuffle_buffer, seed=a.seed,
-                   datacomp_keys=a.datacomp_keys, blur_metadata=a.blur, allow_empty=a.allow_empty)
+                   datacomp_keys=a.datacomp_keys, blur_metadata=a.blur, allow_empty=a.allow_empty,
+                   force=a.force)
     if meta is not None:
         print(json.dumps({k: meta[k] for k in ("kept_samples", "missing_from_shards", "output_shards")}, indent=2))

@@ -50,7 +50,7 @@ import numpy as np
 
 from conceptprune import keeplist as K
 from conceptprune import uids as U
-from conceptprune.atomic import file_digest, write_json
+from conceptprune.atomic import WriteError, file_digest, is_write_failure, write_error, write_json
 from conceptprune.checks import check_seed
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.progress import progress_bar
@@ -279,18 +279,31 @@ class ReshardStage(Stage):
         bar = progress_bar(total=len(mine), desc=f"reshard {rank + 1}/{world_size}", unit="shards")
         parts = _PartWriter(out, self.shard_size)
         try:
-            if self._fast():
-                self._copy_pass(mine, keep, multiplicity, seen, counts, unsafe, special, parts, bar)
-            else:
-                selected = self._select(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar)
-                if self.shuffle_buffer > 0:
-                    selected = _buffer_shuffle(selected, self.shuffle_buffer, random.Random(f"{self.seed}:{rank}"))
-                for sample, key in selected:
-                    parts.sample(sample, key)
-            parts.close()
+            self._write(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar, parts, rank)
+        except OSError as e:
+            if not is_write_failure(e):
+                raise
+            name = out / f"{len(parts.written):08d}.tar"
+            parts.abort()
+            shutil.rmtree(out, ignore_errors=True)  # what this part wrote: the space is given back
+            raise write_error(name, e) from None
         finally:
             parts.abort()
             bar.close()
+        return self._summary(rank, mine, counts, parts, unsafe, special, seen, out)
+
+    def _write(self, mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar, parts, rank) -> None:
+        if self._fast():
+            self._copy_pass(mine, keep, multiplicity, seen, counts, unsafe, special, parts, bar)
+        else:
+            selected = self._select(mine, keep, multiplicity, seen, counts, unsafe, special, boxes, bar)
+            if self.shuffle_buffer > 0:
+                selected = _buffer_shuffle(selected, self.shuffle_buffer, random.Random(f"{self.seed}:{rank}"))
+            for sample, key in selected:
+                parts.sample(sample, key)
+        parts.close()
+
+    def _summary(self, rank, mine, counts, parts, unsafe, special, seen, out) -> dict:
         counts["kept"] = parts.total
         counts["unsafe_members"], counts["special_members"] = len(unsafe), len(special)
         if unsafe:
@@ -425,7 +438,7 @@ class ReshardOptions:
 def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size: int = 10_000,
             overwrite: bool = False, executor: "Executor | None" = None, shuffle_buffer: int = 0, seed: int = 0,
             datacomp_keys: bool = False, blur_metadata: str | Path | None = None,
-            allow_empty: bool = False) -> dict | None:
+            allow_empty: bool = False, force: bool = False) -> dict | None:
     """Run the reshard stage and assemble its output; returns the meta.json content (None when
     the executor detaches: the same call, rerun once the jobs are done, assembles it)."""
     opts = ReshardOptions(shard_size, shuffle_buffer, seed, datacomp_keys,
@@ -434,11 +447,11 @@ def reshard(shards: str | Path, keep: str | Path, out: str | Path, *, shard_size
     from conceptprune.locks import output_lock
 
     with output_lock(out, f"resharding into {out}"):  # one reshard at a time writes OUT and OUT.state/
-        return _reshard(shards, keep, out, overwrite, executor, opts, allow_empty)
+        return _reshard(shards, keep, out, overwrite, executor, opts, allow_empty, force)
 
 
 def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions",
-             allow_empty: bool = False) -> dict | None:
+             allow_empty: bool = False, force: bool = False) -> dict | None:
     out, keep = Path(out), Path(keep)
     executor = Executor.given(executor)
     inputs = {"--shards": Path(shards), "--keep": keep}
@@ -451,6 +464,8 @@ def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions
     complete, incomplete = list_input_shards(shards)
     for t in incomplete:
         log.warning("skipping %s: no %s_stats.json (unfinished download)", t, t.stem)
+    if not force:
+        _check_space(out, complete, int(multiplicity.sum()))
     state = {"shards": str(Path(shards).resolve()), "inputs": [t.name for t in complete],
              "keep_sha1": _sha1(keep), "shard_size": opts.shard_size}
     if opts.shuffle_buffer or opts.datacomp_keys or opts.blur_metadata:  # the default state stays as it was
@@ -467,7 +482,11 @@ def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions
                          shuffle_buffer=opts.shuffle_buffer, seed=opts.seed, datacomp_keys=opts.datacomp_keys,
                          boxes_path=str(boxes) if boxes else None)
     world = executor.parts(len(complete))
-    result = executor.finish(executor.submit(stage, world))
+    try:
+        result = executor.finish(executor.submit(stage, world))
+    except WriteError:  # a full disk: the parts written so far are removed, the space given back
+        _remove_state(sd)
+        raise
     if result is None:
         return None
     found = sum(int(s.get("kept", 0)) for s in result.summaries)
@@ -480,6 +499,30 @@ def _reshard(shards, keep, out, overwrite: bool, executor, opts: "ReshardOptions
                      opts)
     _remove_state(sd)
     return meta
+
+
+def _check_space(out: Path, complete: list[Path], entries: int) -> None:
+    """Refuse, before any work, an output that will not fit: ``entries`` samples of the input
+    shards' mean size (their bytes over the samples their ``_stats.json`` count) against the free
+    space where ``out`` goes. An upsampled list (one uid 10^7 times) is caught here."""
+    samples = 0
+    for t in complete:
+        try:
+            st = json.loads((t.parent / f"{t.stem}_stats.json").read_text())
+            samples += int(st.get("successes", st.get("count", 0)) or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return  # no usable counts: no estimate (the write itself stops cleanly on a full disk)
+    if samples <= 0 or entries <= 0:
+        return
+    estimate = entries * (sum(t.stat().st_size for t in complete) / samples)
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if estimate > free:
+        raise ConfigError(f"--out {out}: the output would take about {estimate / 2**30:.1f} GiB ({entries} entries "
+                          f"of the shards' mean sample, {estimate / entries / 1024:.1f} KiB), {free / 2**30:.1f} GiB "
+                          "are free there; pass --force to try anyway")
 
 
 def _remove_state(sd: Path) -> None:

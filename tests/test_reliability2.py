@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conceptprune.cli import main
+from conceptprune.slurm.stage import Executor
 from tests.test_eval_data import FakeHub, _jpeg, _parquet, _image_type, online, wds_repo  # noqa: F401
 
 
@@ -309,6 +310,7 @@ def test_6_rows_filter_never_reuses_parts_of_a_within_list_changed_in_place(tmp_
 _RACE = r"""
 import sys
 from conceptprune.cli import main
+from conceptprune.slurm.stage import Executor
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -407,12 +409,12 @@ def test_6_reshard_blur_state_is_keyed_by_the_metadata_content_not_its_path(tmp_
     from conceptprune.errors import ConfigError
 
     d, meta, keep = _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [], []])
-    m = reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta)
+    m = reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"), blur_metadata=meta)
     assert m["blurred"] == 1
     _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [[0.1, 0.1, 0.9, 0.9]], [[0.2, 0.2, 0.4, 0.4]]])  # in place
     with pytest.raises(ConfigError, match="not empty"):  # was: 'already complete', the old blur returned
-        reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta)
-    assert reshard(d, keep, tmp_path / "out", executor="debug", blur_metadata=meta, overwrite=True)["blurred"] == 3
+        reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"), blur_metadata=meta)
+    assert reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"), blur_metadata=meta, overwrite=True)["blurred"] == 3
 
 
 # -- 7, 8, 9, 14: report and explain over a chain ----------------------------------------------------
@@ -599,7 +601,62 @@ def test_17_blur_skips_and_counts_bad_boxes_and_never_asks_pypi(tmp_path, monkey
     nan = float("nan")
     d, meta, keep = _blur_inputs(tmp_path, [[[0.0, 0.0, 0.5, 0.5]], [[nan, 0.1, 0.5, 0.5]],
                                             [[0.1, 0.2], [0.2, 0.2, 0.6, float("inf")], [0.1, 0.1, 0.4, 0.4]]])
-    m = reshard(d, keep, tmp_path / "out", executor="inline", blur_metadata=meta)
+    m = reshard(d, keep, tmp_path / "out", executor=Executor.create("inline"), blur_metadata=meta)
     assert m["blurred"] == 2 and m["kept_samples"] == 3
     assert "3 face box(es) skipped" in caplog.text and "uid 00000000000000000000000000000002" in caplog.text
     assert os.environ.get("NO_ALBUMENTATIONS_UPDATE") == "1"
+
+
+# -- 16: an output that will not fit ------------------------------------------------------------
+
+
+def _big_sample_shard(tmp_path, size=1 << 20):
+    from conceptprune.tars import Sample, ShardWriter
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    uid = f"{1:032x}"
+    w = ShardWriter(d / "00000000.tar")
+    w.write(Sample("000", {"jpg": os.urandom(size), "txt": b"x", "json": json.dumps({"uid": uid}).encode()}))
+    w.close()
+    (d / "00000000_stats.json").write_text(json.dumps({"count": 1, "successes": 1}))
+    return d, uid
+
+
+def _limited(limit=4 << 20):
+    """preexec_fn: no file beyond ``limit`` bytes (EFBIG, as on a full disk): a test of a refusal never
+    fills the real disk, on any code."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_16_reshard_refuses_an_output_larger_than_the_free_space(tmp_path):
+    import shutil
+
+    d, uid = _big_sample_shard(tmp_path)
+    free = shutil.disk_usage(tmp_path).free
+    keep = tmp_path / "up.npy"
+    np.save(keep, np.repeat(U.uids_to_array([uid]), free // (1 << 20) * 2 + 10))  # one uid, upsampled past the disk
+    r = subprocess.run([sys.executable, "-c", _RACE, "--quiet", "reshard", "--shards", str(d), "--keep", str(keep),
+                        "--out", str(tmp_path / "o"), "--executor", "inline"],
+                       capture_output=True, text=True, preexec_fn=_limited(), timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "free" in err[0] and "--force" in err[0], r.stderr
+    assert not any(tmp_path.glob("o*"))
+
+
+def test_16_a_full_disk_names_the_file_and_leaves_no_state(tmp_path):
+    d, uid = _big_sample_shard(tmp_path, size=300_000)
+    keep = tmp_path / "up.npy"
+    np.save(keep, np.repeat(U.uids_to_array([uid]), 8))  # 2.4 MB of output, the limit is 1 MiB
+
+    r = subprocess.run([sys.executable, "-c", _RACE, "--quiet", "reshard", "--shards", str(d), "--keep", str(keep),
+                        "--out", str(tmp_path / "o"), "--executor", "inline", "--shard-size", "100"],
+                       capture_output=True, text=True, preexec_fn=_limited(1 << 20), timeout=120)
+    err = [x for x in r.stderr.strip().splitlines() if " INFO " not in x]
+    assert r.returncode == 2 and len(err) == 1 and "cannot write" in err[0] and ".tar" in err[0], r.stderr
+    assert not any(tmp_path.glob("o*")), list(tmp_path.iterdir())
