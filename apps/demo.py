@@ -8,7 +8,9 @@
 3. ``train`` on the full pool; that model is the encoder for ``embed`` (as one would embed
    with a CLIP model), image and caption embeddings.
 4. ``filter``: SemDeDup -> CLIP score -> DBP, and at the same size CLIP score alone (the best
-   simple DataComp baseline) and a random subset (SSL prototypes too with ``ssl``); ``reshard`` each.
+   simple DataComp baseline) and a random subset (SSL prototypes too with ``ssl``); negCLIPLoss ->
+   NormSim-inf (the paper's sequential recipe, issue 25) against a target of printed digits set
+   aside for it (embedded by the same full-pool model); ``reshard`` each.
 5. ``train`` every arm (all data and each subset) with the same number of samples seen and
    several training seeds; ``evaluate`` every run on held-out digits (zero-shot
    classification) and held-out caption retrieval; mean and spread over the seeds.
@@ -62,6 +64,8 @@ class DemoConfig:
     samples_seen: int = 40_000  # per training run, every arm and seed
     train_seeds: int = 2  # each arm is trained with seeds seed, seed + 1, ...
     ssl: bool = False  # also the arm SemDeDup -> CLIP score -> SSL prototypes
+    target_per_digit: int = 50  # negCLIPLoss -> NormSim: printed-digit target images per digit
+    negclip_first: float = 1.5  # negCLIPLoss keeps this x the arms' size, NormSim-inf the size (0.3 N / 0.2 N)
     only: tuple | None = None  # train only these subset arms (the full pool is always trained: it is the encoder)
     threads: int = 2  # torch/OpenMP threads everywhere: the numbers depend on it, not on the machine's cores
     semdedup_keep: float = 0.8  # near-duplicate bursts are ~20% of the pool
@@ -74,7 +78,8 @@ class DemoConfig:
         if not self.quick:
             return self
         return DemoConfig(**{**asdict(self), "views": 1, "duplicate_bursts": 10, "burst_size": 8,
-                             "samples_seen": 1024, "clusters": 8})
+                             "samples_seen": 1024, "clusters": 8,
+                             "target_per_digit": 20})
 
 
 # -- 1. the pool -------------------------------------------------------------------------------
@@ -195,7 +200,8 @@ def _step(n: int, title: str) -> None:
 
 
 ARMS = {"full": "all data", "random": "random", "clip-score": "CLIP score",
-        "dbp": "SemDeDup -> CLIP score -> DBP", "ssl": "SemDeDup -> CLIP score -> SSL prototypes"}
+        "dbp": "SemDeDup -> CLIP score -> DBP", "negclip": "negCLIPLoss -> NormSim",
+        "ssl": "SemDeDup -> CLIP score -> SSL prototypes"}
 METRICS = (("demo/digits", "acc1", "digits acc1"), ("demo/digit-captions", "mean_recall@5", "caption R@5"))
 
 
@@ -276,7 +282,8 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     from conceptprune.data.download import download
     from conceptprune.data.embed import EmbedStage
-    from conceptprune.filters import clip_score, dbp, random_subset, run_filter, semdedup, ssl_prototypes
+    from conceptprune.filters import (clip_score, dbp, negcliploss, normsim, random_subset, run_filter, semdedup,
+                                      ssl_prototypes)
     from conceptprune.filters.clustering_config import ClusteringConfig
     from conceptprune.slurm.pipeline import CallStage, Pipeline
     from conceptprune.slurm.stage import Executor
@@ -370,6 +377,18 @@ def _run_demo(cfg: DemoConfig) -> Path:
     kept = {"full": n, "random": len(r.uids), "clip-score": len(c.uids), "dbp": size}
     if cfg.ssl:
         kept["ssl"] = len(s.uids)
+    if "negclip" in arms:  # the paper's sequential recipe on the demo's own embeddings (keys img / txt)
+        target = timed("normsim target", lambda: build_target(out / "targets" / "printed_digits.npy",
+                                                              full["final_checkpoint"], cfg))
+        first = min(n, round(cfg.negclip_first * size))
+        nc = timed("negcliploss", lambda: keep_list(negcliploss, emb, filt / "negcliploss.npy", keep_count=first,
+                                                     arch="embed", seed=cfg.seed))
+        counts["negcliploss"] = len(nc.uids)
+        ns = timed("normsim", lambda: keep_list(normsim, emb, filt / "negclip.npy", within=filt / "negcliploss.npy",
+                                                 target=str(target), norm="inf", keep_count=size, arch="embed"))
+        counts["negcliploss -> normsim"] = kept["negclip"] = len(ns.uids)
+        print(f"negCLIPLoss kept {len(nc.uids)}, then NormSim-inf {len(ns.uids)} "
+              f"(target: {target.name}, printed digits never in the pool or the evaluation)")
     print(f"SemDeDup kept {len(sd.uids)}, CLIP score {len(cs.uids)}, DBP {size}; random {len(r.uids)}, "
           f"CLIP score alone {len(c.uids)}" + (f", SSL prototypes {kept['ssl']}" if cfg.ssl else ""))
 
@@ -414,6 +433,9 @@ def _run_demo(cfg: DemoConfig) -> Path:
     print("\n" + "\n".join(table))
     answer = verdict(summary)
     print(answer)
+    more = [v for v in (verdict(summary, "negclip", "dbp"), verdict(summary, "negclip", "clip-score")) if v]
+    for line in more:
+        print(line)
 
     _step(8, "write the reports (the chain's own report first: the demo's report links it)")
     from conceptprune.report.html import write_report as write_chain_report
@@ -422,14 +444,66 @@ def _run_demo(cfg: DemoConfig) -> Path:
         [filt / "semdedup.npy", filt / "clipscore.npy", filt / "dbp.npy"], out / "chain_report", shards=shards,
         compare=[filt / "clip-score.npy"]))
     fingerprints = {f"filters/{p.name}": _sha256(p) for p in sorted(filt.glob("*.npy"))}
+    fingerprints.update({f"targets/{p.name}": _sha256(p) for p in sorted((out / "targets").glob("*.npy"))})
     fingerprints.update({f"runs/{a}-s{s}": _sha256(Path(train_ckpt(runs / f"{a}-s{s}"))) for a in arms for s in seeds})
     timings["total"] = round(time.time() - t_start, 1)
     from .demo_report import write_report
 
     path = write_report(out, cfg, counts, timings, results, pool["kinds"], summary=summary, seeds=seeds, kept=kept,
-                        table=table, answer=answer, fingerprints=fingerprints, arms=ARMS, metrics=METRICS)
+                        table=table, answer=answer, fingerprints=fingerprints, arms=ARMS, metrics=METRICS,
+                        more=more)
     print(f"\nreport: {path} (and report.md); chain report: {out / 'chain_report' / 'index.html'} "
           f"({chain['bytes'] / 1e6:.1f} MB); total {timings['total']:.0f} s")
+    return path
+
+
+def printed_digit(y: int, rng: np.random.Generator) -> np.ndarray:
+    """An 8 x 8 image of the printed digit ``y`` in scikit-learn's format (0..16): Pillow's own
+    font at a random size and stroke, cropped and box-filtered to 7 rows. Not a handwritten digit,
+    so never one of the pool's or the evaluation's."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=int(rng.integers(18, 30)))
+    im = Image.new("L", (48, 48), 0)
+    ImageDraw.Draw(im).text((8, 4), str(y), fill=255, font=font, stroke_width=int(rng.integers(0, 2)), stroke_fill=255)
+    ys, xs = np.nonzero(np.asarray(im))
+    crop = im.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    small = crop.resize((min(8, max(1, round(crop.width * 6 / crop.height))), 7), Image.BOX)
+    grid = np.zeros((8, 8))
+    x0 = (8 - small.width) // 2
+    grid[1:, x0:x0 + small.width] = np.asarray(small, dtype=np.float64) / 255 * 16
+    return grid
+
+
+def build_target(path: Path, checkpoint: str, cfg: DemoConfig) -> Path:
+    """NormSim's target for the demo: ``target_per_digit`` printed digits of each class, through
+    the pool's augmentation and JPEG, embedded (L2-normalised image embeddings) by the same
+    full-pool model and ``Encoder`` as the pool. Their own seeded stream ([seed, 25]): every other
+    arm's numbers are those of a demo without this arm. A manifest beside it says what it is."""
+    from PIL import Image
+
+    from conceptprune.data.embed import Encoder
+
+    rng = np.random.default_rng([cfg.seed, 25])
+    labels = np.repeat(np.arange(10), cfg.target_per_digit)
+    encoder = Encoder("cp-tiny-vit", checkpoint)  # as EmbedStage builds it
+    tensors = []
+    for y in labels:
+        im = _augment(printed_digit(int(y), rng), rng)
+        with Image.open(io.BytesIO(_jpeg(im))) as decoded:
+            tensors.append(encoder.preprocess(decoded.convert("RGB")))
+    emb = np.concatenate([encoder.images(tensors[a:a + 256]) for a in range(0, len(tensors), 256)]).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        np.save(f, emb)
+    write_json(path.with_suffix(".json"), {
+        "what": "NormSim target of the demo: image embeddings of printed digits (Pillow's font, 8 x 8 like "
+                "scikit-learn's digits, the pool's augmentation), a train-like set of the digits task; "
+                "none of them is in the pool or among the held-out evaluation digits",
+        "rows": int(len(emb)), "per_digit": cfg.target_per_digit, "labels": "0-9, in blocks of per_digit",
+        "model": "cp-tiny-vit", "normalised": True, "rng": [cfg.seed, 25],
+        # relative to this file: an absolute path could hold any word (NormSim warns on 'test' here)
+        "checkpoint": os.path.relpath(checkpoint, path.parent), "checkpoint_sha256": _sha256(Path(checkpoint))})
     return path
 
 

@@ -9,8 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole loop on real images (scikit-learn digits), with a report",
                        description="Build a small web-like image-text pool from scikit-learn's digits, download it "
                                    "from a loopback server, train, embed, filter (random, CLIP score, SemDeDup->CLIP "
-                                   "score->DBP at the same size), reshard, train each with several seeds, evaluate on "
-                                   "held-out digits and write DIR/report.html.")
+                                   "score->DBP, negCLIPLoss->NormSim at the same size), reshard, train each with several "
+                                   "seeds, evaluate on held-out digits and write DIR/report.html.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool and the filters, and the first training seed "
                    "(default 0)")

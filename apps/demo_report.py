@@ -108,8 +108,9 @@ def _prototypes_plot(out: Path, path: Path, n_clusters: int = 4, n: int = 6) -> 
 
 def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kinds: dict, *, summary: dict,
                  seeds: list, kept: dict, table: list[str], answer: str, fingerprints: dict,
-                 arms: dict, metrics: tuple) -> Path:
-    """``arms``: arm -> its label; ``metrics``: (task key, metric, label) (the demo's ARMS, METRICS)."""
+                 arms: dict, metrics: tuple, more: list[str] = ()) -> Path:
+    """``arms``: arm -> its label; ``metrics``: (task key, metric, label) (the demo's ARMS, METRICS);
+    ``more``: further verdicts (one paragraph each), e.g. negCLIPLoss -> NormSim against the others."""
     import shutil
 
     ARMS, METRICS = arms, metrics
@@ -125,13 +126,16 @@ def write_report(out: Path, cfg, counts: dict, timings: dict, results: dict, kin
               "semdedup -> clip score -> dbp": "after DBP (the 'dbp' arm's data)",
               "random": "random subset of the same size (the 'random' arm)",
               "clip score alone": "CLIP score alone on the pool, same size (the 'clip-score' arm)",
-              "semdedup -> clip score -> ssl prototypes": "SSL prototypes instead of DBP, same size (the 'ssl' arm)"}
+              "semdedup -> clip score -> ssl prototypes": "SSL prototypes instead of DBP, same size (the 'ssl' arm)",
+              "negcliploss": "negCLIPLoss on the pool (top 1.5 x the arms' size, own image/text embeddings)",
+              "negcliploss -> normsim": "then NormSim-inf to a printed-digit target, same size (the 'negclip' arm)"}
     md = ["# conceptprune demo", "",
           "The whole loop, on real images, on this machine: pool -> download -> train -> embed -> filter -> "
           "reshard -> train -> evaluate. Every run sees the same number of training samples "
           f"({cfg.samples_seen:,}); every subset has the same size; only the data differs. Each arm is trained "
           f"with the training seeds {', '.join(map(str, seeds))}; the pool and the filters use seed {cfg.seed}.", "",
           "## Does DBP add anything over CLIP score?", "", answer or "(not measured: an arm is missing)", "",
+          *[x for line in more for x in (line, "")],
           "## Accuracy (mean and spread over training seeds)", "",
           "| arm | kept | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | min-max |",
           "|---|---|---|" + "---|" * len(seeds) + "---|---|---|"]

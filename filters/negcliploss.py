@@ -50,7 +50,8 @@ from .scores import RowScorer, at_least, compute_scores, resolve_count, score_st
 
 log = logging.getLogger(__name__)
 
-ARCH_KEYS = {"l14": ("l14_img", "l14_txt"), "b32": ("b32_img", "b32_txt")}
+ARCH_KEYS = {"l14": ("l14_img", "l14_txt"), "b32": ("b32_img", "b32_txt"),
+             "embed": ("img", "txt")}  # embed: the keys `conceptprune embed --text` writes (own model)
 DEFAULT_BATCH = 32768
 DEFAULT_REPETITIONS = 10
 DEFAULT_TEMPERATURE = 0.01
@@ -290,8 +291,9 @@ register(FilterSpec(
                   help="keep exactly min(N, candidates) rows (an absolute size: the paper's recipe's second step)"),
             Param("--threshold", float_arg("--threshold"), group="keep", required=True,
                   help="keep negCLIPLoss >= threshold"),
-            Param("--arch", choices=("l14", "b32"), default="l14",
-                  help="which stored embedding pair (l14_img/l14_txt, default; or b32_img/b32_txt)"),
+            Param("--arch", choices=("l14", "b32", "embed"), default="l14",
+                  help="which stored embedding pair (l14_img/l14_txt, default; b32_img/b32_txt; or img/txt, "
+                       "as 'conceptprune embed --text' writes them)"),
             Param("--batch-size", int_arg("--batch-size", 1), default=DEFAULT_BATCH,
                   help=f"rows a batch, B (default {DEFAULT_BATCH}, the authors' runs); B >= a file's rows: one batch"),
             Param("--repetitions", int_arg("--repetitions", 1), default=DEFAULT_REPETITIONS,

@@ -40,7 +40,7 @@ from .scores import RowScorer, at_least, compute_scores, resolve_count, score_st
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = {"l14": "l14_img", "b32": "b32_img"}
+IMAGE_KEYS = {"l14": "l14_img", "b32": "b32_img", "embed": "img"}  # embed: `conceptprune embed`'s key
 NORMS = {"inf": np.inf, "2": 2}
 CHUNK = 8192  # pool rows a tile
 TARGET_BLOCK = 16384  # target rows a tile
@@ -222,5 +222,5 @@ register(FilterSpec(
                        "'negcliploss --fraction 0.3' (the paper's medium recipe)"),
             Param("--threshold", float_arg("--threshold"), group="keep", required=True,
                   help="keep NormSim >= threshold"),
-            Param("--arch", choices=("l14", "b32"), default="l14",
-                  help="pool image embeddings: l14_img (default) or b32_img"))))
+            Param("--arch", choices=("l14", "b32", "embed"), default="l14",
+                  help="pool image embeddings: l14_img (default), b32_img, or img ('conceptprune embed')"))))
