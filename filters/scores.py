@@ -175,11 +175,8 @@ class ScoreSet:
 
 
 def as_executor(executor) -> Executor:
-    """An Executor as given, a backend's name, or the default for None."""
-    if isinstance(executor, str):
-        return Executor.create(executor)
-    given = getattr(Executor, "given", None) or getattr(Executor, "coerce")
-    return given(executor)
+    """The Executor given, or the default for None."""
+    return Executor.given(executor)
 
 
 def compute_scores(pool: Pool, scorer: RowScorer, within=None, executor=None,

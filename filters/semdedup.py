@@ -307,7 +307,7 @@ def iter_results(work: Path, k: int):
 
 
 def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = None, rule: str = "paper",
-             within=None, clustering: ClusteringConfig | None = None, executor: "Executor | str | None" = None,
+             within=None, clustering: ClusteringConfig | None = None, executor: "Executor | None" = None,
              out=None, pairwise: str = "auto") -> FilterResult | None:
     """``pairwise``: how M is computed (``pairwise.PRECISIONS``; the same bits whichever). The whole chain (k-means -> assignment -> shuffle -> dedup) is submitted at once, each
     stage after the one before (SLURM ``afterok``; in order locally). None when the executor
@@ -327,7 +327,7 @@ def semdedup(pool, *, eps: float | None = None, target_fraction: float | None = 
     within = as_within(within)
     config = clustering or ClusteringConfig()
     default_k = max(1, round((len(within.uids) if within else pool.rows) / SEMDEDUP_CLUSTER_SIZE))
-    executor = Executor.coerce(executor)
+    executor = Executor.given(executor)
     cdir = clustering_dir_for(pool, config, out, default_k)
     work = cdir / "semdedup" / (within_id(within) + ("" if rule == "paper" else f"-{rule}-{eps:g}"))
     with folder_lock(cdir, "building or checking the clustering"):

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -199,8 +198,6 @@ class Executor:
     detach: bool = False
 
     def __post_init__(self):
-        if isinstance(self.backend, str) and self.backend in NAMES:  # a dry run's plan: resolves nothing
-            object.__setattr__(self, "backend", PlanBackend(self.backend))
         if not isinstance(self.backend, Backend):
             raise ConfigError(f"Executor: the backend is a Backend object (InlineBackend(), LocalBackend(), "
                               f"SlurmBackend()) or use Executor.create({self.backend!r}), not {self.backend!r}")
@@ -225,19 +222,23 @@ class Executor:
 
     @staticmethod
     def given(executor: "Executor | None") -> "Executor":
-        """``executor``, or ``Executor.auto()`` for None (a function's default). A backend's
-        name is still taken, with a DeprecationWarning, while callers move to objects."""
+        """``executor``, or ``Executor.auto()`` for None (a function's default). Names are the
+        CLI's (``--executor``): past it, only an Executor travels."""
         if executor is None:
             return Executor.auto()
-        if isinstance(executor, str):
-            warnings.warn(f"executor={executor!r}: pass an Executor (Executor.create({executor!r})); names are "
-                          "for the CLI", DeprecationWarning, stacklevel=3)
-            return Executor.create(executor)
         if not isinstance(executor, Executor):
-            raise ConfigError(f"executor: pass an Executor (e.g. Executor.create('local')), not {executor!r}")
+            hint = f"Executor.create({executor!r})" if isinstance(executor, str) else "Executor.create('local')"
+            raise ConfigError(f"executor: pass an Executor (e.g. {hint}), not {executor!r}")
         return executor
 
-    coerce = given  # the old name (training/launch.py until training is a stage)
+    @classmethod
+    def plan(cls, name: str = "auto", options: ClusterOptions | None = None, *, workers: int = DEFAULT_WORKERS) \
+            -> "Executor":
+        """An executor that only describes what a backend would run (a dry run): the name is not
+        resolved, no controller is asked, nothing runs."""
+        if name not in NAMES:
+            raise ConfigError(f"--executor must be one of {', '.join(NAMES)}, not {name!r}")
+        return cls(PlanBackend(name), options or ClusterOptions(), workers)
 
     @property
     def kind(self) -> str:

@@ -455,8 +455,8 @@ def _medium_run(tmp_path: Path, shards: Path) -> Path:
 
     from conceptprune.training.launch import TrainConfig, train, write_info_pkl
 
-    rec = train(TrainConfig([str(shards)], "medium", str(tmp_path / "runs"), name="m"), executor="slurm",
-                dry_run=True)
+    rec = train(TrainConfig([str(shards)], "medium", str(tmp_path / "runs"), name="m"),
+                executor=Executor.plan("slurm"), dry_run=True)
     run = tmp_path / "runs" / "m"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"epoch": 8}, run / "checkpoints" / "epoch_latest.pt")

@@ -37,15 +37,15 @@ def test_executor_is_resolved_once_and_validates(tmp_path):
         Executor(InlineBackend(), detach=True)
     ex = Executor.create("local")
     assert Executor.given(ex) is ex
-    # past the CLI Executor objects travel: a kind name is deprecated, anything else refused
-    with pytest.warns(DeprecationWarning, match="pass an Executor"):
-        assert isinstance(Executor.given("inline").backend, InlineBackend)
+    # past the CLI only Executor objects travel: a kind name is refused like anything else
+    with pytest.raises(ConfigError, match=r"pass an Executor \(e.g. Executor.create\('inline'\)\)"):
+        Executor.given("inline")
     with pytest.raises(ConfigError, match="pass an Executor"):
         Executor.given(3)
     with pytest.raises(ConfigError, match="Backend object"):
-        Executor("nonsense")
+        Executor("slurm")
     with pytest.raises(ConfigError, match="a plan"):  # a dry run's executor (no controller asked) runs nothing
-        Executor("slurm").run(CountingStage(work_dir=str(tmp_path), steps=1), 1)
+        Executor.plan("slurm").run(CountingStage(work_dir=str(tmp_path), steps=1), 1)
     # the SLURM backend packs parts into array tasks; the local one deals them to its workers
     assert SlurmBackend().pack(list(range(5)), 5, ClusterOptions(parts_per_task=2)) == [[0, 1], [2, 3], [4]]
     assert SlurmBackend().pack([1, 4], 5, ClusterOptions()) == [[1], [4]]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conceptprune.pool import Pool
+from conceptprune.slurm.stage import Executor
 from conceptprune.synthetic import SyntheticPoolConfig, make_pool, write_shards
 
 CLI = [sys.executable, "-m", "conceptprune.cli"]
@@ -101,7 +102,7 @@ def test_another_eps_reuses_the_stored_m(tmp_path, caplog):
                                                      duplicate_fraction=0.2, embedding_keys=("l14_img",)),
               progress=False)
     pool = tmp_path / "pool"
-    shared = {"clustering": ClusteringConfig(dir=tmp_path / "c", clusters=4), "executor": "inline",
+    shared = {"clustering": ClusteringConfig(dir=tmp_path / "c", clusters=4), "executor": Executor.create("inline"),
               "embedding_key": "l14_img", "pairwise": "fp32"}
     run_filter(semdedup, pool, tmp_path / "a.npy", eps=0.01, **shared)
     caplog.clear()
@@ -136,7 +137,7 @@ def test_image_based_without_reference_offline_fails_before_kmeans(l14_pool, tmp
     monkeypatch.setenv("CONCEPTPRUNE_DATACOMP_ASSETS", str(tmp_path / "empty-cache"))
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set.*baseline-assets"):
         run_filter(image_based, l14_pool, tmp_path / "ib.npy", embedding_key="l14_img",
-                   clustering=ClusteringConfig(clusters=4, dir=tmp_path / "c"), executor="inline")
+                   clustering=ClusteringConfig(clusters=4, dir=tmp_path / "c"), executor=Executor.create("inline"))
     assert not (tmp_path / "c" / "centroids.npy").exists() and not (tmp_path / "ib.npy").exists()
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):  # DataComp's centroids likewise
         run_filter(image_based, l14_pool, tmp_path / "ib.npy", embedding_key="l14_img", scale="small",
@@ -170,7 +171,7 @@ def test_engine_image_based_within_clip_is_the_intersection(l14_pool, tmp_path):
     x = np.load(next(l14_pool.glob("*.npz")))["l14_img"][np.flatnonzero(concept == 0)[:5]].astype(np.float32)
     np.save(tmp_path / "ref.npy", x)
     clip = run_filter(clip_score, l14_pool, tmp_path / "clip.npy", fraction=0.3)
-    cfg = {"embedding_key": "l14_img", "reference": str(tmp_path / "ref.npy"), "executor": "inline"}
+    cfg = {"embedding_key": "l14_img", "reference": str(tmp_path / "ref.npy"), "executor": Executor.create("inline")}
     alone = run_filter(image_based, l14_pool, tmp_path / "ib.npy",
                        clustering=ClusteringConfig(clusters=30, niter=5, dir=tmp_path / "c1"), **cfg)
     both = run_filter(image_based, l14_pool, tmp_path / "ibc.npy", within=tmp_path / "clip.npy",
@@ -191,7 +192,7 @@ def test_semdedup_with_few_clusters_prints_no_dbp_warning(l14_pool, tmp_path, ca
 
     with caplog.at_level(logging.INFO):
         run_filter(semdedup, l14_pool, tmp_path / "sd.npy", embedding_key="l14_img", target_fraction=0.8,
-                   clustering=ClusteringConfig(clusters=1), executor="inline")
+                   clustering=ClusteringConfig(clusters=1), executor=Executor.create("inline"))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
@@ -204,7 +205,7 @@ def test_shared_clustering_warns_only_when_not_asked_for(l14_pool, tmp_path, cap
     from conceptprune.filters.clustering_config import ClusteringConfig
 
     run_filter(clip_score, l14_pool, tmp_path / "clip.npy", fraction=0.5)
-    kw = {"embedding_key": "l14_img", "fraction": 0.5, "neighbors": 4, "executor": "inline"}
+    kw = {"embedding_key": "l14_img", "fraction": 0.5, "neighbors": 4, "executor": Executor.create("inline")}
     run_filter(dbp, l14_pool, tmp_path / "a.npy", clustering=ClusteringConfig(clusters=5, dir=tmp_path / "c"), **kw)
     caplog.clear()
     with caplog.at_level(logging.INFO):

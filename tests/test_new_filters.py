@@ -99,13 +99,13 @@ def test_negcliploss_matches_reference(pool3, B, K, monkeypatch):
 
 
 def test_negcliploss_seed_changes_batches_not_one_batch(pool3):
-    a, _ = negcliploss_scores(Pool(pool3), batch_size=128, repetitions=2, seed=1, backend="numpy", executor="inline")
-    b, _ = negcliploss_scores(Pool(pool3), batch_size=128, repetitions=2, seed=2, backend="numpy", executor="inline")
+    a, _ = negcliploss_scores(Pool(pool3), batch_size=128, repetitions=2, seed=1, backend="numpy", executor=Executor.create("inline"))
+    b, _ = negcliploss_scores(Pool(pool3), batch_size=128, repetitions=2, seed=2, backend="numpy", executor=Executor.create("inline"))
     assert not np.array_equal(a, b)
     a, _ = negcliploss_scores(Pool(pool3), batch_size=10_000, repetitions=2, seed=1, backend="numpy",
-                              executor="inline")
+                              executor=Executor.create("inline"))
     b, _ = negcliploss_scores(Pool(pool3), batch_size=10_000, repetitions=5, seed=2, backend="numpy",
-                              executor="inline")
+                              executor=Executor.create("inline"))
     assert np.array_equal(a, b)  # one batch a file: no randomness, repetitions are one
 
 
@@ -181,7 +181,7 @@ def test_universal_captions_kept_by_clip_score_dropped_by_negcliploss(tmp_path):
     thr = -np.sort(-df.clip_l14_similarity_score.to_numpy())[int(0.2 * len(df))]
     by_clip = set(df.uid[df.clip_l14_similarity_score >= thr])
     by_ncl = uid_set(negcliploss(Pool(tmp_path), fraction=0.2, batch_size=256, repetitions=2,
-                                 backend="numpy", executor="inline").uids)
+                                 backend="numpy", executor=Executor.create("inline")).uids)
     assert len(uni_set & by_clip) / len(uni_set) > 0.9  # CLIP score keeps them
     assert len(uni_set & by_ncl) == 0  # negCLIPLoss drops every one
 
@@ -215,7 +215,7 @@ def test_normsim_matches_reference(pool3, target, p, monkeypatch):
         scores, _ = normsim_scores(Pool(pool3), target, norm=p, executor=Executor.create("inline", workers=workers))
         np.testing.assert_allclose(scores, ref, rtol=1e-5)
     df = read_pool_frame(pool3)
-    r = normsim(Pool(pool3), target=target, norm=p, keep_count=333, executor="inline")
+    r = normsim(Pool(pool3), target=target, norm=p, keep_count=333, executor=Executor.create("inline"))
     _same_top(ref, uid_set(r.uids), df.uid.to_numpy(), 333, band=1e-5)
 
 
@@ -223,13 +223,13 @@ def test_normsim_warns_on_test_split(pool3, target, tmp_path, caplog):
     bad = tmp_path / "imagenet_test.npy"
     bad.write_bytes(target.read_bytes())
     with caplog.at_level(logging.WARNING):
-        r = normsim(Pool(pool3), target=bad, keep_count=10, executor="inline")
+        r = normsim(Pool(pool3), target=bad, keep_count=10, executor=Executor.create("inline"))
     assert "test" in caplog.text and r.stats["warnings"]
     from conceptprune.errors import ConfigError
 
     np.save(tmp_path / "wrongdim.npy", np.ones((3, 7), np.float32))
     with pytest.raises(ConfigError, match="7-d"):
-        normsim(Pool(pool3), target=tmp_path / "wrongdim.npy", keep_count=10, executor="inline")
+        normsim(Pool(pool3), target=tmp_path / "wrongdim.npy", keep_count=10, executor=Executor.create("inline"))
 
 
 def test_paper_recipe_is_sequential(pool3, target, tmp_path):
@@ -248,7 +248,7 @@ def test_paper_recipe_is_sequential(pool3, target, tmp_path):
     assert len(first.uids) == int(0.3 * N)
     _same_top(ncl, uid_set(first.uids), uids, int(0.3 * N))
     second = run_filter(normsim, Pool(pool3), tmp_path / "final.npy", within=tmp_path / "ncl.npy",
-                        target=target, norm="inf", keep_count=int(0.2 * N), executor="inline")
+                        target=target, norm="inf", keep_count=int(0.2 * N), executor=Executor.create("inline"))
     assert len(K.read_keep_list(tmp_path / "final.npy")) == int(0.2 * N)
     stage1 = np.isin(uids, list(uid_set(first.uids)))
     masked = np.where(stage1, ns, -np.inf)

@@ -49,7 +49,7 @@ def test_recipes_and_batch_plans():
 
 
 def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
-    rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor("slurm", ClusterOptions(nodes=2, gpus_per_node=8, partition="gpu")), dry_run=True)
+    rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor.plan("slurm", ClusterOptions(nodes=2, gpus_per_node=8, partition="gpu")), dry_run=True)
     out = capsys.readouterr().out
     assert "global batch 4096 = 16 tasks x 256 per GPU" in out and "lr 0.0005" in out and "warmup 500" in out
     assert "128,000,000 samples seen" in out and "ViT-B-32" in out and "partition gpu" in out
@@ -67,7 +67,7 @@ def test_dry_run_medium_shows_datacomp_recipe(tiny_shards, tmp_path, capsys):
 def test_dry_run_multi_node_needs_no_slurm_controller(tiny_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, squeue or sinfo anywhere
     for nodes, gpus in ((2, 8), (4, 4), (1, 8)):
-        rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor("auto", ClusterOptions(nodes=nodes, gpus_per_node=gpus)), dry_run=True)
+        rec = train(TrainConfig([str(tiny_shards)], "medium", str(tmp_path / "runs")), executor=Executor.plan("auto", ClusterOptions(nodes=nodes, gpus_per_node=gpus)), dry_run=True)
         out = capsys.readouterr().out
         assert rec["world_size"] == nodes * gpus and f"nodes {nodes} x tasks per node {gpus}" in out
         assert "python -m open_clip_train.main --train-data" in out

@@ -42,13 +42,12 @@ def _train(a) -> None:
     import json
 
     from conceptprune.slurm.options import options_from_args
-    from conceptprune.slurm.stage import executor_from_args
-    from conceptprune.slurm.stage import Executor
+    from conceptprune.slurm.stage import Executor, executor_from_args
 
     from .launch import TrainConfig, train
 
     # a dry run asks no controller which executor 'auto' means
-    executor = Executor(*options_from_args(a)) if a.dry_run else executor_from_args(a)
+    executor = Executor.plan(*options_from_args(a)) if a.dry_run else executor_from_args(a)
     extra = a.extra[1:] if a.extra and a.extra[0] == "--" else a.extra
     cfg = TrainConfig(a.data, a.scale, a.output, a.name, a.seed, a.max_batch_per_gpu, a.samples_seen, a.checkpoints,
                       extra, keep_checkpoints=a.keep_checkpoints)

@@ -435,17 +435,18 @@ def _update(path: Path, **fields) -> None:
 # -- the command -----------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, executor: "Executor | str | None" = None, dry_run: bool = False,
+def train(cfg: TrainConfig, *, executor: "Executor | None" = None, dry_run: bool = False,
           after: "list[StageSubmission] | tuple" = ()) -> dict:
     """Run (or resume, or collect) a training run; returns its run.json content with ``status``:
     ``finished`` (the stage's marker is written), or ``submitted`` when the executor detaches
     (SLURM; rerun the same call to collect it). Waits for the job on every executor otherwise.
 
-    ``executor``: where the job runs (an Executor, or a kind name). A dry run resolves nothing:
-    ``Executor("auto", ClusterOptions(nodes=2, ...))`` prints the job without asking a controller.
+    ``executor``: where the job runs. A dry run resolves nothing: ``Executor.plan("auto",
+    ClusterOptions(nodes=2, ...))`` prints the job without asking a controller.
     ``after``: submissions of earlier stages the run waits for (on SLURM: afterok)."""
-    if not isinstance(executor, Executor):  # a dry run's plan resolves nothing: Executor("auto") asks no controller
-        executor = Executor(executor or "auto") if dry_run else Executor.given(executor)
+    if executor is None:  # a dry run's plan resolves nothing: Executor.plan("auto") asks no controller
+        executor = Executor.plan("auto") if dry_run else Executor.auto()
+    executor = Executor.given(executor)
     stage, record = plan_run(cfg, executor, dry_run=dry_run)
     if dry_run:
         _print_dry_run(record, record["open_clip_argv"], executor.options.replace(
