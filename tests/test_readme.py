@@ -134,7 +134,31 @@ SUBSTITUTIONS = [
         "the README's example run is the loop's run here (results/dbp), written beside the loop's cmp/"),
     Sub(r"^conceptprune (reshard|status) .*(OUT|K\.npy)", None,
         "the SLURM block runs in test_readme_slurm_block on the localhost test cluster"),
+    Sub(r"^(conceptprune filter negcliploss) --pool POOL ", r"\1 --pool data/metadata ",
+        "POOL is a placeholder: the loop's pool"),
+    Sub(r"^(conceptprune filter normsim) --pool POOL (.*) --target target24_train_l14\.npy --norm inf --keep-count "
+        r"'<int\(0\.2' 'N\)>'$", r"\1 --pool data/metadata \2 --target target.npy --norm inf --keep-count {keep20}",
+        "the paper's target (the 24 tasks' train splits, L/14) is not here: 50 of the pool's image embeddings; "
+        "N is the pool's row count",
+        before=("python -c 'import numpy as np, glob; "
+                "np.save(\"target.npy\", np.load(sorted(glob.glob(\"data/metadata/*.npz\"))[-1])"
+                "[\"l14_img\"][-50:].astype(np.float32))'",)),
+    Sub(r"^conceptprune run loop\.toml --executor slurm --detach --partition cpu$", "conceptprune run loop.toml --executor local",
+        "no SLURM partition here: the same pipeline on local processes, its file the README's loop.toml block with "
+        "scale medium -> tiny (256 samples seen) and without the step's GPU cluster table",
+        before=("python -c 'import sys; sys.path.insert(0, \"{tests}\"); from test_readme import write_pipeline_file; "
+                "write_pipeline_file(\"loop.toml\")'",)),
+    Sub(r"^conceptprune run loop\.toml --executor slurm$", None,
+        "collecting a detached pipeline needs SLURM: tests/test_pipeline.py does it on the localhost test cluster"),
 ]
+
+
+def write_pipeline_file(dest: str) -> None:
+    """The README's loop.toml block, made to run here (see the substitution's reason)."""
+    block = next(b for b in readme_blocks(README.read_text()) if b.lang == "toml" and "[[step]]" in b.text)
+    text = block.text.replace('scale = "medium"', 'scale = "tiny"\nsamples_seen = 256')
+    text = "\n".join(l for l in text.splitlines() if not l.startswith("cluster ="))
+    Path(dest).write_text(text + "\n")
 
 
 def substitute(cmd: str, ctx: dict) -> tuple[list[str], list[str]]:
@@ -148,7 +172,7 @@ def substitute(cmd: str, ctx: dict) -> tuple[list[str], list[str]]:
             return [], [f"skipped: {sub.reason}"]
         new = re.sub(sub.pattern, sub.repl, cmd).format(**ctx)
         notes.append(f"substituted: {cmd!r} -> {new!r} ({sub.reason})")
-        return list(sub.before) + [new], notes  # one substitution a command
+        return [b.format(**ctx) for b in sub.before] + [new], notes  # one substitution a command
     return [cmd], notes
 
 
@@ -348,6 +372,42 @@ def check_python(d, cmd, out, ctx):
     return "ran (setup)"
 
 
+def check_negcliploss(d, cmd, out, ctx):
+    kept = _keep(d, _args(cmd)["out"])
+    assert len(kept) == int(ROWS * float(_args(cmd)["fraction"])), len(kept)  # exactly int(N F)
+    return f"{len(kept)} kept = int(N x {_args(cmd)['fraction']})"
+
+
+def check_normsim(d, cmd, out, ctx):
+    from conceptprune import keeplist as K
+
+    a = _args(cmd)
+    kept, within = _keep(d, a["out"]), _keep(d, a["within"])
+    assert len(kept) == int(a["keep-count"]) == int(0.2 * ROWS) and len(K.intersect(kept, within)) == len(kept)
+    return f"{len(kept)} kept = int(0.2 N), all within {a['within']} (sequential, not an intersection)"
+
+
+def check_pipeline(d, cmd, out, ctx):
+    from conceptprune import keeplist as K
+
+    steps = json.loads(out)
+    assert list(steps) == ["clip", "reshard", "train", "evaluate"], steps
+    described = json.loads((d / "loop" / "pipeline.json").read_text())
+    assert [s["after"] for s in described["steps"]] == [[], ["clip"], ["reshard"], ["train"]]
+    kept = len(K.read_keep_list(d / "work" / "clip.npy"))
+    assert json.loads((d / "work" / "shards_clip" / "meta.json").read_text())["kept_samples"] <= kept
+    assert (d / "runs" / "clip30" / "info.pkl").exists()
+    rows = (d / "runs" / "clip30" / "eval" / "eval_results.jsonl").read_text().splitlines()
+    assert len(rows) == 40
+    return f"4 steps in order (pipeline.json), clip.npy ({kept}), shards_clip, runs/clip30, 40 evaluation rows"
+
+
+def check_status(d, cmd, out, ctx):
+    for step in ("clip", "reshard", "train", "evaluate"):
+        assert step in out, out
+    return "every step of the pipeline is listed"
+
+
 CHECKS = [
     (r"^conceptprune make-pool ", check_make_pool),
     (r"^conceptprune filter clip-score ", check_clip_score),
@@ -365,6 +425,10 @@ CHECKS = [
     (r"^conceptprune keep-list info ", check_kl_info),
     (r"^conceptprune report ", check_report),
     (r"^conceptprune explain ", check_explain),
+    (r"^conceptprune filter negcliploss ", check_negcliploss),
+    (r"^conceptprune filter normsim ", check_normsim),
+    (r"^conceptprune run ", check_pipeline),
+    (r"^conceptprune status \.$", check_status),
     (r"^python -c ", check_python),
 ]
 
@@ -394,7 +458,7 @@ def test_readme_blocks_run_as_printed(tmp_path):
     blocks = readme_blocks(README.read_text())
     offline = [c for b in blocks for c in b.commands if c.startswith("conceptprune make-pool ")]
     assert offline, "the README lost its offline line (make-pool --shards), which stands in for download"
-    ctx = {"tests": str(Path(__file__).parent),
+    ctx = {"tests": str(Path(__file__).parent), "keep20": int(0.2 * ROWS),
            "offline_make_pool": re.sub(r"--rows \d+", f"--rows {ROWS}", offline[0])}
     for sub in SUBSTITUTIONS:
         sub.used = 0
