@@ -32,15 +32,11 @@ recomputed row by row after the centroid is chosen, for the same reason.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +48,7 @@ import numpy as np
 from conceptprune import uids as U
 from conceptprune.atomic import write_json
 from conceptprune.errors import ConfigError, PoolError
+from conceptprune.locks import file_lock
 from conceptprune.npz import NpyColumn, row_parallel
 from conceptprune.pool import Pool, file_fingerprints, pool_fingerprint
 from conceptprune.progress import progress_enabled
@@ -74,37 +71,6 @@ def folder_lock(directory: str | os.PathLike, doing: str):
     """Hold an exclusive lock on ``directory/.lock`` (the folder is created) for a block."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     return file_lock(Path(directory) / ".lock", doing)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, doing: str) -> Iterator[None]:
-    """Hold an exclusive flock on the file ``path`` (created, never deleted) for the block.
-
-    flock locks belong to the open file, so the kernel drops one when its process dies: a
-    killed run never leaves a stale lock behind. A second run waits (and says so). Works
-    on local disks and on NFS (Linux emulates flock with NFS byte-range locks)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        log.info("%s: cannot lock a read-only folder (%s); reading it unlocked", path.parent, e.strerror)
-        yield  # reading a finished cache needs no lock; any write into it fails on its own
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            log.warning("%s is held by %s; waiting for it before %s", path, holder, doing)
-            t0 = time.time()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            log.info("%s: got the lock after %.1f s", path, time.time() - t0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({doing})\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _faiss():

@@ -46,7 +46,7 @@ from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within
 from .rows import work_dir_for
-from .scores import RowScorer, at_least, compute_scores, resolve_count, score_stats, top_rows
+from .scores import RowScorer, check_keep_rule, compute_scores, keep_by_score
 
 log = logging.getLogger(__name__)
 
@@ -253,27 +253,16 @@ def negcliploss(pool: Pool, *, fraction: float | None = None, keep_count: int | 
     """Keep exactly ``int(N * fraction)`` (or ``keep_count``) candidates with the largest
     negCLIPLoss (ties: the earlier row), or those with score >= ``threshold``. N counts the
     candidates (``--within``); the scores use whole files regardless, as the authors' do."""
-    if sum(x is not None for x in (fraction, keep_count, threshold)) != 1:
-        raise ConfigError("negcliploss needs exactly one of --fraction, --keep-count or --threshold")
-    if threshold is not None:
-        threshold = check_float("--threshold", threshold)
+    threshold = check_keep_rule("negcliploss", fraction, keep_count, threshold)
     scorer = make_scorer(arch, batch_size, repetitions, temperature, seed, backend)
-    within = as_within(within)
-    work = work_dir_for(out, pool, "negcliploss")
-    res = compute_scores(pool, scorer, within, executor, work)
-    scores, cand, n = res.scores, res.cand, res.candidates
-    if threshold is not None:
-        keep = at_least(scores, cand, threshold)
-    else:
-        keep = top_rows(scores, cand, resolve_count(n, fraction=fraction, keep_count=keep_count))
-    kept = res.kept(keep)
-    res.cleanup()
+    kept, stats, n = keep_by_score(pool, scorer, as_within(within), executor, work_dir_for(out, pool, "negcliploss"),
+                                   fraction=fraction, keep_count=keep_count, threshold=threshold)
     params = {"arch": arch, "fraction": fraction, "keep_count": keep_count, "threshold": threshold,
               "batch_size": scorer.batch_size, "repetitions": scorer.repetitions,
               "temperature": scorer.temperature, "seed": scorer.seed,
               "batching": "files by name -> f; default_rng([seed, f, k]).permutation(n_f); consecutive batches"}
     return FilterResult("negcliploss", kept, params, {"pool": pool.rows, "candidates": n},
-                        stats=score_stats(scores, keep, cand))
+                        stats=stats)
 
 
 

@@ -29,14 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from conceptprune import keeplist as K
-from conceptprune.checks import check_float
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.npz import NpzArray, row_parallel, to_float32
 from conceptprune.pool import Pool
 
 from .base import FilterResult, as_within
 from .rows import work_dir_for
-from .scores import RowScorer, at_least, compute_scores, resolve_count, score_stats, top_rows
+from .scores import RowScorer, check_keep_rule, compute_scores, keep_by_score
 
 log = logging.getLogger(__name__)
 
@@ -177,26 +176,14 @@ def normsim(pool: Pool, *, target=None, norm: str = "inf", arch: str = "l14", fr
             out=None) -> FilterResult:
     """Keep exactly ``int(N * fraction)`` (or ``keep_count``) candidates with the largest
     NormSim_p (ties: the earlier row), or those with NormSim >= ``threshold``."""
-    if sum(x is not None for x in (fraction, keep_count, threshold)) != 1:
-        raise ConfigError("normsim needs exactly one of --fraction, --keep-count or --threshold")
-    if threshold is not None:
-        threshold = check_float("--threshold", threshold)
+    threshold = check_keep_rule("normsim", fraction, keep_count, threshold)
     scorer = make_scorer(target, norm, arch)
     warnings = test_split_warnings(scorer.target)
-    within = as_within(within)
-    work = work_dir_for(out, pool, "normsim")
-    res = compute_scores(pool, scorer, within, executor, work)
-    scores, cand, n = res.scores, res.cand, res.candidates
-    if threshold is not None:
-        keep = at_least(scores, cand, threshold)
-    else:
-        keep = top_rows(scores, cand, resolve_count(n, fraction=fraction, keep_count=keep_count))
-    kept = res.kept(keep)
-    res.cleanup()
+    kept, stats, n = keep_by_score(pool, scorer, as_within(within), executor, work_dir_for(out, pool, "normsim"),
+                                   fraction=fraction, keep_count=keep_count, threshold=threshold)
     params = {"target": scorer.target, "target_rows": int(np.load(scorer.target, mmap_mode="r").shape[0]),
               "norm": scorer.norm, "arch": arch, "fraction": fraction, "keep_count": keep_count,
               "threshold": threshold}
-    stats = score_stats(scores, keep, cand)
     if warnings:
         stats["warnings"] = warnings
     return FilterResult("normsim", kept, params, {"pool": pool.rows, "candidates": n}, stats=stats)

@@ -26,6 +26,7 @@ import numpy as np
 from conceptprune import keeplist as K
 from conceptprune import uids as U
 from conceptprune.atomic import atomic_open
+from conceptprune.checks import check_float
 from conceptprune.errors import ConfigError, PoolError
 from conceptprune.pool import Pool
 from conceptprune.slurm.stage import Executor, Stage
@@ -263,3 +264,26 @@ def score_stats(scores: np.ndarray, keep: np.ndarray, cand: np.ndarray | None = 
     return {"kept_min_score": float(kept.min()) if len(kept) else None,
             "kept_mean_score": float(kept.mean()) if len(kept) else None,
             "candidates_mean_score": float(pool.mean()) if len(pool) else None}
+
+
+def check_keep_rule(name: str, fraction, keep_count, threshold):
+    """Exactly one of --fraction, --keep-count, --threshold (checked before any work); the
+    threshold as a finite float."""
+    if sum(x is not None for x in (fraction, keep_count, threshold)) != 1:
+        raise ConfigError(f"{name} needs exactly one of --fraction, --keep-count or --threshold")
+    return check_float("--threshold", threshold) if threshold is not None else None
+
+
+def keep_by_score(pool: Pool, scorer: RowScorer, within, executor, work, *, fraction=None, keep_count=None,
+                  threshold=None) -> tuple[np.ndarray, dict, int]:
+    """Score every candidate (parts on the executor) and keep the top count asked (ties: the
+    earlier row) or those scoring >= threshold: (kept uids, score stats, candidates)."""
+    res = compute_scores(pool, scorer, within, executor, work)
+    scores, cand, n = res.scores, res.cand, res.candidates
+    if threshold is not None:
+        keep = at_least(scores, cand, threshold)
+    else:
+        keep = top_rows(scores, cand, resolve_count(n, fraction=fraction, keep_count=keep_count))
+    kept = res.kept(keep)
+    res.cleanup()
+    return kept, score_stats(scores, keep, cand), n
