@@ -97,7 +97,12 @@ def resolve_model(model: str, arch: str | None) -> tuple[str, str]:
         run = p / "run.json"
         if not run.exists():
             raise ConfigError(f"--model {p}: a folder must be a training run (no run.json)")
-        rec = json.loads(run.read_text())
+        try:
+            rec = json.loads(run.read_text())
+            if not isinstance(rec, dict) or not isinstance(rec.get("recipe"), dict):
+                raise ValueError("not a run record")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{run}: not a training run's record ({e})") from None
         ckpt = rec.get("final_checkpoint")
         if not ckpt or not Path(ckpt).exists():
             raise ConfigError(f"--model {p}: the run has no final checkpoint (status {rec.get('status')})")
@@ -185,6 +190,14 @@ class Evaluator:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"--device {self.device!r}: not a torch device (auto, cpu, cuda, cuda:1, ...)") \
+                    from None
 
     def resolved_device(self) -> str:
         if self.device != "auto":

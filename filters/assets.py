@@ -105,10 +105,10 @@ def fetch(name: str, root: str | os.PathLike | None = None, base_url: str | None
         log.warning("%s exists but its SHA-256 does not match; downloading it again", target)
     mirror = base_url or os.environ.get(URL_ENV)
     url = f"{(mirror or RELEASE_URL).rstrip('/')}/{asset.filename}" if mirror or not asset.url else asset.url
-    if offline() and not url.startswith("file:"):
+    if offline() and not mirror:  # offline: never DataComp's servers; a mirror you name is yours to reach
         raise ConfigError(f"DataComp asset {name} is not in {target.parent} and HF_HUB_OFFLINE is set: fetch it "
                           f"where there is a network (`conceptprune filter baseline-assets`) and copy it there "
-                          f"as {target.name}, or point --assets-url / {URL_ENV} at a file:// mirror")
+                          f"as {target.name}, or point --assets-url / {URL_ENV} at a mirror (file:// or a local server)")
     _download(url, target)
     got = sha256_of(target)
     if got != asset.sha256:

@@ -9,9 +9,44 @@ DataComp uses ``lid.176.bin``; by default we load the quantised ``lid.176.ftz`` 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conceptprune.errors import ConfigError
+
+_CHECKED: set = set()  # (real path, size, mtime) of model files that loaded in a subprocess
+
+# fastText's loader trusts the file: a truncated model crashes the process (SIGFPE) or asks for
+# gigabytes before bad_alloc. A model that is not the bundled one is first loaded and asked one
+# prediction in a child process with a memory cap and a time limit.
+_PROBE = """
+import resource, sys
+cap = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+import fasttext
+m = fasttext.load_model(sys.argv[1])
+m.f.predict("hello world\\n", 1, 0.0, "strict")
+"""
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse a file fastText cannot load safely, with one line naming it (not a crash)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED or path.resolve() == bundled_model_path().resolve():
+        return
+    cap = 2**29 + 8 * st.st_size  # lid.176.bin (126 MB) and lid.176.ftz load in well under this
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(cap)], capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"--lid-model {path}: loading it did not finish in 120 s; not a fastText model?") from None
+    if p.returncode != 0:
+        why = (f"the loader died of signal {-p.returncode}" if p.returncode < 0 else
+               (p.stderr.strip().splitlines() or ["it failed"])[-1][:200])
+        raise ConfigError(f"--lid-model {path}: not a usable fastText model ({st.st_size} bytes; {why})")
+    _CHECKED.add(key)
 
 
 def bundled_model_path() -> Path:
@@ -35,8 +70,9 @@ class LanguageId:
 
             model_path = datacomp_lid_model()
         self.path = Path(model_path) if model_path else bundled_model_path()
-        if not self.path.exists():
+        if not self.path.is_file():
             raise ConfigError(f"--lid-model {self.path}: file not found")
+        check_model_file(self.path)
         try:
             self.model = fasttext.load_model(str(self.path))
         except ValueError as e:

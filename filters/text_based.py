@@ -160,9 +160,13 @@ class WordNet:
 def read_synset_ids(path: str | os.PathLike) -> set[int]:
     """DataComp's ``imagenet21k_wordnet_ids.txt``: one ``n########`` a line -> the offsets."""
     out = set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            s = line.strip()
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                s = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}, line {i}: not UTF-8 text (a WordNet id list is one n######## "
+                                  "a line)") from None
             if not s:
                 continue
             if len(s) < 2 or not s[1:].isdigit():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from conceptprune.checks import int_arg
 from conceptprune.errors import ConfigError
 
 EXECUTORS = ("auto", "slurm", "local", "inline", "debug")  # debug: the old name of inline
@@ -145,16 +146,16 @@ def add_cluster_args(parser: argparse.ArgumentParser, *, distributed: bool = Fal
     g.add_argument("--qos", help="SLURM quality of service")
     g.add_argument("--time", help="time limit per job (HH:MM:SS, D-HH:MM:SS or minutes)")
     g.add_argument("--constraint", help="SLURM node constraint (e.g. a100)")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    g.add_argument("--cpus-per-task", type=int_arg("--cpus-per-task", 1), help="CPUs per task")
     g.add_argument("--mem", help="memory per node (e.g. 64G)")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    g.add_argument("--gpus-per-node", type=int_arg("--gpus-per-node", 0), help="GPUs per node")
     if distributed:
-        g.add_argument("--nodes", type=int, help="nodes (default 1)")
-        g.add_argument("--tasks-per-node", type=int, help="tasks per node (default: one per GPU, else 1)")
+        g.add_argument("--nodes", type=int_arg("--nodes", 1), help="nodes (default 1)")
+        g.add_argument("--tasks-per-node", type=int_arg("--tasks-per-node", 1), help="tasks per node (default: one per GPU, else 1)")
     g.add_argument("--log-folder", help="where job scripts and logs go (default: OUTPUT/slurm_logs)")
     g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra #SBATCH directive, repeatable (e.g. --sbatch exclusive=true)")
-    g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    g.add_argument("--workers", type=int_arg("--workers", 1), default=DEFAULT_WORKERS,
                    help="parts the work is cut into (default %(default)s): locally they all run at once (one in "
                         "this process, the others in worker processes), on SLURM as the tasks of a job array")
     g.add_argument("--parts-per-task", type=int, default=None,

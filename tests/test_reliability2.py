@@ -660,3 +660,49 @@ def test_16_a_full_disk_names_the_file_and_leaves_no_state(tmp_path):
     err = [x for x in r.stderr.strip().splitlines() if " INFO " not in x]
     assert r.returncode == 2 and len(err) == 1 and "cannot write" in err[0] and ".tar" in err[0], r.stderr
     assert not any(tmp_path.glob("o*")), list(tmp_path.iterdir())
+
+
+# -- 15: a truncated --lid-model is one line, in bounded memory, never a crash -----------------
+
+
+@pytest.mark.parametrize("size", [20, 100_000])
+def test_15_truncated_lid_model_is_refused_before_it_is_loaded(small_pool, tmp_path, capsys, size):
+    import resource
+
+    from conceptprune.filters.langid import bundled_model_path
+
+    bad = tmp_path / f"lid_{size}.ftz"
+    bad.write_bytes(bundled_model_path().read_bytes()[:size])  # 20 B: SIGFPE in-process; 100 kB: 4.3 GB, bad_alloc
+    line = _refused(capsys, "filter", "basic", "--pool", small_pool, "--out", tmp_path / "b.npy", "--lid-model", bad,
+                    match=f"--lid-model {bad}: not a usable fastText model ({size} bytes")
+    assert not (tmp_path / "b.npy").exists(), line
+    # the probe ran in a child under a memory cap: not gigabytes
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_200_000  # KiB
+    # a good model at another path still loads (checked once, then remembered)
+    good = tmp_path / "lid.176.ftz"
+    good.write_bytes(bundled_model_path().read_bytes())
+    from conceptprune.filters.langid import LanguageId
+
+    assert LanguageId(good).predict(["the cat sat on the mat", "le chat est sur la table"]) == ["en", "fr"]
+
+
+# -- 20, the rest: bad values are one line naming the file or flag ---------------------------------
+
+
+def test_20_more_bad_inputs_are_one_line(small_pool, tmp_path, capsys):
+    bad = tmp_path / "ids.txt"
+    bad.write_bytes(b"\xff\xfe\x00n01440764\n")
+    _refused(capsys, "filter", "text-based", "--pool", small_pool, "--out", tmp_path / "t.npy", "--synsets", bad,
+             match=f"{bad}, line 1: not UTF-8 text")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{bad")
+    _refused(capsys, "evaluate", "--model", run, "--data-dir", tmp_path, "--out", tmp_path / "e",
+             match=f"{run / 'run.json'}: not a training run's record")
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"x")
+    _refused(capsys, "evaluate", "--model", ckpt, "--data-dir", tmp_path, "--out", tmp_path / "e", "--device", "bogus",
+             match="--device 'bogus': not a torch device")
+    for flag in ("--workers", "--cpus-per-task", "--nodes", "--tasks-per-node"):
+        _refused(capsys, "train", "--data", tmp_path, "--scale", "tiny", "--output", tmp_path / "r", "--dry-run",
+                 flag, "0", match=f"{flag} must be >= 1, got 0")
