@@ -609,7 +609,7 @@ def evaluate(model: str, data_dir: str, output: str, *, arch: str | None = None,
         if executor.in_launcher:
             evaluator.model()  # fail fast on a checkpoint/architecture mismatch, before any task
         # resume is per task, from the results: a stage is named after the tasks still to do
-        stage = EvalStage(str(out), evaluator, todo, name=f"evaluate-{_tasks_id(todo)}")
+        stage = EvalStage(str(out), evaluator, todo, name=_stage_name(todo))
         res = executor.finish(executor.submit(stage, executor.parts(len(todo))))
         if res is None:  # detached: the same command, rerun later, merges what the jobs wrote
             return {"results": [], "errors": {}, "model": {"arch": arch, "checkpoint": ckpt}, "run": {},
@@ -658,6 +658,14 @@ def _tasks_id(keys: list[str]) -> str:
     import hashlib
 
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:10]
+
+
+def _stage_name(keys: list[str]) -> str:
+    """What the stage evaluates: ``evaluate-cifar10`` for one task, ``evaluate-38-tasks-<id>``
+    for several (the id keeps task sets apart: a stage resumes its own tasks)."""
+    if len(keys) == 1:
+        return "evaluate-" + keys[0].replace("/", "-")
+    return f"evaluate-{len(keys)}-tasks-{_tasks_id(keys)}"
 
 
 def _merge(out: Path) -> tuple[list[dict], dict]:

@@ -53,7 +53,7 @@ class BasicRule(RowRule):
 
 def basic(pool: Pool, *, within=None, lid_model=None, executor=None, out=None) -> FilterResult:
     rule = BasicRule(lid_model)
-    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "basic"))
+    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "basic"), name="basic")
     reasons = {k: res.counters.get(k, 0) for k in ("not_english", "caption_too_short", "image_too_small_or_thin")}
     return FilterResult("basic", res.kept, {"lid_model": rule.lid_path},
                         {"pool": pool.rows, "candidates": res.candidates}, stats={"rejected_by": reasons})
@@ -76,7 +76,7 @@ class Laion2bRule(RowRule):
 def laion2b(pool: Pool, *, within=None, lid_model=None, threshold: float = 0.28,
             langid: str = "gcld3", executor=None, out=None) -> FilterResult:
     rule = Laion2bRule(langid, lid_model, threshold)
-    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "laion2b"))
+    res = run_rows(pool, rule, within, executor, work_dir_for(out, pool, "laion2b"), name="laion2b")
     return FilterResult("laion2b", res.kept, {"langid": langid, "lid_model": rule.lid_path, "threshold": threshold},
                         {"pool": pool.rows, "candidates": res.candidates})
 

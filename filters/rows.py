@@ -141,7 +141,9 @@ class RowResult:
 
 def run_rows(pool: Pool, rule: RowRule, within, executor: Executor | None, work_dir: Path,
              name: str = "rows") -> RowResult:
-    """Run ``rule`` over the pool in ``executor.workers`` parts and merge what they keep."""
+    """Run ``rule`` over the pool in ``executor.workers`` parts and merge what they keep.
+    ``name``: what the stage does (the filter's name, e.g. ``basic``, ``clip-score-high``); the
+    stage is named ``<name>-<digest of its inputs>``."""
     executor = Executor.given(executor)
     within = as_within(within)
     emb_dir = None

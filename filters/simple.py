@@ -20,7 +20,7 @@ class KeepAllRule(RowRule):
 
 
 def keep_all(pool: Pool, *, within=None, executor=None, out=None) -> FilterResult:
-    res = run_rows(pool, KeepAllRule(), within, executor, work_dir_for(out, pool, "none"))
+    res = run_rows(pool, KeepAllRule(), within, executor, work_dir_for(out, pool, "none"), name="none")
     return FilterResult("none", res.kept, {}, {"pool": pool.rows, "candidates": res.candidates})
 
 
