@@ -146,7 +146,8 @@ def reshard_run(shards: Path, out: Path, workers: int, keep: Path, kept: int, en
     """One ``conceptprune reshard`` as a user runs it, into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)
     r = measure([sys.executable, "-m", "conceptprune.cli", "--quiet", "reshard", "--shards", str(shards),
-                 "--keep", str(keep), "--out", str(out), "--workers", str(workers), "--executor", "local"], env=env)
+                 "--keep", str(keep), "--out", str(out), "--workers", str(workers), "--executor", "local"]
+                + (["--allow-empty"] if kept == 0 else []), env=env)  # (a list matching nothing is an error)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kept_samples"] == kept, meta["kept_samples"]
     return r
