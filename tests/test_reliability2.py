@@ -667,8 +667,6 @@ def test_16_a_full_disk_names_the_file_and_leaves_no_state(tmp_path):
 
 @pytest.mark.parametrize("size", [20, 100_000])
 def test_15_truncated_lid_model_is_refused_before_it_is_loaded(small_pool, tmp_path, capsys, size):
-    import resource
-
     from conceptprune.filters.langid import bundled_model_path
 
     bad = tmp_path / f"lid_{size}.ftz"
@@ -676,8 +674,14 @@ def test_15_truncated_lid_model_is_refused_before_it_is_loaded(small_pool, tmp_p
     line = _refused(capsys, "filter", "basic", "--pool", small_pool, "--out", tmp_path / "b.npy", "--lid-model", bad,
                     match=f"--lid-model {bad}: not a usable fastText model ({size} bytes")
     assert not (tmp_path / "b.npy").exists(), line
-    # the probe ran in a child under a memory cap: not gigabytes
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_200_000  # KiB
+    # the probe runs in a child under a memory cap: not gigabytes (measured in a fresh process, whose
+    # children are the probe alone; this session's own children include trainings)
+    code = ("import resource, sys\nfrom conceptprune.filters.langid import LanguageId\ntry:\n    LanguageId(sys.argv[1])\n"
+            "except Exception as e:\n    print(type(e).__name__)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=300)
+    name, kib = r.stdout.split()
+    assert name == "ConfigError" and int(kib) < 1_200_000, r.stdout + r.stderr
     # a good model at another path still loads (checked once, then remembered)
     good = tmp_path / "lid.176.ftz"
     good.write_bytes(bundled_model_path().read_bytes())
