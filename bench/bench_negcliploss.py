@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import measure, python, save, table  # noqa: E402
+from common import floor_row, measure, python, save, table  # noqa: E402
 
 FLOOR = r"""
 import glob, json, sys, time, numpy as np
@@ -75,14 +75,7 @@ def main():
         floor_runs.append({**json.loads(f["stdout"].strip().splitlines()[-1]), "rss": f["peak_rss_mib"]})
     ours = min(ours_runs, key=lambda r: r["wall_s"])
     fl = min(floor_runs, key=lambda r: r["read_s"] + r["gemm_s"])
-    floor_s = fl["read_s"] + fl["gemm_s"]
-    row = {"rows": args.rows, "B": args.batch_size, "K": args.repetitions, "tmac": round(fl["tmac"], 3),
-           "ours_wall_s": ours["wall_s"], "ours_peak_rss_mib": ours["peak_rss_mib"],
-           "floor_read_s": round(fl["read_s"], 2), "floor_gemm_s": round(fl["gemm_s"], 2),
-           "floor_gflops": round(2e3 * fl["tmac"] / fl["gemm_s"], 1), "floor_peak_rss_mib": fl["rss"],
-           "ratio_ours_over_floor": round(ours["wall_s"] / floor_s, 3),
-           "all_ours_s": [r["wall_s"] for r in ours_runs],
-           "all_floor_s": [round(r["read_s"] + r["gemm_s"], 2) for r in floor_runs]}
+    row = floor_row({"rows": args.rows, "B": args.batch_size, "K": args.repetitions}, ours, ours_runs, fl, floor_runs)
     print(table([row], [c for c in row if not c.startswith("all_")]))
     payload = {"benchmark": "filter negcliploss --fraction 0.3 vs read + batch GEMMs", "results": [row]}
     if args.out:

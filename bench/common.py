@@ -45,3 +45,16 @@ def table(rows: list[dict], cols: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def floor_row(head: dict, ours: dict, ours_runs: list, fl: dict, floor_runs: list) -> dict:
+    """One result row of a bench against its floor (one read + the bare GEMMs): ``ours`` and
+    ``fl`` are the best runs, ``*_runs`` all of them."""
+    floor_s = fl["read_s"] + fl["gemm_s"]
+    return {**head, "tmac": round(fl["tmac"], 3),
+            "ours_wall_s": ours["wall_s"], "ours_peak_rss_mib": ours["peak_rss_mib"],
+            "floor_read_s": round(fl["read_s"], 2), "floor_gemm_s": round(fl["gemm_s"], 2),
+            "floor_gflops": round(2e3 * fl["tmac"] / fl["gemm_s"], 1), "floor_peak_rss_mib": fl["rss"],
+            "ratio_ours_over_floor": round(ours["wall_s"] / floor_s, 3),
+            "all_ours_s": [r["wall_s"] for r in ours_runs],
+            "all_floor_s": [round(r["read_s"] + r["gemm_s"], 2) for r in floor_runs]}
